@@ -1,0 +1,1 @@
+"""agent subsystem of the engine."""

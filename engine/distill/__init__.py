@@ -1,0 +1,1 @@
+"""distill subsystem of the engine."""

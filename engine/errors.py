@@ -1,0 +1,27 @@
+"""User-facing errors.
+
+A :class:`MindsetError` carries one line that says what is wrong and what to do about it.
+The CLI prints it without a traceback and exits with status 2; the workbench shows it as a
+notification.
+"""
+
+from __future__ import annotations
+
+
+class MindsetError(Exception):
+    """An error caused by the user's input or environment, with a one-line explanation."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InputError(MindsetError, ValueError):
+    """Bad input: a wrong path, a malformed file, a value out of range."""
+
+
+class ModelLoadError(MindsetError):
+    """A model could not be found, converted or loaded."""

@@ -1,0 +1,114 @@
+"""Perplexity, speed and peak memory of a causal LM on a text file."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from engine.errors import InputError
+
+MIN_WINDOW = 2
+MAX_TOKENS = 100_000_000
+
+
+@dataclass
+class EvalResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token, in nats
+    tokens: int  # tokens read from the text (N)
+    predicted: int  # tokens scored (each window predicts W - 1)
+    windows: int
+    window: int
+    seconds: float
+    tok_per_s: float
+    peak_rss_mb: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def validate_window(tokens: int | None, window: int, max_positions: int | None) -> None:
+    if window < MIN_WINDOW:
+        raise InputError(f"--window {window} is too small; give at least {MIN_WINDOW} tokens")
+    if max_positions is not None and window > max_positions:
+        raise InputError(
+            f"--window {window} exceeds the model's context of {max_positions} tokens; "
+            "give a smaller window"
+        )
+    if tokens is not None and not (MIN_WINDOW <= tokens <= MAX_TOKENS):
+        raise InputError(f"--tokens {tokens} is out of range; give {MIN_WINDOW}..{MAX_TOKENS}")
+
+
+def model_context(model: Any) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def tokenize(tokenizer: Any, text: str) -> list[int]:
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    text: str,
+    *,
+    tokens: int | None = None,
+    window: int = 512,
+) -> EvalResult:
+    """Perplexity over non-overlapping windows of ``window`` tokens of the first ``tokens``.
+
+    Each window is scored on its own (no context carried over), predicting its W - 1 tokens
+    after the first; a trailing window shorter than two tokens is dropped.
+    """
+    import torch
+
+    validate_window(tokens, window, model_context(model))
+    ids = tokenize(tokenizer, text)
+    if tokens is not None:
+        ids = ids[:tokens]
+    if len(ids) < MIN_WINDOW:
+        raise InputError(f"the text has only {len(ids)} token(s); give a longer text")
+    chunks = [ids[i : i + window] for i in range(0, len(ids), window)]
+    chunks = [chunk for chunk in chunks if len(chunk) >= MIN_WINDOW]
+
+    total_nll = 0.0
+    predicted = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for chunk in chunks:
+            input_ids = torch.tensor([chunk], dtype=torch.long)
+            logits = model(input_ids=input_ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[0, :-1], input_ids[0, 1:], reduction="sum"
+            )
+            total_nll += float(loss)
+            predicted += len(chunk) - 1
+    seconds = time.perf_counter() - start
+    nll = total_nll / predicted
+    return EvalResult(
+        ppl=math.exp(nll),
+        nll=nll,
+        tokens=len(ids),
+        predicted=predicted,
+        windows=len(chunks),
+        window=window,
+        seconds=seconds,
+        tok_per_s=len(ids) / seconds if seconds > 0 else float("inf"),
+        peak_rss_mb=peak_rss_mb(),
+    )

@@ -1,0 +1,1 @@
+"""llm subsystem of the engine."""

@@ -1,0 +1,1 @@
+"""memory subsystem of the engine."""

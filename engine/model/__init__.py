@@ -1,0 +1,1 @@
+"""model subsystem of the engine."""

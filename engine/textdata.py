@@ -1,0 +1,27 @@
+"""Reading user text files with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.errors import InputError
+
+
+def read_text_file(path: str | Path) -> str:
+    """The UTF-8 contents of ``path``; a clear error for a missing, binary or empty file."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise InputError(f"{file}: no such file; give the path of a UTF-8 text file")
+    if file.is_dir():
+        raise InputError(f"{file} is a directory; give the path of a UTF-8 text file")
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{file} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise InputError(f"{file}: cannot read ({exc.strerror})") from exc
+    if not text.strip():
+        raise InputError(f"{file} is empty; give a file with some text in it")
+    return text

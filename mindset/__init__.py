@@ -1,0 +1,1 @@
+"""The Mindset workbench and CLI."""

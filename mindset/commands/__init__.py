@@ -1,0 +1,11 @@
+"""Subcommands of the ``mindset`` CLI.
+
+Each module here exposes ``register(subparsers)``, which adds its parser and sets
+``handler`` to a function taking the parsed arguments and returning an exit status.
+Modules import their heavy dependencies inside the handler, so ``--help`` stays fast.
+"""
+
+# Order is the order in `mindset --help`.
+COMMAND_MODULES = [
+    "mindset.commands.eval_cmd",
+]

@@ -1,0 +1,47 @@
+"""``mindset eval``: perplexity, speed and peak memory of a model on a text file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from mindset.commands.common import positive_int
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "eval",
+        help="perplexity, tokens/s and peak memory of a model on a text file",
+        description="Perplexity over non-overlapping windows of W tokens of the first N tokens.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="default, tiny-gpt2, tiny-llama, or a model/student directory")
+    parser.add_argument("--data", required=True, help="a UTF-8 text file")
+    parser.add_argument("--tokens", type=positive_int, default=None,
+                        help="evaluate the first N tokens (default: all)")
+    parser.add_argument("--window", type=positive_int, default=512,
+                        help="window length in tokens (default 512)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.evaluation import perplexity, validate_window
+    from engine.model.loading import load_model
+    from engine.textdata import read_text_file
+
+    validate_window(args.tokens, args.window, None)
+    text = read_text_file(args.data)
+    loaded = load_model(args.model)
+    result = perplexity(loaded.model, loaded.tokenizer, text, tokens=args.tokens,
+                        window=args.window)
+    if args.json:
+        print(json.dumps({"model": args.model, **result.as_dict()}))
+    else:
+        print(
+            f"{args.model}: perplexity {result.ppl:.4f} over {result.tokens} tokens "
+            f"({result.windows} windows of {result.window}), {result.tok_per_s:.0f} tokens/s, "
+            f"peak memory {result.peak_rss_mb:.0f} MiB"
+        )
+    return 0
