@@ -66,6 +66,11 @@ def load_model(spec: str, *, dtype: Any = None) -> LoadedModel:
         )
     if not path.is_dir():
         raise ModelLoadError(f"{path} is a file; give the Hugging Face model directory holding it")
+    from engine.model.student import is_student_dir, load_student
+
+    if is_student_dir(path):
+        loaded: LoadedModel = load_student(path, dtype=dtype)
+        return loaded
     return load_directory(path, dtype=dtype)
 
 

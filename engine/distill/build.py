@@ -1,0 +1,116 @@
+"""Building the student of a run: the teacher's clone with chosen MLPs replaced.
+
+Memory students (featural, associative) come from the model surgery in
+:mod:`engine.model.surgery`. The ``dense`` kind is the compute-matched control of the benchmark:
+a freshly initialised two-layer MLP of a chosen width in place of each replaced MLP, trained
+the same way, so a memory layer can be compared against a dense layer of the same active width.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from engine.errors import InputError
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (GPT-2: ``transformer.h``, Llama: ``model.layers``)."""
+    for path in ("transformer.h", "model.layers"):
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise InputError(
+        f"{type(model).__name__} is not a supported architecture; give a GPT-2 or Llama model"
+    )
+
+
+def layer_mlps(model: nn.Module, layers: list[int]) -> dict[int, nn.Module]:
+    """The feed-forward module (or the memory module that replaced it) of each chosen layer."""
+    blocks = decoder_layers(model)
+    out: dict[int, nn.Module] = {}
+    for index in layers:
+        if not 0 <= index < len(blocks):
+            raise InputError(
+                f"unknown layer {index}: the model has {len(blocks)} layers (0..{len(blocks) - 1})"
+            )
+        out[index] = blocks[index].mlp
+    return out
+
+
+def layer_prefixes(model: nn.Module, layers: list[int]) -> list[str]:
+    """State-dict prefixes of the chosen layers' feed-forward modules."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(module)] + "." for module in layer_mlps(model, layers).values()]
+
+
+class DenseMLP(nn.Module):
+    """A plain two-layer MLP with the teacher MLP's call signature (the control)."""
+
+    def __init__(self, hidden_size: int, width: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden_size, width)
+        self.act = nn.GELU()
+        self.down = nn.Linear(width, hidden_size)
+        nn.init.zeros_(self.down.weight)  # starts as "MLP removed" and learns from there
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.down(self.act(self.up(hidden_states)))
+
+
+def dense_width(hparams: dict[str, Any], default: int) -> int:
+    width = hparams.get("width", default)
+    unknown = sorted(set(hparams) - {"width"})
+    if unknown:
+        raise InputError(f"unknown dense hyper-parameter(s) {', '.join(unknown)}; known: width")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise InputError(f"width={width!r} must be a positive integer")
+    return width
+
+
+def hidden_size(model: nn.Module) -> int:
+    config: Any = model.config
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
+def build_student(teacher: nn.Module, layers: list[int], kind: str,
+                  hparams: dict[str, Any]) -> nn.Module:
+    """A student whose only trainable parameters are the replaced layers."""
+    if kind == "dense":
+        width = dense_width(hparams, 64)
+        layer_mlps(teacher, layers)  # checks the layer indexes first
+        student = copy.deepcopy(teacher)
+        blocks = decoder_layers(student)
+        for index in layers:
+            blocks[index].mlp = DenseMLP(hidden_size(student), width)
+    else:
+        from engine.model.surgery import convert
+
+        student = convert(teacher, layers, kind, **hparams)
+    freeze_all_but(student, layers)
+    return student
+
+
+def freeze_all_but(student: nn.Module, layers: list[int]) -> None:
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+    for module in layer_mlps(student, layers).values():
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+
+
+def zeroed_mlps_hooks(model: nn.Module, layers: list[int]) -> list[Any]:
+    """Forward hooks that make the chosen MLPs output zeros (remove the hooks to undo)."""
+    import torch
+
+    def zero(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        return torch.zeros_like(output)
+
+    return [module.register_forward_hook(zero) for module in layer_mlps(model, layers).values()]

@@ -1,0 +1,251 @@
+"""The local adapter: a model from :func:`engine.model.loading.load_model`, in this process.
+
+Generation runs token by token with a KV cache on one background thread per model; tokens
+reach the event loop through an asyncio queue. Requests take turns in arrival order (one
+generation at a time per model). Closing or cancelling a stream stops its generation before
+the next forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from engine.errors import InputError
+from engine.llm.adapter import BaseAdapter, GenerationRequest
+from engine.llm.decoding import IncrementalDecoder, StopMatcher
+from engine.llm.log import InteractionLog
+from engine.llm.types import ChatMessage, SamplingParams, StreamChunk, Usage
+
+
+class ContextLengthError(InputError):
+    """The prompt does not fit in the model's context window."""
+
+
+class LocalAdapter(BaseAdapter):
+    adapter_name = "local"
+
+    def __init__(self, loaded: Any, *, name: str | None = None,
+                 log: InteractionLog | None = None) -> None:
+        """``loaded`` is a :class:`engine.model.loading.LoadedModel`."""
+        super().__init__(name or loaded.spec, log=log)
+        self.loaded = loaded
+        self.context_length = _context_length(loaded.model.config)
+        self.eos_ids = _eos_ids(loaded.model.config, loaded.tokenizer)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mindset-generate")
+        self._turn: asyncio.Lock | None = None
+        self._counter_lock = threading.Lock()
+        # Observable progress, for status displays and tests.
+        self.tokens_generated = 0
+        self.active = False
+
+    @classmethod
+    def from_spec(cls, spec: str, *, log: InteractionLog | None = None) -> LocalAdapter:
+        """Load ``spec`` (default, tiny-llama, a directory...). Blocking: seconds for real models."""
+        from engine.model.loading import load_model
+
+        return cls(load_model(spec), name=spec, log=log)
+
+    # Prompts -------------------------------------------------------------------------------
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids; raises :class:`ContextLengthError` when it cannot fit."""
+        if request.messages is not None:
+            ids = self._encode_chat(request.messages)
+        else:
+            ids = self._encode_text(request.prompt or "")
+        if len(ids) >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt is {len(ids)} tokens but {self.model}'s context is "
+                f"{self.context_length} tokens; shorten the prompt"
+            )
+        return ids
+
+    def count_prompt_tokens(self, messages: list[ChatMessage] | None = None,
+                            prompt: str | None = None) -> int:
+        """Tokens of a chat or a prompt; raises :class:`ContextLengthError` when too long."""
+        request = GenerationRequest("", "chat" if messages is not None else "completion",
+                                    SamplingParams(), messages=messages, prompt=prompt)
+        return len(self.encode(request))
+
+    def _encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        tokenizer = self.loaded.tokenizer
+        dicts = [m.as_dict() for m in messages]
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(dicts, add_generation_prompt=True,
+                                                 tokenize=False)
+        else:  # base models without a template: a plain transcript
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in dicts) + "assistant:"
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _encode_text(self, prompt: str) -> list[int]:
+        tokenizer = self.loaded.tokenizer
+        ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
+        if not ids:
+            bos = tokenizer.bos_token_id
+            if bos is None:
+                raise InputError("the prompt is empty; give some text to continue")
+            ids = [int(bos)]
+        return ids
+
+    # Streaming -----------------------------------------------------------------------------
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        prompt_ids = self.encode(request)
+        request.usage = Usage(prompt_tokens=len(prompt_ids))
+        if self._turn is None:
+            self._turn = asyncio.Lock()  # FIFO: waiters acquire in arrival order
+        async with self._turn:
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
+            stop = threading.Event()
+
+            def emit(item: StreamChunk | BaseException) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+            future = loop.run_in_executor(self._executor, self._generate, request, prompt_ids,
+                                          stop, emit)
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if item.finish_reason:
+                        return
+            finally:
+                stop.set()
+                # Hold the model until the thread has left its forward pass.
+                await asyncio.wait({future})
+
+    def _generate(self, request: GenerationRequest, prompt_ids: list[int],
+                  stop: threading.Event,
+                  emit: Callable[[StreamChunk | BaseException], None]) -> None:
+        """Runs on the generation thread; every result goes through ``emit``."""
+        params = request.params
+        decoder = IncrementalDecoder(self.loaded.tokenizer)
+        stopper = StopMatcher(params.stop)
+        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        finish = "length"
+        self.active = True
+        try:
+            for token in generate_tokens(self.loaded.model, prompt_ids, params, budget,
+                                         stop.is_set):
+                with self._counter_lock:
+                    self.tokens_generated += 1
+                request.usage.completion_tokens += 1
+                if token in self.eos_ids:
+                    finish = "stop"
+                    break
+                text, reached = stopper.push(decoder.push(token))
+                if reached:
+                    if text:
+                        emit(StreamChunk(request.id, text))
+                    finish = "stop"
+                    break
+                if text:
+                    emit(StreamChunk(request.id, text))
+            else:
+                if stop.is_set():
+                    return
+            if finish == "length":
+                tail, reached = stopper.push(decoder.flush())
+                tail += "" if reached else stopper.flush()
+            else:
+                tail = ""
+            emit(StreamChunk(request.id, tail, finish,
+                             Usage(request.usage.prompt_tokens,
+                                   request.usage.completion_tokens)))
+        except Exception as exc:  # reported to the awaiting coroutine, not lost in the thread
+            emit(exc)
+        finally:
+            self.active = False
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def generate_tokens(model: Any, prompt_ids: list[int], params: SamplingParams, budget: int,
+                    should_stop: Callable[[], bool]) -> Iterator[int]:
+    """Sample up to ``budget`` tokens after ``prompt_ids``, reusing the KV cache each step."""
+    import torch
+    from transformers import DynamicCache
+
+    sampler = TokenSampler(params)
+    history = torch.tensor([prompt_ids], dtype=torch.long)
+    cache = DynamicCache()
+    step_input = history
+    with torch.inference_mode():
+        for _ in range(budget):
+            if should_stop():
+                return
+            logits = model(input_ids=step_input, cache=cache, use_cache=True,
+                           logits_to_keep=1).logits[:, -1, :]
+            token = sampler.next_token(history, logits)
+            yield token
+            step_input = torch.tensor([[token]], dtype=torch.long)
+            if sampler.needs_history:
+                history = torch.cat([history, step_input], dim=1)
+
+
+class TokenSampler:
+    """Repetition penalty, temperature, top-k and top-p (transformers' processors), then a draw."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        import torch
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.greedy = params.temperature == 0
+        processors: list[Any] = []
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if not self.greedy:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+        self.processors = LogitsProcessorList(processors)
+        self.needs_history = params.repetition_penalty != 1.0
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.generator = torch.Generator().manual_seed(seed % (2**63))
+
+    def next_token(self, history: Any, logits: Any) -> int:
+        import torch
+
+        logits = logits.float()
+        if len(self.processors):
+            logits = self.processors(history, logits)
+        if self.greedy:
+            return int(logits.argmax(dim=-1)[0])
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator)[0, 0])
+
+
+def _context_length(config: Any) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _eos_ids(config: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids

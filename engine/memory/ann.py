@@ -1,0 +1,294 @@
+"""The derived ANN index of one table: exact (L2 / inner product), HNSW, IVF-PQ.
+
+Every index maps faiss labels to row ids. Exact and IVF-PQ indexes carry row ids directly and
+really remove deleted entries. HNSW graphs cannot drop nodes, so removed entries are masked
+out of every search by a bitmap selector and the graph is rebuilt once a quarter of it is dead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from engine.errors import InputError
+from engine.memory.vectors import Float32Array, Int64Array
+
+INDEX_KINDS = ("flat-l2", "flat-ip", "hnsw", "ivfpq")
+
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 64
+HNSW_EF_SEARCH = 128
+HNSW_MAX_DEAD_FRACTION = 0.25
+IVF_TRAIN_MIN_ROWS = 20_000
+IVF_CANDIDATE_FACTOR = 4  # IVF-PQ returns k * this candidates, re-ranked on exact keys
+
+
+def check_kind(kind: str) -> str:
+    if kind not in INDEX_KINDS:
+        raise InputError(f"unknown index kind {kind!r}: choose one of {', '.join(INDEX_KINDS)}")
+    return kind
+
+
+class AnnIndex:
+    """Base: add/remove/search by row id. Subclasses wrap a faiss index."""
+
+    kind: str
+    inner_product: bool = False
+    candidate_factor: int = 1  # > 1 means search results need exact re-ranking
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def add(self, ids: Int64Array, keys: Float32Array) -> None:
+        raise NotImplementedError
+
+    def remove(self, ids: Int64Array) -> None:
+        raise NotImplementedError
+
+    def search(self, queries: Float32Array, k: int) -> tuple[Float32Array, Int64Array]:
+        raise NotImplementedError
+
+    def wants_rebuild(self, rows: int) -> bool:
+        return False
+
+    def rebuild(self, ids: Int64Array, keys: Float32Array) -> None:
+        self.reset()
+        self.add(ids, keys)
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def ntotal(self) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ntotal": self.ntotal}
+
+    # Saving is only worth it for indexes that are slow to build (HNSW, trained IVF-PQ).
+    def save(self, path: Path) -> bool:
+        return False
+
+    def load(self, path: Path) -> bool:
+        return False
+
+
+class FlatIndex(AnnIndex):
+    def __init__(self, dim: int, inner_product: bool) -> None:
+        super().__init__(dim)
+        self.inner_product = inner_product
+        self.kind = "flat-ip" if inner_product else "flat-l2"
+        self.reset()
+
+    def reset(self) -> None:
+        base = faiss.IndexFlatIP(self.dim) if self.inner_product else faiss.IndexFlatL2(self.dim)
+        self.index = faiss.IndexIDMap2(base)
+
+    def add(self, ids: Int64Array, keys: Float32Array) -> None:
+        if len(ids):
+            self.index.add_with_ids(keys, ids)
+
+    def remove(self, ids: Int64Array) -> None:
+        if len(ids):
+            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+
+    def search(self, queries: Float32Array, k: int) -> tuple[Float32Array, Int64Array]:
+        distances, labels = self.index.search(queries, k)
+        return distances, labels
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+
+class HnswIndex(AnnIndex):
+    kind = "hnsw"
+
+    def __init__(self, dim: int, ef_search: int = HNSW_EF_SEARCH) -> None:
+        super().__init__(dim)
+        self.ef_search = ef_search
+        self.reset()
+
+    def reset(self) -> None:
+        self.index = faiss.IndexHNSWFlat(self.dim, HNSW_M)
+        self.index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        self.slot_ids = np.zeros(0, dtype=np.int64)  # faiss label (slot) -> row id, -1 if dead
+        self.dead = 0
+
+    def add(self, ids: Int64Array, keys: Float32Array) -> None:
+        if len(ids):
+            self.index.add(keys)
+            self.slot_ids = np.concatenate([self.slot_ids, ids.astype(np.int64)])
+
+    def remove(self, ids: Int64Array) -> None:
+        if len(ids):
+            hit = np.isin(self.slot_ids, ids) & (self.slot_ids >= 0)
+            self.dead += int(hit.sum())
+            self.slot_ids[hit] = -1
+
+    def search(self, queries: Float32Array, k: int) -> tuple[Float32Array, Int64Array]:
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(self.ef_search, k)
+        bitmap = None
+        if self.dead:
+            bitmap = np.packbits(self.slot_ids >= 0, bitorder="little")
+            params.sel = faiss.IDSelectorBitmap(len(self.slot_ids), faiss.swig_ptr(bitmap))
+        distances, slots = self.index.search(queries, k, params=params)
+        del bitmap  # kept alive until the search returned
+        labels = np.where(slots >= 0, self.slot_ids[np.maximum(slots, 0)], -1)
+        return distances, labels
+
+    def wants_rebuild(self, rows: int) -> bool:
+        return self.dead > HNSW_MAX_DEAD_FRACTION * max(len(self.slot_ids), 1)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.slot_ids) - self.dead
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ntotal": self.ntotal, "masked": self.dead,
+                "ef_search": self.ef_search}
+
+    def save(self, path: Path) -> bool:
+        faiss.write_index(self.index, str(path))
+        np.save(path.with_suffix(".slots.npy"), self.slot_ids)
+        return True
+
+    def load(self, path: Path) -> bool:
+        slots_path = path.with_suffix(".slots.npy")
+        if not path.exists() or not slots_path.exists():
+            return False
+        index = faiss.read_index(str(path))
+        slot_ids = np.load(slots_path)
+        if index.ntotal != len(slot_ids) or index.d != self.dim:
+            return False
+        self.index, self.slot_ids = index, slot_ids
+        self.dead = int((slot_ids < 0).sum())
+        return True
+
+
+class IvfPqIndex(AnnIndex):
+    """IVF-PQ once the table is big enough to train it; an exact index before that."""
+
+    kind = "ivfpq"
+
+    def __init__(self, dim: int, nprobe: int | None = None) -> None:
+        super().__init__(dim)
+        self.nprobe_override = nprobe
+        self.reset()
+
+    def reset(self) -> None:
+        self.exact: FlatIndex | None = FlatIndex(self.dim, inner_product=False)
+        self.index: Any = None
+        self.candidate_factor = 1
+
+    @property
+    def trained(self) -> bool:
+        return self.exact is None
+
+    def add(self, ids: Int64Array, keys: Float32Array) -> None:
+        if self.exact is not None:
+            self.exact.add(ids, keys)
+        elif len(ids):
+            self.index.add_with_ids(keys, ids)
+
+    def remove(self, ids: Int64Array) -> None:
+        if self.exact is not None:
+            self.exact.remove(ids)
+        elif len(ids):
+            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+
+    def search(self, queries: Float32Array, k: int) -> tuple[Float32Array, Int64Array]:
+        if self.exact is not None:
+            return self.exact.search(queries, k)
+        distances, labels = self.index.search(queries, k * self.candidate_factor)
+        return distances, labels
+
+    def wants_rebuild(self, rows: int) -> bool:
+        return self.exact is not None and rows >= IVF_TRAIN_MIN_ROWS
+
+    def rebuild(self, ids: Int64Array, keys: Float32Array) -> None:
+        if len(ids) < IVF_TRAIN_MIN_ROWS:
+            self.reset()
+            self.add(ids, keys)
+            return
+        nlist = int(min(max(math.sqrt(len(ids)), 64), 65536))
+        sub = _pq_subquantizers(self.dim)
+        quantizer = faiss.IndexFlatL2(self.dim)
+        index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, sub, 8)
+        rng = np.random.default_rng(0)
+        sample = keys if len(keys) <= 64 * nlist else keys[rng.choice(len(keys), 64 * nlist, replace=False)]
+        index.train(np.ascontiguousarray(sample))
+        index.nprobe = self.nprobe_override or max(1, nlist // 16)
+        index.add_with_ids(keys, ids)
+        self.index, self.exact, self.quantizer = index, None, quantizer
+        self.candidate_factor = IVF_CANDIDATE_FACTOR
+
+    @property
+    def ntotal(self) -> int:
+        return self.exact.ntotal if self.exact is not None else int(self.index.ntotal)
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"kind": self.kind, "ntotal": self.ntotal, "trained": self.trained}
+        if self.index is not None:
+            info.update(nlist=int(self.index.nlist), nprobe=int(self.index.nprobe))
+        return info
+
+    def set_nprobe(self, nprobe: int) -> None:
+        self.nprobe_override = nprobe
+        if self.index is not None:
+            self.index.nprobe = nprobe
+
+    def save(self, path: Path) -> bool:
+        if self.index is None:
+            return False
+        faiss.write_index(self.index, str(path))
+        return True
+
+    def load(self, path: Path) -> bool:
+        if not path.exists():
+            return False
+        index = faiss.read_index(str(path))
+        if index.d != self.dim:
+            return False
+        index = faiss.downcast_index(index)
+        if self.nprobe_override:
+            index.nprobe = self.nprobe_override
+        self.index, self.exact = index, None
+        self.candidate_factor = IVF_CANDIDATE_FACTOR
+        return True
+
+
+def _pq_subquantizers(dim: int) -> int:
+    for sub in (dim // 4, dim // 2, dim // 8, dim):
+        if sub >= 1 and dim % sub == 0:
+            return sub
+    return dim
+
+
+def make_index(kind: str, dim: int) -> AnnIndex:
+    check_kind(kind)
+    if kind == "flat-l2":
+        return FlatIndex(dim, inner_product=False)
+    if kind == "flat-ip":
+        return FlatIndex(dim, inner_product=True)
+    if kind == "hnsw":
+        return HnswIndex(dim)
+    return IvfPqIndex(dim)
+
+
+def write_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:
+    path.write_text(json.dumps(fingerprint))
+
+
+def read_fingerprint(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,190 @@
+"""Hyper-parameters of the memory layers, validated before any work starts.
+
+Every check raises :class:`InputError` with one line that names the bad value and a fix, so a
+conversion with impossible settings fails in milliseconds rather than after cloning a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from engine.errors import InputError
+
+FEATURAL_KEY_KINDS = ("product", "flat")
+SCORE_WEIGHTINGS = ("softmax", "relu")
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
+def _reject_unknown(kind: str, hparams: dict[str, Any], allowed: list[str]) -> None:
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise InputError(
+            f"unknown {kind} hyper-parameter(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(allowed))}"
+        )
+
+
+@dataclass(frozen=True)
+class FeaturalConfig:
+    """A featural memory: learned keys, top-k lookup, weighted sum of values.
+
+    ``keys="product"``: ``heads`` heads, each with a query of ``query_dim`` split in two halves
+    scored against ``num_subkeys`` sub-keys each, so ``num_subkeys**2`` slots share one value
+    table; softmax-weighted top-``topk`` values per head, summed over heads; optional SiLU gate
+    on the output (Memory+), then an output projection to the hidden size.
+
+    ``keys="flat"``: ``slots`` keys live in the hidden space itself (no query projection);
+    the weight of slot i is ``activation(x·k_i + b_i)`` (times ``x·u_i`` when ``gated``, the
+    SwiGLU form). Top-``topk`` slots by |weight| are read; with ``topk == slots`` this is exactly
+    the teacher's MLP, which is what makes exact reproduction testable.
+    """
+
+    hidden_size: int
+    keys: str = "product"
+    heads: int = 4
+    query_dim: int = 64
+    num_subkeys: int = 128
+    slots: int = 0  # flat keys only; 0 = the teacher MLP's intermediate size
+    topk: int = 16  # flat keys: 0 = every slot (dense, exact)
+    value_dim: int = 0  # product keys: 0 = hidden size
+    gate: bool = True
+    activation: str = "relu"  # flat keys: the weight function (any transformers ACT2FN name)
+    gated: bool = False  # flat keys: SwiGLU-style second key set
+    sparse: bool = True  # sparse gradients for the value table
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_subkeys**2 if self.keys == "product" else self.slots
+
+    @property
+    def values_dim(self) -> int:
+        if self.keys == "flat":
+            return self.hidden_size
+        return self.value_dim or self.hidden_size
+
+    @property
+    def effective_topk(self) -> int:
+        return self.topk or self.num_slots
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_hparams(
+        cls, hidden_size: int, hparams: dict[str, Any], *, intermediate_size: int = 0,
+        activation: str = "relu", gated: bool = False,
+    ) -> FeaturalConfig:
+        """Build and validate a config; flat-key defaults come from the teacher's MLP."""
+        names = [f.name for f in fields(cls) if f.name != "hidden_size"]
+        _reject_unknown("featural", hparams, names)
+        values: dict[str, Any] = dict(hparams)
+        keys = values.get("keys", "product")
+        if keys not in FEATURAL_KEY_KINDS:
+            raise InputError(f"keys={keys!r} is not a featural key kind; use one of "
+                             f"{', '.join(FEATURAL_KEY_KINDS)}")
+        if keys == "flat":
+            values.setdefault("slots", intermediate_size)
+            values.setdefault("topk", 0)
+            values.setdefault("activation", activation)
+            values.setdefault("gated", gated)
+            values.setdefault("gate", False)
+        config = cls(hidden_size=hidden_size, **values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _positive("hidden_size", self.hidden_size)
+        for name in ("gate", "gated", "sparse"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.keys == "product":
+            _positive("heads", self.heads)
+            _positive("query_dim", self.query_dim)
+            _positive("num_subkeys", self.num_subkeys)
+            _positive("topk", self.topk)
+            if self.query_dim % 2:
+                raise InputError(f"query_dim={self.query_dim} is odd; product keys split the "
+                                 "query in two halves, give an even query_dim")
+            if self.topk > self.num_subkeys:
+                raise InputError(f"topk={self.topk} exceeds num_subkeys={self.num_subkeys}; "
+                                 "product-key search takes the top-k of each half, give "
+                                 "topk <= num_subkeys")
+            if self.value_dim < 0:
+                raise InputError(f"value_dim={self.value_dim} must be positive (0 = hidden size)")
+            if self.gated:
+                raise InputError("gated=True applies to flat keys only")
+        else:
+            _positive("slots", self.slots)
+            if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 0:
+                raise InputError(f"topk={self.topk!r} must be a positive integer (0 = all)")
+            if self.topk > self.slots:
+                raise InputError(f"topk={self.topk} exceeds the {self.slots} slots; give "
+                                 f"topk <= {self.slots} (or 0 for all)")
+            if self.gate:
+                raise InputError("gate=True applies to product keys only")
+            from transformers.activations import ACT2FN
+
+            if self.activation not in ACT2FN:
+                raise InputError(f"activation={self.activation!r} is unknown; use one of "
+                                 "relu, gelu, gelu_new, silu")
+
+
+@dataclass(frozen=True)
+class AssociativeConfig:
+    """An associative memory: stored (key, value) entries that grow at run time.
+
+    Queries, keys and values are projections of the hidden state (``key_dim``/``value_dim``
+    per head); each query attends over its ``topk`` nearest stored keys plus its own key.
+    A token whose query is farther than ``novelty_threshold`` (squared L2) from every stored
+    key inserts its key and value (during training, or always when ``insert="always"``).
+    Past ``capacity`` entries the least recently/frequently used are evicted (LRFU with
+    ``decay`` per step); ``merge_threshold`` > 0 merges near-duplicate keys that come back
+    together in one top-k.
+    """
+
+    hidden_size: int
+    heads: int = 4
+    key_dim: int = 32
+    value_dim: int = 64
+    topk: int = 16
+    capacity: int = 65536
+    initial_entries: int = 0  # 0 = filled from the teacher MLP's neurons at conversion
+    novelty_threshold: float = 1.0
+    merge_threshold: float = 0.0
+    decay: float = 0.99
+    insert: str = "train"  # "train", "always" or "never"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_hparams(cls, hidden_size: int, hparams: dict[str, Any]) -> AssociativeConfig:
+        names = [f.name for f in fields(cls) if f.name != "hidden_size"]
+        _reject_unknown("associative", hparams, names)
+        config = cls(hidden_size=hidden_size, **hparams)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("hidden_size", "heads", "key_dim", "value_dim", "topk", "capacity"):
+            _positive(name, getattr(self, name))
+        if self.topk > self.capacity:
+            raise InputError(f"topk={self.topk} exceeds capacity={self.capacity}; give "
+                             "topk <= capacity")
+        if not (0 <= self.initial_entries <= self.capacity):
+            raise InputError(f"initial_entries={self.initial_entries} must be within "
+                             f"0..capacity ({self.capacity})")
+        for name in ("novelty_threshold", "merge_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0:
+                raise InputError(f"{name}={value!r} must be a number >= 0")
+        if not (0 < self.decay <= 1):
+            raise InputError(f"decay={self.decay!r} must be in (0, 1]")
+        if self.insert not in ("train", "always", "never"):
+            raise InputError(f"insert={self.insert!r} must be train, always or never")

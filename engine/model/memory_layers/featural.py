@@ -1,0 +1,111 @@
+"""Featural memory: a fixed table of learned (key, value) slots in place of an MLP.
+
+Call signature is the MLP's: ``forward(hidden_states [..., hidden]) -> [..., hidden]``, so a
+Hugging Face decoder layer (and its ``generate`` with a KV cache) runs it unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.memory_layers.config import FeaturalConfig
+from engine.model.memory_layers.flat_keys import FlatKeys
+from engine.model.memory_layers.product_keys import ProductKeys
+
+# silu(GATE_OPEN) == 1.0: a gate with zero weights and this bias starts fully "open".
+GATE_OPEN = 1.2784645
+
+
+class FeaturalMemory(nn.Module):
+    """Top-k lookup over learned keys and a weighted sum of the chosen values.
+
+    Values are read with ``F.embedding_bag`` and per-sample weights, so only the k chosen rows
+    per head are touched; with ``config.sparse`` their gradient is a sparse tensor (train
+    :meth:`sparse_parameters` with ``torch.optim.SparseAdam`` or SGD, the rest with Adam).
+    """
+
+    def __init__(self, config: FeaturalConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        hidden, slots, value_dim = config.hidden_size, config.num_slots, config.values_dim
+        self.product: ProductKeys | None = None
+        self.flat: FlatKeys | None = None
+        self.query_proj: nn.Linear | None = None
+        self.gate_proj: nn.Linear | None = None
+        self.out_proj: nn.Linear | None = None
+        self.out_bias: nn.Parameter | None = None
+        if config.keys == "product":
+            self.query_proj = nn.Linear(hidden, config.heads * config.query_dim, bias=True)
+            self.product = ProductKeys(config.heads, config.query_dim, config.num_subkeys,
+                                       config.topk)
+            if config.gate:
+                self.gate_proj = nn.Linear(hidden, value_dim, bias=True)
+            self.out_proj = nn.Linear(value_dim, hidden, bias=True)
+            # A fresh memory adds nothing to the residual stream until it has learned.
+            nn.init.zeros_(self.out_proj.weight)
+            nn.init.zeros_(self.out_proj.bias)
+        else:
+            self.flat = FlatKeys(hidden, slots, config.activation, config.gated)
+            self.out_bias = nn.Parameter(torch.zeros(hidden))
+        self.values = nn.Parameter(torch.empty(slots, value_dim).normal_(0, value_dim**-0.5))
+
+    @property
+    def num_slots(self) -> int:
+        return self.config.num_slots
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients are sparse tensors (the value table, when sparse)."""
+        return [self.values] if self.config.sparse else []
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots each row of ``x`` [T, hidden] reads and their weights, both [T, heads*k].
+
+        For flat keys read densely (topk = all) every slot is returned.
+        """
+        if self.product is not None:
+            assert self.query_proj is not None
+            scores, slots = self.product.search(self.query_proj(x))
+            weights = torch.softmax(scores, dim=-1)
+            return slots.flatten(1), weights.flatten(1)
+        assert self.flat is not None
+        weights = self.flat.weights(x)
+        k = self.config.effective_topk
+        if k >= self.num_slots:
+            slots = torch.arange(self.num_slots, device=x.device).expand(x.shape[0], -1)
+            return slots, weights
+        slots = weights.abs().topk(k, dim=-1).indices
+        return slots, weights.gather(-1, slots)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        if self.flat is not None and self.config.effective_topk >= self.num_slots:
+            # Every slot is read: a dense matmul is the same sum, and faster.
+            assert self.out_bias is not None
+            out = torch.addmm(self.out_bias, self.flat.weights(x), self.values)
+            return out.view(shape)
+        slots, weights = self.lookup(x)
+        read = F.embedding_bag(slots, self.values, per_sample_weights=weights, mode="sum",
+                               sparse=self.config.sparse)
+        if self.flat is not None:
+            assert self.out_bias is not None
+            return (read + self.out_bias).view(shape)
+        if self.gate_proj is not None:
+            read = read * F.silu(self.gate_proj(x))
+        assert self.out_proj is not None
+        return self.out_proj(read).view(shape)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        if c.keys == "product":
+            return (f"product keys: {c.heads} heads x {c.num_subkeys}^2 = {c.num_slots} slots, "
+                    f"query {c.query_dim}, top-{c.topk}, values {c.values_dim}, gate={c.gate}")
+        return (f"flat keys: {c.num_slots} slots, top-{c.effective_topk}, "
+                f"activation {c.activation}, gated={c.gated}")

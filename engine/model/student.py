@@ -1,0 +1,160 @@
+"""Save and load a student (a model with memory layers) as one directory.
+
+Layout::
+
+    config.json            the Hugging Face config of the cloned teacher architecture
+    mindset_student.json   teacher, family, replaced layers, kind, hyper-parameters, init
+    model.safetensors      every weight (teacher copies and memory layers)
+    memory/                tables of associative memory layers (entries that grow at run time)
+    tokenizer files        when a tokenizer was given
+
+Saving writes into a temporary directory beside the target and renames it into place, so an
+interrupted save never leaves half a student where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InputError, ModelLoadError
+from engine.model.surgery import (
+    StudentSpec,
+    attach_memory_layers,
+    memory_layers,
+    student_spec,
+    unwrap,
+)
+
+STUDENT_FILE = "mindset_student.json"
+WEIGHTS_FILE = "model.safetensors"
+MEMORY_DIR = "memory"
+
+
+def is_student_dir(path: Path | str) -> bool:
+    return (Path(path) / STUDENT_FILE).is_file()
+
+
+def save_student(model: Any, directory: Path | str, tokenizer: Any = None) -> Path:
+    """Write ``model`` (a student from ``convert``) and its tokenizer to ``directory``."""
+    from safetensors.torch import save_model
+
+    module = unwrap(model)
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
+    spec = student_spec(module)
+    if spec is None:
+        raise InputError("this model is not a student; convert a teacher first")
+    final = Path(directory).expanduser().resolve()
+    if final.exists() and not final.is_dir():
+        raise InputError(f"{final} is a file; give a directory to save the student in")
+    if final.exists() and any(final.iterdir()) and not is_student_dir(final):
+        raise InputError(f"{final} is not empty and holds no student; give a new or empty "
+                         "directory so nothing is overwritten")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        module.config.save_pretrained(str(staging))
+        generation = getattr(module, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(str(staging))
+        save_model(module, str(staging / WEIGHTS_FILE))
+        for layer, memory in memory_layers(module).items():
+            save_tables = getattr(memory, "save_tables", None)
+            if save_tables is not None:
+                save_tables(staging / MEMORY_DIR, f"layer{layer}")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        (staging / STUDENT_FILE).write_text(json.dumps(spec.as_dict(), indent=2),
+                                            encoding="utf-8")
+        if final.exists():
+            trash = final.parent / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
+            final.rename(trash)
+            staging.rename(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def read_spec(directory: Path) -> StudentSpec:
+    try:
+        data = json.loads((directory / STUDENT_FILE).read_text(encoding="utf-8"))
+        return StudentSpec.from_dict(data)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+        raise ModelLoadError(f"{directory / STUDENT_FILE} is unreadable ({exc}); re-save the "
+                             "student") from exc
+
+
+def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
+    """The student model alone (no tokenizer), in eval mode."""
+    import torch
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory).expanduser().resolve()
+    if not is_student_dir(directory):
+        raise ModelLoadError(f"{directory} is not a student directory (no {STUDENT_FILE})")
+    spec = read_spec(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights} is missing; re-save the student")
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+        model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:
+        raise ModelLoadError(f"{directory}/config.json cannot be used ({exc})") from exc
+    try:
+        attach_memory_layers(model, spec)
+    except InputError as exc:
+        raise ModelLoadError(f"{directory / STUDENT_FILE} does not fit the model: {exc}") from exc
+    try:
+        load_model(model, str(weights), strict=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{weights} does not load ({type(exc).__name__}: {exc}); "
+                             "re-save the student") from exc
+    for layer, memory in memory_layers(model).items():
+        load_tables = getattr(memory, "load_tables", None)
+        if load_tables is not None:
+            load_tables(directory / MEMORY_DIR, f"layer{layer}")
+    model.to(dtype or torch.float32)
+    model.eval()
+    return model
+
+
+def load_student(directory: Path | str, *, dtype: Any = None) -> Any:
+    """A ``LoadedModel`` for a student directory (used by ``engine.model.loading``)."""
+    from engine.model.loading import LoadedModel
+
+    directory = Path(directory).expanduser().resolve()
+    model = load_student_model(directory, dtype=dtype)
+    spec = read_spec(directory)
+    tokenizer = load_tokenizer(directory, spec)
+    info = {"student": spec.as_dict()}
+    return LoadedModel(model, tokenizer, str(directory), spec.family, source=directory, info=info)
+
+
+def load_tokenizer(directory: Path, spec: StudentSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    from engine.model.tiny import byte_level_tokenizer
+
+    has_tokenizer = any((directory / name).is_file()
+                        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+    if has_tokenizer:
+        try:
+            return AutoTokenizer.from_pretrained(str(directory))
+        except Exception as exc:
+            raise ModelLoadError(f"{directory} has an unusable tokenizer ({exc}); re-save the "
+                                 "student with its teacher's tokenizer") from exc
+    if spec.teacher.startswith("tiny-"):
+        return byte_level_tokenizer()
+    raise ModelLoadError(f"{directory} has no tokenizer; re-save the student with its "
+                         "teacher's tokenizer")

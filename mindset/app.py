@@ -1,0 +1,217 @@
+"""The Mindset workbench: a keyboard-driven Textual app over the engine.
+
+The app gets an :class:`engine.facade.Engine` in its constructor and talks to it only through
+the engine's public, awaitable methods. The first frame is drawn before torch or any model is
+imported: the model loads in a worker while the status bar says so.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.theme import Theme
+from textual.widget import Widget
+from textual.widgets import Footer, Header, TabbedContent, TabPane
+
+from engine.errors import MindsetError
+from engine.facade import STUDENT, TEACHER, Engine
+from mindset.config import WorkbenchConfig, load_config, read_theme_files, save_theme
+from mindset.screens.help import HelpScreen, key_label
+from mindset.screens.quick_start import QuickStartScreen
+from mindset.widgets.chat_pane import ChatPane
+from mindset.widgets.commands import WorkbenchCommands
+from mindset.widgets.memory_pane import MemoryPane
+from mindset.widgets.messages import JobsChanged, ModelLoaded, ModelLoadFailed
+from mindset.widgets.model_pane import ModelPane
+from mindset.widgets.status_bar import StatusBar
+from mindset.widgets.training_pane import TrainingPane
+
+DEFAULT_THEME = "mindset-dusk"
+
+# Tab id -> (section name, pane class); the order is the order of the tabs.
+PANES: dict[str, tuple[str, type[Widget]]] = {
+    "memory": ("Memory", MemoryPane),
+    "model": ("Model", ModelPane),
+    "training": ("Training", TrainingPane),
+    "chat": ("Chat", ChatPane),
+}
+
+
+class MindsetApp(App[None]):
+    """The workbench."""
+
+    TITLE = "Mindset"
+    CSS_PATH = "app.tcss"
+    COMMANDS: ClassVar = App.COMMANDS | {WorkbenchCommands}
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f1", "help", "Help", id="app.help"),
+        Binding("f2", "show_tab('memory')", "Memory", id="tab.memory"),
+        Binding("f3", "show_tab('model')", "Model", id="tab.model"),
+        Binding("f4", "show_tab('training')", "Training", id="tab.training"),
+        Binding("f5", "show_tab('chat')", "Chat", id="tab.chat"),
+        Binding("ctrl+t", "change_theme", "Theme", id="app.theme"),
+        Binding("f9", "quick_start", "Quick start", id="app.quick_start"),
+        Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
+    ]
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        config: WorkbenchConfig | None = None,
+        load_models: bool = True,
+        offer_quick_start: bool = True,
+    ) -> None:
+        super().__init__()
+        self.engine = engine
+        self.workbench_config = config if config is not None else _safe_config()
+        self.load_models_on_start = load_models
+        self.offer_quick_start = offer_quick_start
+        self._config_error: str | None = getattr(self.workbench_config, "error", None)
+        for definition in read_theme_files():
+            self.register_theme(Theme(**definition))  # type: ignore[arg-type]
+        wanted = self.workbench_config.theme or DEFAULT_THEME
+        self.theme = wanted if wanted in self.available_themes else DEFAULT_THEME
+        if self.workbench_config.keymap:
+            self.set_keymap(self.workbench_config.keymap)
+
+    # ------------------------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False, icon="◆")
+        with TabbedContent(id="tabs"):
+            for tab_id, (title, pane_class) in PANES.items():
+                with TabPane(title, id=tab_id):
+                    yield pane_class(self.engine, id=f"{tab_id}-pane")
+        yield StatusBar(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        status = self.query_one(StatusBar)
+        status.database = self.engine.database
+        status.model_text = f"model: {self.engine.model_spec} (loading…)"
+        self.theme_changed_signal.subscribe(self, self._remember_theme)
+        if self._config_error:
+            self.notify(self._config_error, severity="error", timeout=10)
+        if self.load_models_on_start:
+            self.load_models()
+        else:
+            status.model_text = f"model: {self.engine.model_spec} (not loaded)"
+        if self.offer_quick_start and self.engine.student_spec is None:
+            self.call_after_refresh(self.push_screen, QuickStartScreen(), self._quick_start_answer)
+
+    # ------------------------------------------------------------------------------ models
+
+    @work(exclusive=True, exit_on_error=False, group="models")
+    async def load_models(self) -> None:
+        """Load the teacher (and a student, if there is one) without blocking the UI."""
+        roles = [TEACHER] + ([STUDENT] if self.engine.student_spec else [])
+        for role in roles:
+            try:
+                await self.engine.load_model(role)
+            except MindsetError as exc:
+                self.post_message(ModelLoadFailed(role, str(exc)))
+            else:
+                self.post_message(ModelLoaded(role))
+
+    @on(ModelLoaded)
+    def _model_loaded(self, message: ModelLoaded) -> None:
+        loaded = self.engine.model(message.role)
+        if message.role == TEACHER and loaded is not None:
+            self.query_one(StatusBar).model_text = f"model: {loaded.spec}"
+        for pane_id in PANES:
+            self.query_one(f"#{pane_id}-pane").post_message(ModelLoaded(message.role))
+
+    @on(ModelLoadFailed)
+    def _model_failed(self, message: ModelLoadFailed) -> None:
+        self.query_one(StatusBar).model_text = f"model: {self.engine.spec_for(message.role)} (failed)"
+        self.notify(message.error, title=f"{message.role} model not loaded", severity="error",
+                    timeout=12)
+        for pane_id in PANES:
+            self.query_one(f"#{pane_id}-pane").post_message(
+                ModelLoadFailed(message.role, message.error)
+            )
+
+    @on(JobsChanged)
+    def _jobs_changed(self, message: JobsChanged) -> None:
+        self.query_one(StatusBar).running_jobs = message.running
+
+    # ----------------------------------------------------------------------------- actions
+
+    def action_show_tab(self, tab_id: str) -> None:
+        self.query_one(TabbedContent).active = tab_id
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.binding_sections(), self._keymap))
+
+    def action_quick_start(self) -> None:
+        self.push_screen(QuickStartScreen(), self._quick_start_answer)
+
+    def _quick_start_answer(self, start: bool | None) -> None:
+        if start:
+            self.action_show_tab("training")
+            self.query_one(TrainingPane).start_quick_start()
+
+    def _remember_theme(self, theme: Theme) -> None:
+        try:
+            save_theme(theme.name)
+        except (MindsetError, OSError) as exc:
+            self.notify(f"could not remember the theme: {exc}", severity="warning")
+
+    # ------------------------------------------------------------------- palette and help
+
+    def binding_sections(self) -> list[tuple[str, list[Binding]]]:
+        """Every binding with an id, grouped by where it acts."""
+        sections: list[tuple[str, list[Binding]]] = [("App", _bindings(type(self)))]
+        for title, pane_class in PANES.values():
+            sections.append((title, _bindings(pane_class)))
+        return sections
+
+    def key_for(self, binding: Binding) -> str:
+        return key_label(binding, self._keymap)
+
+    async def run_section_action(self, section: str, action: str) -> None:
+        """Run a binding's action where it belongs (the palette's callback)."""
+        if section == "App":
+            await self.run_action(action)
+            return
+        for tab_id, (title, _) in PANES.items():
+            if title == section:
+                self.action_show_tab(tab_id)
+                await self.query_one(f"#{tab_id}-pane").run_action(action)
+                return
+
+    async def on_unmount(self) -> None:
+        await self.engine.close()
+
+
+def _bindings(owner: type) -> list[Binding]:
+    found: list[Binding] = []
+    for item in getattr(owner, "BINDINGS", []):
+        if isinstance(item, Binding) and item.id:
+            found.append(item)
+    return found
+
+
+class _ConfigWithError(WorkbenchConfig):
+    error: str | None = None
+
+
+def _safe_config() -> WorkbenchConfig:
+    """The config file's settings; a broken file gives defaults and a notification."""
+    try:
+        return load_config()
+    except MindsetError as exc:
+        config = _ConfigWithError()
+        config.error = f"{exc}; using default keys and theme"
+        return config
+
+
+def run_app(model_spec: str = "default", *, student_spec: str | None = None,
+            database: str | None = None) -> None:
+    """Open the workbench in the terminal (``mindset`` with no command)."""
+    engine = Engine(model_spec, student_spec=student_spec, database=database)
+    MindsetApp(engine).run()

@@ -1,0 +1,1 @@
+"""Widgets of the workbench: one module per pane, plus the shared pieces."""

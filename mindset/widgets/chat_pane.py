@@ -1,0 +1,194 @@
+"""The Chat pane: streaming replies, a model switcher, branches, and the memory side panel."""
+
+from __future__ import annotations
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Input, Markdown, Select, Static
+
+from engine.errors import MindsetError
+from engine.facade import ChatMessage, Engine
+from mindset.widgets.chat_tree import ChatTree, Turn
+from mindset.widgets.messages import ModelLoaded
+
+
+class MessageBox(Vertical, can_focus=True):
+    """One turn: a header (role, branch position) and its Markdown body."""
+
+    def __init__(self, turn: Turn) -> None:
+        super().__init__(classes=f"message {turn.role}")
+        self.turn = turn
+
+    def compose(self) -> ComposeResult:
+        yield Static(self.header_text(), classes="message-header")
+        yield Markdown(self.turn.content, classes="message-body")
+
+    def header_text(self) -> str:
+        index, count = self.turn.position()
+        branch = f"  [dim]branch {index}/{count}  (alt+←/→)[/dim]" if count > 1 else ""
+        return f"[b]{self.turn.role}[/b]{branch}"
+
+
+class ChatPane(Vertical):
+    """Chat with the teacher, a student or a remote API."""
+
+    BINDINGS = [
+        Binding("ctrl+r", "regenerate", "Regenerate", id="chat.regenerate"),
+        Binding("ctrl+e", "edit_turn", "Edit turn", id="chat.edit"),
+        Binding("alt+left", "branch(-1)", "Previous branch", id="chat.branch_previous"),
+        Binding("alt+right", "branch(1)", "Next branch", id="chat.branch_next"),
+        Binding("ctrl+x", "stop", "Stop reply", id="chat.stop"),
+        Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
+    ]
+
+    def __init__(self, engine: Engine, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.engine = engine
+        self.tree = ChatTree()
+        self.editing: Turn | None = None
+        self.max_tokens = 128
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="chat-top"):
+            yield Select(
+                [(target, target) for target in self.engine.chat_targets()],
+                value=self.engine.chat_targets()[0], allow_blank=False, id="chat-model",
+            )
+            yield Static("", id="chat-state")
+        with Horizontal(id="chat-main"):
+            yield VerticalScroll(id="chat-log")
+            with Vertical(id="chat-side"):
+                yield Static("[b]memory used[/b]", classes="side-title")
+                yield Static(
+                    "Chat with a student to see which memory entries its reply used most.",
+                    id="chat-memory",
+                )
+        yield Input(placeholder="Message (enter to send)", id="chat-input")
+
+    # ------------------------------------------------------------------------- rendering
+
+    async def _render_path(self) -> None:
+        log = self.query_one("#chat-log", VerticalScroll)
+        await log.remove_children()
+        await log.mount_all([MessageBox(turn) for turn in self.tree.path()])
+        log.scroll_end(animate=False)
+
+    @on(ModelLoaded)
+    def _model_loaded(self, message: ModelLoaded) -> None:
+        select = self.query_one("#chat-model", Select)
+        targets = self.engine.chat_targets()
+        current = select.value
+        select.set_options([(t, t) for t in targets])
+        if current in targets:
+            select.value = current
+
+    # -------------------------------------------------------------------------- sending
+
+    @on(Input.Submitted, "#chat-input")
+    async def _submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        event.input.value = ""
+        if self.editing is not None:
+            turn = self.tree.branch_from(self.editing, text)
+            self.editing = None
+            event.input.placeholder = "Message (enter to send)"
+        else:
+            turn = self.tree.append("user", text)
+        await self._render_path()
+        self.reply_to(turn)
+
+    @work(exclusive=True, group="chat", exit_on_error=False)
+    async def reply_to(self, user_turn: Turn, replace: Turn | None = None) -> None:
+        """Stream the model's reply to ``user_turn`` into a new assistant turn."""
+        target = str(self.query_one("#chat-model", Select).value)
+        history = [*self.tree.history_before(user_turn), user_turn]
+        messages = [ChatMessage(t.role, t.content) for t in history]
+        reply = (self.tree.branch_from(replace, "") if replace is not None
+                 else self.tree.add(user_turn, "assistant", ""))
+        await self._render_path()
+        box = self.query(MessageBox).last()
+        body = box.query_one(Markdown)
+        log = self.query_one("#chat-log", VerticalScroll)
+        log.anchor()
+        state = self.query_one("#chat-state", Static)
+        state.update(f"[i]{target} is replying…[/i]")
+        stream = Markdown.get_stream(body)
+        try:
+            async for piece in self.engine.stream_chat(target, messages,
+                                                        max_tokens=self.max_tokens):
+                reply.content += piece
+                await stream.write(piece)
+        except MindsetError as exc:
+            self.notify(str(exc), title="chat request failed", severity="error", timeout=10)
+            if not reply.content:
+                reply.content = f"*(no reply: {exc})*"
+                await stream.write(reply.content)
+        finally:
+            await stream.stop()
+            state.update("")
+        self._show_memory_usage(target)
+
+    def _show_memory_usage(self, target: str) -> None:
+        panel = self.query_one("#chat-memory", Static)
+        usage = self.engine.last_memory_usage(target)
+        if usage is None:
+            panel.update("Memory use is shown for student models with memory layers.")
+            return
+        if not usage:
+            panel.update("The reply used no memory entries.")
+            return
+        lines = [f"{u.table} #{u.id}  {u.weight:.2f}  {u.label}" for u in usage]
+        panel.update("\n".join(lines))
+
+    # -------------------------------------------------------------------------- actions
+
+    def _focused_turn(self, role: str | None = None) -> Turn | None:
+        focused = self.app.focused
+        if isinstance(focused, MessageBox) and (role is None or focused.turn.role == role):
+            return focused.turn
+        for turn in reversed(self.tree.path()):
+            if role is None or turn.role == role:
+                return turn
+        return None
+
+    def action_regenerate(self) -> None:
+        turn = self._focused_turn("assistant")
+        if turn is None or turn.parent is None:
+            self.notify("nothing to regenerate yet", severity="warning")
+            return
+        self.reply_to(turn.parent, replace=turn)
+
+    def action_edit_turn(self) -> None:
+        turn = self._focused_turn("user")
+        if turn is None:
+            self.notify("no message of yours to edit yet", severity="warning")
+            return
+        self.editing = turn
+        chat_input = self.query_one("#chat-input", Input)
+        chat_input.value = turn.content
+        chat_input.placeholder = "Edit the message; enter sends it as a new branch"
+        chat_input.focus()
+
+    async def action_branch(self, step: int) -> None:
+        turn = self._focused_turn()
+        # The nearest turn on the path that has siblings to move between.
+        candidates = [t for t in reversed(self.tree.path()) if len(t.siblings()) > 1]
+        if turn is None or len(turn.siblings()) < 2:
+            turn = candidates[0] if candidates else None
+        if turn is None:
+            self.notify("no other branch here", severity="information")
+            return
+        self.tree.switch(turn, step)
+        await self._render_path()
+
+    def action_stop(self) -> None:
+        self.workers.cancel_group(self, "chat")
+
+    async def action_new_chat(self) -> None:
+        self.workers.cancel_group(self, "chat")
+        self.tree = ChatTree()
+        await self._render_path()

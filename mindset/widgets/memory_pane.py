@@ -1,0 +1,302 @@
+"""The Memory pane: browse, search and edit a memory table, page by page from the database."""
+
+from __future__ import annotations
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Input, Select, Static
+
+from engine.errors import MindsetError
+from engine.facade import DeletedEntries, Engine, EntryView
+from mindset.screens.entry_edit import EntryEdit, EntryEditScreen, EntryInsertScreen, NewEntry
+from mindset.widgets.messages import ModelLoaded
+
+PAGE_SIZE = 50
+COLUMNS = ("id", "label", "access", "last access", "norm", "promotes")
+
+
+class MemoryPane(Vertical):
+    """One table at a time; only the visible page is read from the database."""
+
+    BINDINGS = [
+        Binding("e", "edit", "Edit entry", id="memory.edit"),
+        Binding("x,delete", "delete", "Delete entry", id="memory.delete"),
+        Binding("u", "undo", "Undo delete", id="memory.undo"),
+        Binding("i", "insert", "Insert entry", id="memory.insert"),
+        Binding("slash", "search", "Search", id="memory.search"),
+        Binding("n", "page(1)", "Next page", id="memory.next_page"),
+        Binding("p", "page(-1)", "Previous page", id="memory.previous_page"),
+        Binding("v", "evict", "Run eviction", id="memory.evict"),
+        Binding("m", "recombine", "Run recombination", id="memory.recombine"),
+        Binding("r", "refresh", "Refresh", id="memory.refresh"),
+    ]
+
+    def __init__(self, engine: Engine, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.engine = engine
+        self.table_name: str | None = None
+        self.offset = 0
+        self.size = 0
+        self.search_results: list[EntryView] | None = None
+        self.rows: list[EntryView] = []
+        self.undo_stack: list[DeletedEntries] = []
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="memory-top"):
+            yield Select([], prompt="choose a table", id="memory-table")
+            yield Input(placeholder="/ search: text (through the model) or #id",
+                        id="memory-search")
+        yield Static("", id="memory-stats")
+        table: DataTable[str] = DataTable(id="memory-rows", cursor_type="row", zebra_stripes=True)
+        yield table
+        yield Static("", id="memory-page", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#memory-rows", DataTable).add_columns(*COLUMNS)
+        self.load_tables()
+
+    # ------------------------------------------------------------------------ loading
+
+    @work(exclusive=True, group="memory-tables", exit_on_error=False)
+    async def load_tables(self) -> None:
+        status = self.engine.availability()["memory"]
+        if not status.ok:
+            self._show_missing(status.reason)
+            return
+        try:
+            names = await self.engine.table_names()
+        except MindsetError as exc:
+            self._show_missing(str(exc))
+            self.notify(str(exc), title="memory database", severity="error", timeout=10)
+            return
+        select = self.query_one("#memory-table", Select)
+        select.set_options([(name, name) for name in names])
+        if not names:
+            self.query_one("#memory-stats", Static).update(
+                "No memory tables yet: distil a student (Training pane, or F9 for the quick "
+                "start) and its tables appear here."
+            )
+            return
+        if self.table_name not in names:
+            self.table_name = names[0]
+        select.value = self.table_name
+
+    def _show_missing(self, reason: str) -> None:
+        self.query_one("#memory-stats", Static).update(f"[b]Memory unavailable:[/b] {reason}")
+
+    @on(Select.Changed, "#memory-table")
+    def _table_chosen(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str):
+            self.table_name = event.value
+            self.offset = 0
+            self.search_results = None
+            self.load_page()
+
+    @work(exclusive=True, group="memory-page", exit_on_error=False)
+    async def load_page(self) -> None:
+        if self.table_name is None:
+            return
+        try:
+            stats = await self.engine.table_stats(self.table_name)
+            if self.search_results is not None:
+                rows = self.search_results
+            else:
+                rows = await self.engine.table_page(self.table_name, self.offset, PAGE_SIZE)
+        except MindsetError as exc:
+            self.notify(str(exc), title="memory", severity="error", timeout=10)
+            return
+        self.size = int(stats.get("size", stats.get("rows", 0)) or 0)
+        self._show_stats(stats)
+        self._show_rows(rows)
+
+    def _show_stats(self, stats: dict[str, object]) -> None:
+        shown = ("size", "capacity", "key_dim", "value_dim", "index", "hit_rate", "queries")
+        parts = []
+        for key in shown:
+            if key in stats and stats[key] is not None:
+                value = stats[key]
+                if isinstance(value, float):
+                    value = f"{value:.3f}"
+                parts.append(f"{key.replace('_', ' ')} [b]{value}[/b]")
+        self.query_one("#memory-stats", Static).update("  ·  ".join(parts))
+
+    def _show_rows(self, rows: list[EntryView]) -> None:
+        self.rows = rows
+        table = self.query_one("#memory-rows", DataTable)
+        cursor = table.cursor_row
+        table.clear()
+        for row in rows:
+            table.add_row(str(row.id), row.label, str(row.access_count), row.last_access,
+                          f"{row.norm:.3f}", " ".join(row.top_tokens), key=str(row.id))
+        if rows:
+            table.move_cursor(row=min(cursor, len(rows) - 1))
+        page = self.query_one("#memory-page", Static)
+        if self.search_results is not None:
+            page.update(f"{len(rows)} search results  ·  r: back to the table")
+        else:
+            last = min(self.offset + len(rows), self.size)
+            page.update(f"rows {self.offset + 1 if rows else 0}-{last} of {self.size}  ·  "
+                        "n/p: next/previous page")
+
+    @on(ModelLoaded)
+    def _model_loaded(self, message: ModelLoaded) -> None:
+        # The "promotes" column needs a model; fill it in now.
+        if self.table_name is not None:
+            self.load_page()
+
+    # ------------------------------------------------------------------------ actions
+
+    def _current(self) -> EntryView | None:
+        table = self.query_one("#memory-rows", DataTable)
+        if not self.rows or table.cursor_row < 0 or table.cursor_row >= len(self.rows):
+            return None
+        return self.rows[table.cursor_row]
+
+    def action_page(self, step: int) -> None:
+        if self.search_results is not None:
+            return
+        new_offset = self.offset + step * PAGE_SIZE
+        if new_offset < 0 or (step > 0 and new_offset >= self.size):
+            return
+        self.offset = new_offset
+        self.load_page()
+
+    def action_refresh(self) -> None:
+        self.search_results = None
+        self.load_tables()
+        self.load_page()
+
+    def action_search(self) -> None:
+        self.query_one("#memory-search", Input).focus()
+
+    @on(Input.Submitted, "#memory-search")
+    def _search_submitted(self, event: Input.Submitted) -> None:
+        self.run_search(event.value.strip())
+
+    @work(exclusive=True, group="memory-page", exit_on_error=False)
+    async def run_search(self, text: str) -> None:
+        if self.table_name is None or not text:
+            self.search_results = None
+            self.load_page()
+            return
+        try:
+            if text.lstrip("#").isdigit():
+                rows = await self.engine.find_entry(self.table_name, int(text.lstrip("#")))
+            else:
+                rows = await self.engine.search_text(self.table_name, text)
+        except MindsetError as exc:
+            self.notify(str(exc), title="search failed", severity="error")
+            return
+        self.search_results = rows
+        self._show_rows(rows)
+        self.query_one("#memory-rows", DataTable).focus()
+
+    def action_edit(self) -> None:
+        entry = self._current()
+        if entry is None or self.table_name is None:
+            return
+        table_name = self.table_name
+
+        def apply(edit: EntryEdit | None) -> None:
+            if edit is not None:
+                self.apply_edit(table_name, entry.id, edit)
+
+        self.app.push_screen(EntryEditScreen(entry), apply)
+
+    @work(group="memory-write", exit_on_error=False)
+    async def apply_edit(self, table_name: str, entry_id: int, edit: EntryEdit) -> None:
+        try:
+            await self.engine.update_entry(
+                table_name, entry_id, label=edit.label, tags=edit.tags, scale=edit.scale,
+                value=edit.value_numbers, value_text=edit.value_text,
+            )
+        except (MindsetError, ValueError) as exc:
+            self.notify(str(exc), title="edit not saved", severity="error", timeout=10)
+            return
+        self.notify(f"entry #{entry_id} saved")
+        await self._refresh_rows()
+
+    async def _refresh_rows(self) -> None:
+        if self.search_results is not None and self.table_name is not None:
+            ids = [row.id for row in self.search_results]
+            refreshed: list[EntryView] = []
+            for entry_id in ids:
+                refreshed.extend(await self.engine.find_entry(self.table_name, entry_id))
+            self.search_results = refreshed
+        self.load_page()
+
+    @work(group="memory-write", exit_on_error=False)
+    async def action_delete(self) -> None:
+        entry = self._current()
+        if entry is None or self.table_name is None:
+            return
+        try:
+            deleted = await self.engine.delete_entries(self.table_name, [entry.id])
+        except MindsetError as exc:
+            self.notify(str(exc), title="delete failed", severity="error")
+            return
+        self.undo_stack.append(deleted)
+        if self.search_results is not None:
+            self.search_results = [r for r in self.search_results if r.id != entry.id]
+        self.notify(f"entry #{entry.id} deleted  ·  u: undo")
+        self.load_page()
+
+    @work(group="memory-write", exit_on_error=False)
+    async def action_undo(self) -> None:
+        if not self.undo_stack:
+            self.notify("nothing to undo", severity="information")
+            return
+        deleted = self.undo_stack.pop()
+        try:
+            new_ids = await self.engine.restore_entries(deleted)
+        except MindsetError as exc:
+            self.undo_stack.append(deleted)
+            self.notify(str(exc), title="undo failed", severity="error")
+            return
+        self.notify(f"restored {len(new_ids)} entr{'y' if len(new_ids) == 1 else 'ies'} "
+                    f"(new id {', '.join(map(str, new_ids))})")
+        self.load_page()
+
+    def action_insert(self) -> None:
+        if self.table_name is None:
+            self.notify("choose a table first", severity="warning")
+            return
+        table_name = self.table_name
+
+        def insert(new: NewEntry | None) -> None:
+            if new is not None:
+                self.insert_entry(table_name, new)
+
+        self.app.push_screen(EntryInsertScreen(), insert)
+
+    @work(group="memory-write", exit_on_error=False)
+    async def insert_entry(self, table_name: str, new: NewEntry) -> None:
+        try:
+            entry_id = await self.engine.insert_entry(table_name, label=new.label, text=new.text)
+        except MindsetError as exc:
+            self.notify(str(exc), title="insert failed", severity="error", timeout=10)
+            return
+        self.notify(f"inserted entry #{entry_id}")
+        self.load_page()
+
+    @work(group="memory-write", exit_on_error=False)
+    async def action_evict(self) -> None:
+        await self._policy("eviction", self.engine.evict)
+
+    @work(group="memory-write", exit_on_error=False)
+    async def action_recombine(self) -> None:
+        await self._policy("recombination", self.engine.recombine)
+
+    async def _policy(self, name: str, run: object) -> None:
+        if self.table_name is None:
+            self.notify("choose a table first", severity="warning")
+            return
+        try:
+            result = await run(self.table_name)  # type: ignore[operator]
+        except (MindsetError, TypeError, ValueError) as exc:
+            self.notify(f"{name} failed: {exc}", severity="error", timeout=10)
+            return
+        self.notify(f"{name} done: {result}")
+        self.load_page()

@@ -1,0 +1,262 @@
+"""The Training pane: launch distillation jobs, follow one live, control them.
+
+Jobs run in their own processes (the engine's job runner) and write their events to their run
+directories, so they outlive the app and reappear in the list when it opens again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, DataTable, Input, Label, Log, ProgressBar, Select, Static
+from textual_plotext import PlotextPlot
+
+from engine.errors import MindsetError
+from engine.facade import Engine, JobRequest, JobView
+from mindset.widgets.messages import JobsChanged
+
+REFRESH_SECONDS = 1.0
+MEMORY_KINDS = ("featural", "associative")
+
+
+class TrainingPane(Horizontal):
+    """A launch form on the left; the job list, loss plot, progress and log on the right."""
+
+    BINDINGS = [
+        Binding("ctrl+l", "launch", "Launch job", id="training.launch"),
+        Binding("c", "control('cancel')", "Cancel job", id="training.cancel"),
+        Binding("z", "control('pause')", "Pause job", id="training.pause"),
+        Binding("g", "control('resume')", "Resume job", id="training.resume"),
+    ]
+
+    def __init__(self, engine: Engine, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.engine = engine
+        self.jobs: list[JobView] = []
+        self.selected: str | None = None
+        self.points: list[tuple[int, float]] = []
+        self.last_event: dict[str, Any] = {}
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="launch-form"):
+            yield Static("[b]New distillation job[/b]")
+            yield Label("teacher")
+            yield Input(self.engine.model_spec, id="form-teacher")
+            yield Label("layers (e.g. 15, 8-10, all)")
+            yield Input("middle", id="form-layers")
+            yield Label("memory kind")
+            yield Select([(k, k) for k in MEMORY_KINDS], value="featural", allow_blank=False,
+                         id="form-memory")
+            yield Label("data (file or folder; empty: sampled from the teacher)")
+            yield Input("", id="form-data")
+            yield Label("steps")
+            yield Input("200", id="form-steps", type="integer")
+            yield Label("learning rate")
+            yield Input("0.001", id="form-lr", type="number")
+            yield Button("Launch (ctrl+l)", variant="primary", id="form-launch")
+        with Vertical(id="jobs-side"):
+            yield Static("", id="jobs-missing")
+            jobs: DataTable[str] = DataTable(id="jobs-table", cursor_type="row")
+            yield jobs
+            yield PlotextPlot(id="loss-plot")
+            with Horizontal(id="job-progress-row"):
+                yield ProgressBar(total=None, show_eta=True, id="job-progress")
+                yield Static("", id="job-detail")
+            yield Log(id="job-log", max_lines=500)
+
+    def on_mount(self) -> None:
+        self.query_one("#jobs-table", DataTable).add_columns(
+            "job", "state", "step", "loss", "teacher", "layers", "memory"
+        )
+        plot = self.query_one(PlotextPlot)
+        plot.plt.title("loss")
+        plot.plt.xlabel("step")
+        status = self.engine.availability()["jobs"]
+        if not status.ok:
+            self.query_one("#jobs-missing", Static).update(
+                f"[b]Training unavailable:[/b] {status.reason}"
+            )
+            return
+        self.refresh_jobs()
+        self.set_interval(REFRESH_SECONDS, self.refresh_jobs)
+
+    # ------------------------------------------------------------------------ job list
+
+    @work(exclusive=True, group="jobs-list", exit_on_error=False)
+    async def refresh_jobs(self) -> None:
+        try:
+            jobs = await self.engine.list_jobs()
+        except MindsetError as exc:
+            self.query_one("#jobs-missing", Static).update(f"[b]Jobs:[/b] {exc}")
+            return
+        self.jobs = jobs
+        table = self.query_one("#jobs-table", DataTable)
+        cursor = table.cursor_row
+        table.clear()
+        for job in jobs:
+            loss = f"{job.loss:.4f}" if job.loss is not None else ""
+            table.add_row(job.id, job.state, f"{job.step}/{job.total_steps}", loss,
+                          job.teacher, job.layers, job.memory, key=job.id)
+        if jobs:
+            table.move_cursor(row=max(0, min(cursor, len(jobs) - 1)))
+        running = sum(1 for job in jobs if job.state in ("starting", "running"))
+        self.app.post_message(JobsChanged(running))
+        if self.selected is None and jobs:
+            self.select_job(jobs[0].id)
+
+    @on(DataTable.RowHighlighted, "#jobs-table")
+    def _job_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key.value and event.row_key.value != self.selected:
+            self.select_job(event.row_key.value)
+
+    def select_job(self, job_id: str) -> None:
+        self.selected = job_id
+        self.points = []
+        self.last_event = {}
+        self.query_one(Log).clear()
+        self._draw_plot()
+        self.follow_job(job_id)
+
+    # --------------------------------------------------------------------- live events
+
+    @work(exclusive=True, group="jobs-follow", exit_on_error=False)
+    async def follow_job(self, job_id: str) -> None:
+        """Read the selected job's events as they are written, until it ends."""
+        try:
+            async for event in self.engine.follow_job(job_id):
+                if job_id != self.selected:
+                    return
+                self._on_event(event)
+        except MindsetError as exc:
+            self.notify(str(exc), title="job events", severity="error")
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        log = self.query_one(Log)
+        if kind == "step":
+            self.last_event = event
+            loss = event.get("loss")
+            if isinstance(loss, int | float) and math.isfinite(loss):
+                step = int(event.get("step", len(self.points)))
+                self.points = [p for p in self.points if p[0] < step]  # a resume repeats steps
+                self.points.append((step, float(loss)))
+                self._draw_plot()
+            self._show_progress(event)
+        elif kind == "error":
+            message = event.get("message", "the job failed")
+            log.write_line(f"error: {message}")
+            self.notify(str(message), title=f"job {self.selected} failed", severity="error",
+                        timeout=12)
+        elif kind == "eval":
+            log.write_line(f"step {event.get('step')}: held-out perplexity "
+                           f"{_fmt(event.get('heldout_ppl'))}")
+        elif kind == "done":
+            log.write_line("done: " + ", ".join(
+                f"{k} {_fmt(v)}" for k, v in event.items()
+                if k in ("ppl_student", "ppl_teacher", "gap_closed", "kl_per_token")
+            ))
+            bar = self.query_one(ProgressBar)
+            if bar.total:
+                bar.update(progress=bar.total)
+        elif kind == "state":
+            log.write_line(f"state: {event.get('state')} at step {event.get('step')}")
+        elif kind is not None:
+            log.write_line(f"{kind}: " + ", ".join(
+                f"{k} {_fmt(v)}" for k, v in event.items() if k not in ("type", "time")
+            ))
+
+    def _show_progress(self, event: dict[str, Any]) -> None:
+        bar = self.query_one(ProgressBar)
+        total = event.get("total_steps")
+        if isinstance(total, int) and total > 0:
+            bar.update(total=total, progress=int(event.get("step", 0)))
+        detail = [f"loss {_fmt(event.get('loss'))}"]
+        if isinstance(event.get("tokens_per_s"), int | float):
+            detail.append(f"{event['tokens_per_s']:.0f} tok/s")
+        if isinstance(event.get("eta_s"), int | float):
+            detail.append(f"eta {event['eta_s']:.0f}s")
+        self.query_one("#job-detail", Static).update("  ".join(detail))
+        step = event.get("step")
+        if isinstance(step, int) and (step <= 3 or step % 10 == 0):
+            self.query_one(Log).write_line(f"step {step}: " + "  ".join(detail))
+
+    def _draw_plot(self) -> None:
+        plot = self.query_one(PlotextPlot)
+        plot.plt.clear_data()
+        if self.points:
+            steps, losses = zip(*self.points, strict=True)
+            plot.plt.plot(list(steps), list(losses), marker="braille")
+        plot.refresh()
+
+    # ------------------------------------------------------------------------- actions
+
+    def _request(self) -> JobRequest | None:
+        def value(widget_id: str) -> str:
+            return self.query_one(widget_id, Input).value.strip()
+
+        try:
+            steps = int(value("#form-steps"))
+            lr = float(value("#form-lr"))
+        except ValueError:
+            self.notify("steps must be a whole number and the learning rate a number",
+                        severity="error")
+            return None
+        memory = self.query_one("#form-memory", Select).value
+        return JobRequest(
+            teacher=value("#form-teacher") or self.engine.model_spec,
+            layers=value("#form-layers") or "middle",
+            memory=str(memory),
+            data=value("#form-data") or None,
+            steps=steps,
+            lr=lr,
+        )
+
+    @on(Button.Pressed, "#form-launch")
+    def action_launch(self) -> None:
+        request = self._request()
+        if request is not None:
+            self.launch(request)
+
+    def start_quick_start(self) -> None:
+        """One layer of the teacher, a few minutes, followed live."""
+        self.launch(self.engine.quick_start_request())
+
+    @work(group="jobs-launch", exit_on_error=False)
+    async def launch(self, request: JobRequest) -> None:
+        if not self.engine.availability()["jobs"].ok:
+            self.notify(self.engine.availability()["jobs"].reason, severity="error")
+            return
+        try:
+            job = await self.engine.launch_job(request)
+        except MindsetError as exc:
+            self.notify(str(exc), title="job not started", severity="error", timeout=12)
+            return
+        self.notify(f"job {job.id} started")
+        self.select_job(job.id)
+        self.refresh_jobs()
+
+    @work(group="jobs-control", exit_on_error=False)
+    async def action_control(self, command: str) -> None:
+        if self.selected is None:
+            self.notify("no job selected", severity="warning")
+            return
+        try:
+            await self.engine.control_job(self.selected, command)
+        except MindsetError as exc:
+            self.notify(str(exc), title=f"{command} failed", severity="error")
+            return
+        self.notify(f"{command}: sent to job {self.selected}")
+        if command == "resume":
+            self.follow_job(self.selected)
+        self.refresh_jobs()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
