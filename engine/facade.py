@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ T = TypeVar("T")
 
 TEACHER = "teacher"
 STUDENT = "student"
+REMOTE = "remote"
+QUICK_START_STEPS = 300
 
 
 @dataclass
@@ -73,6 +74,44 @@ class DeletedEntries:
     values: Any
     labels: list[str | None]
     tags: list[list[str]]
+    metas: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class FeaturalTable:
+    """A featural layer mirrored into a table: which layer, its module, ids in slot order."""
+
+    layer: int
+    module: Any
+    ids: Any
+
+
+@dataclass
+class JobRequest:
+    """What the Training pane's form asks for."""
+
+    teacher: str = "default"
+    layers: str = "middle"  # "middle", an index, a list/range, or "all"
+    memory: str = "featural"
+    data: str | None = None  # a text file or folder; None samples text from the teacher
+    steps: int = 200
+    lr: float = 1e-3
+
+
+@dataclass
+class JobView:
+    """One distillation job as the job list shows it."""
+
+    id: str
+    state: str
+    step: int
+    total_steps: int
+    teacher: str
+    layers: str
+    memory: str
+    loss: float | None = None
+    error: str = ""
+    run_dir: str = ""
 
 
 @dataclass
@@ -104,6 +143,7 @@ class Engine:
         *,
         student_spec: str | None = None,
         database: str | Path | None = None,
+        runs_root: str | Path | None = None,
     ) -> None:
         self.model_spec = model_spec
         self.student_spec = student_spec
@@ -118,6 +158,13 @@ class Engine:
         self._store: Any = None
         self._store_error: str | None = None
         self._memory_usage: dict[str, list[MemoryUse]] = {}
+        self._adapters: dict[str, Any] = {}
+        self._featural: dict[str, FeaturalTable] = {}
+        self.runs_root = Path(runs_root) if runs_root else None
+        self._runner: Any = None
+        self._job_losses: dict[str, float] = {}
+        # Extra DistillConfig fields for every job started here (tests shrink blocks).
+        self.job_overrides: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------- plumbing
 
@@ -128,7 +175,11 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
 
     async def close(self) -> None:
-        """Release the store and worker threads; safe to call twice."""
+        """Release the store, adapters and worker threads; safe to call twice."""
+        adapters, self._adapters = self._adapters, {}
+        for adapter in adapters.values():
+            with contextlib.suppress(Exception):
+                await adapter.aclose()
         if self._store is not None:
             store, self._store = self._store, None
             with contextlib.suppress(Exception):
@@ -179,7 +230,57 @@ class Engine:
                 raise MindsetError(message) from exc
             self._models[role] = loaded
             self._model_errors.pop(role, None)
+            if role == STUDENT:
+                try:
+                    await self._in_store(self._export_featural, loaded)
+                except MindsetError as exc:
+                    self._store_error = str(exc)
             return loaded
+
+    async def adopt_student(self, directory: str) -> None:
+        """Use the student in ``directory`` from now on (after a job completes)."""
+        if self.student_spec == directory and STUDENT in self._models:
+            return
+        self.student_spec = directory
+        self._models.pop(STUDENT, None)
+        adapter = self._adapters.pop(STUDENT, None)
+        if adapter is not None:
+            with contextlib.suppress(Exception):
+                await adapter.aclose()
+        await self.load_model(STUDENT)
+
+    def _export_featural(self, loaded: Any) -> None:
+        """Mirror each featural layer's slots into a table, so the Memory pane can page,
+        search and edit them; edits are written back into the live student."""
+        import numpy as np
+
+        from engine.model.surgery import memory_layers
+
+        store = self._open_store()
+        self._featural.clear()
+        modules: dict[int, Any] = memory_layers(loaded)
+        for layer, module in modules.items():
+            if type(module).__name__ != "FeaturalMemory":
+                continue
+            name = featural_table_name(layer)
+            values = module.values.detach().float().numpy()
+            if module.product is not None:
+                keys = module.product.slot_keys(0).detach().float().numpy()
+            else:
+                keys = module.flat.keys.detach().float().numpy()
+            source = f"{self.student_spec}#layer{layer}"
+            table = store.table(name) if name in store.table_names() else None
+            if table is not None and (len(table) != len(values)
+                                      or table.page(0, 1)[0].provenance != source):
+                store.drop_table(name)
+                table = None
+            if table is None:
+                table = store.create_table(name, keys.shape[1], values.shape[1])
+                slots = np.arange(len(values))
+                table.insert(keys, values, meta=[{"slot": int(i)} for i in slots],
+                             provenance=source)
+            ids, _, _ = table.export_arrays()
+            self._featural[name] = FeaturalTable(layer, module, ids)
 
     def describe_model(self, role: str = TEACHER) -> ModelNode | None:
         """The structure of a loaded model as a tree with parameter counts."""
@@ -286,6 +387,8 @@ class Engine:
                 new_value = new_value * np.float32(scale)
             ids = np.asarray([entry_id], dtype=np.int64)
             handle.update(ids, values=new_value, label=label, tags=tags)
+            if new_value is not None:
+                self._write_slots(table, _rows_of(handle.get([entry_id])), new_value)
 
         await self._in_store(update)
 
@@ -301,8 +404,10 @@ class Engine:
             values = np.stack([np.asarray(_field(r, "value"), dtype=np.float32) for r in rows])
             labels = [_field(r, "label") for r in rows]
             tags = [list(_field(r, "tags") or []) for r in rows]
+            metas = [dict(_field(r, "meta") or {}) for r in rows]
             handle.delete(np.asarray(ids, dtype=np.int64))
-            return DeletedEntries(table, list(ids), keys, values, labels, tags)
+            self._write_slots(table, rows, np.zeros_like(values))
+            return DeletedEntries(table, list(ids), keys, values, labels, tags, metas)
 
         return await self._in_store(delete)
 
@@ -312,17 +417,37 @@ class Engine:
         def restore() -> list[int]:
             handle = self._open_store().table(deleted.table)
             ids = handle.insert(
-                deleted.keys, deleted.values, labels=deleted.labels, tags=deleted.tags
+                deleted.keys, deleted.values, labels=deleted.labels, tags=deleted.tags,
+                meta=deleted.metas,
             )
+            self._write_slots(deleted.table, _rows_of(handle.get(ids)), deleted.values)
             return [int(i) for i in ids]
 
         return await self._in_store(restore)
+
+    def _write_slots(self, table: str, rows: list[Any], values: Any) -> None:
+        """Copy changed values into the live student's featural layer (slot from meta)."""
+        mirror = self._featural.get(table)
+        if mirror is None:
+            return
+        import torch
+
+        with torch.no_grad():
+            for row, value in zip(rows, values, strict=True):
+                slot = (_field(row, "meta") or {}).get("slot")
+                if isinstance(slot, int):
+                    mirror.module.values[slot] = torch.as_tensor(value, dtype=torch.float32)
 
     async def insert_entry(
         self, table: str, *, label: str | None = None, key: Any = None, value: Any = None,
         text: str | None = None,
     ) -> int:
         """Insert one entry. Without a key and value, ``text`` run through the model gives them."""
+        if table in self._featural:
+            raise MindsetError(
+                "a featural layer has a fixed number of slots: edit a slot (e) instead of "
+                "inserting one"
+            )
         if key is None or value is None:
             if not text:
                 raise MindsetError("give a text (or a key and a value) for the new entry")
@@ -341,11 +466,52 @@ class Engine:
 
         return await self._in_store(insert)
 
-    async def evict(self, table: str, **options: Any) -> Any:
-        return await self._in_store(lambda: self._open_store().table(table).evict(**options))
+    async def evict(self, table: str, count: int | None = None) -> str:
+        """LRFU eviction: down to the table's capacity, or the coldest tenth without one."""
+        self._refuse_featural(table, "eviction")
 
-    async def recombine(self, table: str, **options: Any) -> Any:
-        return await self._in_store(lambda: self._open_store().table(table).recombine(**options))
+        def evict() -> str:
+            handle = self._open_store().table(table)
+            amount = count
+            if amount is None and handle.capacity is None:
+                amount = max(1, len(handle) // 10) if len(handle) else 0
+            evicted = handle.evict(amount)
+            return f"evicted {len(evicted)} entries"
+
+        return await self._in_store(evict)
+
+    async def recombine(self, table: str, sample: int = 512, k: int = 8) -> str:
+        """Merge near-duplicate entries found among the top-k of a sample of stored keys.
+
+        The merge distance is the 5th percentile of the sample's neighbour distances, so only
+        the closest pairs merge."""
+        self._refuse_featural(table, "recombination")
+
+        def recombine() -> str:
+            import numpy as np
+
+            handle = self._open_store().table(table)
+            rows = handle.page(0, sample)
+            if len(rows) < 2:
+                return "nothing to merge"
+            keys = np.stack([np.asarray(r.key, dtype=np.float32) for r in rows])
+            result = handle.query(keys, min(k, len(handle)), record_access=False)
+            neighbours = result.distances[:, 1:]
+            finite = neighbours[np.isfinite(neighbours)]
+            if finite.size == 0:
+                return "nothing to merge"
+            distance = float(np.quantile(finite, 0.05))
+            groups = handle.recombine(result, distance)
+            merged = sum(len(members) for _, members in groups)
+            return f"merged {merged} entries into {len(groups)} (distance {distance:.4g})"
+
+        return await self._in_store(recombine)
+
+    def _refuse_featural(self, table: str, what: str) -> None:
+        if table in self._featural:
+            raise MindsetError(
+                f"{what} applies to associative memory tables; a featural layer has fixed slots"
+            )
 
     async def search_text(self, table: str, text: str, k: int = 20) -> list[EntryView]:
         """The entries nearest to what ``text`` looks like to the memory layer."""
@@ -368,9 +534,11 @@ class Engine:
         """A key and a value for ``text``: the hidden state entering the table's layer."""
         loaded = self._models.get(STUDENT) or await self.load_model(TEACHER)
         key_dim, value_dim = await self._in_store(lambda: _table_dims(self._open_store(), table))
-        layer = _layer_of_table(table)
+        mirror = self._featural.get(table)
+        layer = mirror.layer if mirror else _layer_of_table(table)
         return await self._in_models(
-            _hidden_vectors, loaded, text, layer, key_dim, value_dim
+            _hidden_vectors, loaded, text, layer, key_dim, value_dim,
+            mirror.module if mirror else None,
         )
 
     async def _fill_top_tokens(
@@ -385,10 +553,13 @@ class Engine:
         values = [np.asarray(_field(r, "value"), dtype=np.float32) for r in rows]
         if not values or any(v is None for v in values):
             return
-        layer = _layer_of_table(table)
+        mirror = self._featural.get(table)
+        out_proj = getattr(mirror.module, "out_proj", None) if mirror else None
+        if out_proj is None and mirror is None:
+            out_proj = _output_projection(loaded.model, _layer_of_table(table))
         try:
             tokens = await self._in_models(
-                _promoted_tokens, loaded, np.stack(values), layer, top
+                _promoted_tokens, loaded, np.stack(values), out_proj, top
             )
         except Exception:
             return  # dimensions that do not map onto the residual stream: leave blank
@@ -399,10 +570,98 @@ class Engine:
 
     def _jobs_availability(self) -> Availability:
         try:
-            from engine.distill import jobs  # noqa: F401
+            from engine.distill.jobs import JobRunner  # noqa: F401
         except ImportError:
             return Availability(False, "the job runner (engine.distill.jobs) is not installed")
         return Availability(True)
+
+    def _job_runner(self) -> Any:
+        if self._runner is None:
+            from engine.distill.jobs import JobRunner
+
+            self._runner = JobRunner(self.runs_root)
+        return self._runner
+
+    async def list_jobs(self) -> list[JobView]:
+        """Every job under the runs directory, newest first, as the job list shows it."""
+        jobs = await asyncio.to_thread(lambda: self._job_runner().jobs())
+        return [self._job_view(job) for job in jobs]
+
+    def _job_view(self, job: Any) -> JobView:
+        return JobView(
+            id=job.id, state=job.state, step=job.step, total_steps=job.total_steps,
+            teacher=job.teacher, layers=job.layers, memory=job.memory,
+            loss=self._job_losses.get(job.id), error=job.error or "", run_dir=str(job.run_dir),
+        )
+
+    def quick_start_request(self) -> JobRequest:
+        """One middle layer of the workbench's model, a few minutes on a laptop."""
+        return JobRequest(teacher=self.model_spec, layers="middle", memory="featural",
+                          data=None, steps=QUICK_START_STEPS, lr=1e-3)
+
+    async def launch_job(self, request: JobRequest) -> JobView:
+        """Start a distillation job in its own process; it outlives the workbench."""
+        from engine.distill.config import DistillConfig
+
+        layers = request.layers.strip()
+        if layers == "middle":
+            layers = str(await self._middle_layer(request.teacher))
+        config = DistillConfig(
+            teacher=request.teacher, layers=layers, memory=request.memory,
+            data=[request.data] if request.data else [], steps=request.steps, lr=request.lr,
+            eval_every=max(10, request.steps // 5), checkpoint_every=max(10, request.steps // 10),
+            **self.job_overrides,
+        )
+        job = await asyncio.to_thread(lambda: self._job_runner().start(config))
+        return self._job_view(job)
+
+    async def _middle_layer(self, teacher: str) -> int:
+        loaded: Any = self._models.get(TEACHER)
+        if loaded is None or teacher != self.model_spec:
+            loaded = await self._in_models(_load_spec, teacher)
+        return int(loaded.num_layers) // 2
+
+    async def follow_job(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The job's events from its start, then as they are written, until it exits."""
+        runner = self._job_runner()
+        async for event in runner.events(job_id, from_start=True, follow=True):
+            if event.get("type") == "step" and isinstance(event.get("loss"), int | float):
+                self._job_losses[job_id] = float(event["loss"])
+            yield event
+
+    async def control_job(self, job_id: str, command: str) -> None:
+        """``pause``, ``resume`` or ``cancel`` a job."""
+        runner = self._job_runner()
+        actions = {"pause": runner.pause, "resume": runner.resume, "cancel": runner.cancel}
+        if command not in actions:
+            raise MindsetError(f"unknown job command {command!r}; use pause, resume or cancel")
+        await asyncio.to_thread(actions[command], job_id)
+
+    async def job_log_tail(self, job_id: str, lines: int = 20) -> list[str]:
+        """The last lines of the job's process output (errors a worker printed)."""
+        from engine.distill.jobs import LOG_NAME
+
+        def tail() -> list[str]:
+            path = self._job_runner().run_dir(job_id) / LOG_NAME
+            if not path.exists():
+                return []
+            return path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+
+        return await asyncio.to_thread(tail)
+
+    async def latest_student(self) -> str | None:
+        """The student directory of the newest completed job, if any."""
+
+        def find() -> str | None:
+            from engine.distill.loop import STUDENT_DIR
+
+            for job in self._job_runner().jobs():
+                candidate = Path(job.run_dir) / STUDENT_DIR
+                if job.state == "completed" and candidate.is_dir():
+                    return str(candidate)
+            return None
+
+        return await asyncio.to_thread(find)
 
     # ---------------------------------------------------------------------------------- llm
 
@@ -419,7 +678,7 @@ class Engine:
         targets = [TEACHER]
         if self.student_spec:
             targets.append(STUDENT)
-        targets.append("remote")
+        targets.append(REMOTE)
         return targets
 
     async def stream_chat(
@@ -429,50 +688,56 @@ class Engine:
         *,
         max_tokens: int = 128,
         temperature: float = 0.0,
+        conversation_id: str | None = None,
     ) -> AsyncIterator[str]:
-        """Stream a reply from ``target`` (teacher, student or remote) piece by piece."""
-        if target == "remote":
-            async for piece in self._stream_remote(messages, max_tokens, temperature):
-                yield piece
-            return
-        loaded = await self.load_model(target)
-        async for piece in _iterate_in_thread(
-            lambda: _generate_local(loaded, messages, max_tokens, temperature)
-        ):
-            yield piece
+        """Stream a reply from ``target`` (teacher, student or remote) through the LLM
+        adapters, piece by piece. Failures arrive as :class:`MindsetError`."""
+        from engine.llm import SamplingParams
 
-    async def _stream_remote(
-        self, messages: list[ChatMessage], max_tokens: int, temperature: float
-    ) -> AsyncIterator[str]:
-        import os
-
-        if not os.environ.get("OPENAI_API_KEY") and not os.environ.get("OPENAI_BASE_URL"):
-            raise MindsetError(
-                "no remote API configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for a "
-                "compatible server)"
-            )
-        from openai import AsyncOpenAI, OpenAIError
-
-        client = AsyncOpenAI()
-        model = os.environ.get("MINDSET_REMOTE_MODEL", "gpt-4o-mini")
+        adapter = await self._adapter(target)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        payload = [{"role": m.role, "content": m.content} for m in messages]
         try:
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": m.role, "content": m.content} for m in messages],  # type: ignore[misc]
-                max_tokens=max_tokens,
-                temperature=temperature,
-                stream=True,
-            )
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
-        except OpenAIError as exc:
-            raise MindsetError(f"the remote API failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            await client.close()
+            async for chunk in adapter.stream_chat(payload, params,
+                                                   conversation_id=conversation_id):
+                if chunk.text:
+                    yield chunk.text
+        except MindsetError:
+            raise
+        except Exception as exc:  # network and library errors reach the user as one line
+            raise MindsetError(f"{target} request failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _adapter(self, target: str) -> Any:
+        """One adapter per chat target, built on the models this engine already loaded."""
+        if target in self._adapters:
+            return self._adapters[target]
+        from engine.llm import InteractionLog
+
+        log = InteractionLog()
+        if target == REMOTE:
+            from engine.llm import build_adapter
+
+            try:
+                adapter = build_adapter("openai", log=log)
+            except MindsetError as exc:
+                raise MindsetError(
+                    f"no remote model: {exc} (set [llm] model and base_url in the config "
+                    "file, and OPENAI_API_KEY)"
+                ) from exc
+        else:
+            from engine.llm.local import LocalAdapter
+
+            loaded = await self.load_model(target)
+            adapter = LocalAdapter(loaded, name=loaded.spec, log=log)
+        self._adapters[target] = adapter
+        return adapter
 
 
 # ----------------------------------------------------------------------- model-side helpers
+
+
+def featural_table_name(layer: int) -> str:
+    return f"layer{layer}_featural"
 
 
 def _load_spec(spec: str) -> Any:
@@ -501,7 +766,7 @@ def describe_model(model: Any, *, title: str) -> ModelNode:
     layer_param_ids = {id(p) for layer in layers for p in layer.parameters()}
     embedding_params = 0
     for name, parameter in model.named_parameters():
-        if id(parameter) not in layer_param_ids and "emb" in name or name.startswith(
+        if (id(parameter) not in layer_param_ids and "emb" in name) or name.startswith(
             ("transformer.wte", "transformer.wpe")
         ):
             embedding_params += parameter.numel()
@@ -564,9 +829,11 @@ def _table_dims(store: Any, table: str) -> tuple[int, int]:
 
 
 def _hidden_vectors(
-    loaded: Any, text: str, layer: int | None, key_dim: int, value_dim: int
+    loaded: Any, text: str, layer: int | None, key_dim: int, value_dim: int,
+    featural: Any = None,
 ) -> tuple[Any, Any]:
-    """Mean hidden state entering ``layer`` for ``text``, cut or padded to each width."""
+    """Mean hidden state entering ``layer`` for ``text``, cut or padded to each width; for
+    a featural layer with product keys the key is its query (first head)."""
     import numpy as np
     import torch
 
@@ -575,122 +842,52 @@ def _hidden_vectors(
         output = loaded.model(**encoded, output_hidden_states=True)
     states = output.hidden_states
     index = 0 if layer is None else min(layer, len(states) - 1)
-    vector = states[index][0].mean(dim=0).float().numpy()
+    hidden = states[index][0].mean(dim=0).float()
+    query = hidden
+    if featural is not None and getattr(featural, "query_proj", None) is not None:
+        with torch.no_grad():
+            query = featural.query_proj(hidden)[:key_dim]
+    vector = hidden.numpy()
+    key_vector = query.detach().numpy()
 
-    def fit(width: int) -> Any:
+    def fit(source: Any, width: int) -> Any:
         out = np.zeros(width, dtype=np.float32)
-        out[: min(width, vector.shape[0])] = vector[:width]
+        out[: min(width, source.shape[0])] = source[:width]
         return out
 
-    return fit(key_dim), fit(value_dim)
+    return fit(key_vector, key_dim), fit(vector, value_dim)
 
 
-def _promoted_tokens(loaded: Any, values: Any, layer: int | None, top: int) -> list[list[str]]:
+def _output_projection(model: Any, layer: int | None) -> Any:
+    """The output projection of a memory layer at ``layer`` (None when there is none)."""
+    layers = _decoder_layers(model)
+    if layer is None or not 0 <= layer < len(layers):
+        return None
+    mlp = getattr(layers[layer], "mlp", None)
+    for name in ("out_proj", "output_proj", "w_out"):
+        candidate = getattr(mlp, name, None)
+        if candidate is not None:
+            return candidate
+    return None
+
+
+def _promoted_tokens(loaded: Any, values: Any, out_proj: Any, top: int) -> list[list[str]]:
     """Tokens each value pushes up most: through the layer's output projection when the
-    value lives before it, then the final norm and the LM head (logit lens)."""
+    value lives before it (weights only: the bias is the same for every slot), then the LM
+    head."""
     import torch
 
     model = loaded.model
     vectors = torch.as_tensor(values, dtype=torch.float32)
-    hidden = int(model.config.hidden_size if hasattr(model.config, "hidden_size")
-                 else model.config.n_embd)
-    if vectors.shape[-1] != hidden and layer is not None:
-        layers = _decoder_layers(model)
-        module = layers[layer] if 0 <= layer < len(layers) else None
-        out_proj = None
-        for name in ("out_proj", "output_proj", "w_out", "o_proj"):
-            for sub in (getattr(module, "mlp", None), module):
-                candidate = getattr(sub, name, None) if sub is not None else None
-                if candidate is not None:
-                    out_proj = candidate
-                    break
-            if out_proj is not None:
-                break
-        if out_proj is None:
-            raise ValueError("no output projection to map values into the residual stream")
-        with torch.no_grad():
-            vectors = out_proj(vectors)
-    head = model.get_output_embeddings()
     with torch.no_grad():
-        logits = head(vectors)
+        if out_proj is not None and vectors.shape[-1] == out_proj.weight.shape[1]:
+            vectors = vectors @ out_proj.weight.float().T
+        head = model.get_output_embeddings()
+        logits = head(vectors.to(head.weight.dtype))
     indices = logits.topk(top, dim=-1).indices.tolist()
     tokenizer = loaded.tokenizer
     return [[tokenizer.decode([i]).strip() or repr(tokenizer.decode([i])) for i in row]
             for row in indices]
-
-
-def _generate_local(
-    loaded: Any, messages: list[ChatMessage], max_tokens: int, temperature: float
-) -> Iterator[str]:
-    """Generate a reply with transformers' streamer; yields text pieces as they decode."""
-    import torch
-    from transformers import TextIteratorStreamer
-
-    tokenizer = loaded.tokenizer
-    chat = [{"role": m.role, "content": m.content} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    else:
-        prompt = "\n".join(f"{m.role}: {m.content}" for m in messages) + "\nassistant:"
-    inputs = tokenizer(prompt, return_tensors="pt")
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs: dict[str, Any] = dict(
-        **inputs, max_new_tokens=max_tokens, streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature)
-    else:
-        kwargs.update(do_sample=False)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            with torch.no_grad():
-                loaded.model.generate(**kwargs)
-        except BaseException as exc:
-            errors.append(exc)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
-    if errors:
-        raise MindsetError(f"generation failed: {type(errors[0]).__name__}: {errors[0]}")
-
-
-async def _iterate_in_thread(make: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
-    """Drive a blocking iterator in a thread and hand its items to the event loop."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    stop = threading.Event()
-
-    def pump() -> None:
-        try:
-            for item in make():
-                if stop.is_set():
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
-        except BaseException as exc:
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
-
-    threading.Thread(target=pump, daemon=True, name="mindset-stream").start()
-    try:
-        while True:
-            kind, payload = await queue.get()
-            if kind == "item":
-                yield payload
-            elif kind == "error":
-                if isinstance(payload, MindsetError):
-                    raise payload
-                raise MindsetError(f"{type(payload).__name__}: {payload}") from payload
-            else:
-                return
-    finally:
-        stop.set()
 
 
 # ------------------------------------------------------------------------ store-row helpers

@@ -13,7 +13,6 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.theme import Theme
-from textual.widget import Widget
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from engine.errors import MindsetError
@@ -31,8 +30,10 @@ from mindset.widgets.training_pane import TrainingPane
 
 DEFAULT_THEME = "mindset-dusk"
 
+PaneClass = type[MemoryPane | ModelPane | TrainingPane | ChatPane]
+
 # Tab id -> (section name, pane class); the order is the order of the tabs.
-PANES: dict[str, tuple[str, type[Widget]]] = {
+PANES: dict[str, tuple[str, PaneClass]] = {
     "memory": ("Memory", MemoryPane),
     "model": ("Model", ModelPane),
     "training": ("Training", TrainingPane),
@@ -127,7 +128,8 @@ class MindsetApp(App[None]):
 
     @on(ModelLoadFailed)
     def _model_failed(self, message: ModelLoadFailed) -> None:
-        self.query_one(StatusBar).model_text = f"model: {self.engine.spec_for(message.role)} (failed)"
+        spec = self.engine.spec_for(message.role)
+        self.query_one(StatusBar).model_text = f"model: {spec} (failed)"
         self.notify(message.error, title=f"{message.role} model not loaded", severity="error",
                     timeout=12)
         for pane_id in PANES:

@@ -16,7 +16,10 @@ from tests.conftest import REPO_ROOT
 def mindset(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mindset.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
     )
 
 
@@ -41,8 +44,18 @@ def test_version() -> None:
 
 
 def test_eval_json_on_a_tiny_model(text_file: Path) -> None:
-    result = mindset("eval", "--model", "tiny-llama", "--data", str(text_file),
-                     "--tokens", "600", "--window", "128", "--json")
+    result = mindset(
+        "eval",
+        "--model",
+        "tiny-llama",
+        "--data",
+        str(text_file),
+        "--tokens",
+        "600",
+        "--window",
+        "128",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["tokens"] == 600
@@ -69,25 +82,59 @@ def write_bytes(tmp_path: Path, name: str, data: bytes) -> Path:
         (lambda d, t: ["--model", "nope", "--data", str(t)], "unknown model 'nope'"),
         (lambda d, t: ["--model", str(d / "missing-dir"), "--data", str(t)], "no such path"),
         (lambda d, t: ["--model", "tiny-gpt2", "--data", str(d / "none.txt")], "no such file"),
-        (lambda d, t: ["--model", "tiny-gpt2", "--data", str(write_bytes(d, "e.txt", b""))],
-         "is empty"),
-        (lambda d, t: ["--model", "tiny-gpt2", "--data", str(write_bytes(d, "b.txt", b"\xff\xfe\x00"))],
-         "not UTF-8"),
+        (
+            lambda d, t: ["--model", "tiny-gpt2", "--data", str(write_bytes(d, "e.txt", b""))],
+            "is empty",
+        ),
+        (
+            lambda d, t: [
+                "--model",
+                "tiny-gpt2",
+                "--data",
+                str(write_bytes(d, "b.txt", b"\xff\xfe\x00")),
+            ],
+            "not UTF-8",
+        ),
         (lambda d, t: ["--model", "tiny-gpt2", "--data", str(d)], "is a directory"),
         (lambda d, t: ["--model", "tiny-gpt2", "--data", str(t), "--window", "1"], "too small"),
-        (lambda d, t: ["--model", "tiny-gpt2", "--data", str(t), "--window", "0"], "must be positive"),
-        (lambda d, t: ["--model", "tiny-gpt2", "--data", str(t), "--window", "99999"],
-         "exceeds the model's context"),
-        (lambda d, t: ["--model", "tiny-gpt2", "--data", str(t), "--tokens", "-5"],
-         "must be positive"),
-        (lambda d, t: ["--model", "tiny-gpt2", "--data", str(t), "--tokens", "lots"],
-         "not a whole number"),
+        (
+            lambda d, t: ["--model", "tiny-gpt2", "--data", str(t), "--window", "0"],
+            "must be positive",
+        ),
+        (
+            lambda d, t: ["--model", "tiny-gpt2", "--data", str(t), "--window", "99999"],
+            "exceeds the model's context",
+        ),
+        (
+            lambda d, t: ["--model", "tiny-gpt2", "--data", str(t), "--tokens", "-5"],
+            "must be positive",
+        ),
+        (
+            lambda d, t: ["--model", "tiny-gpt2", "--data", str(t), "--tokens", "lots"],
+            "not a whole number",
+        ),
     ],
-    ids=["unknown-spec", "missing-dir", "missing-file", "empty-file", "non-utf8", "directory",
-         "window-1", "window-0", "window-too-big", "tokens-negative", "tokens-text"],
+    ids=[
+        "unknown-spec",
+        "missing-dir",
+        "missing-file",
+        "empty-file",
+        "non-utf8",
+        "directory",
+        "window-1",
+        "window-0",
+        "window-too-big",
+        "tokens-negative",
+        "tokens-text",
+    ],
 )
-def test_eval_bad_input_is_one_line_with_status_2(make_args, message, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                  text_file: Path, capsys) -> None:
+def test_eval_bad_input_is_one_line_with_status_2(
+    make_args,
+    message,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    text_file: Path,
+    capsys,
+) -> None:
     # In-process for speed: the same entry point the console script calls.
     try:
         status = run(["eval", *make_args(tmp_path, text_file)])

@@ -25,7 +25,11 @@ pytestmark = pytest.mark.slow
 def test_default_model_is_smollm2(default_model) -> None:  # type: ignore[no-untyped-def]
     config = default_model.model.config
     assert config.model_type == "llama"
-    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (30, 576, 1536)
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (
+        30,
+        576,
+        1536,
+    )
     assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
     assert config.vocab_size == 49152
     assert default_model.family == "llama"
@@ -71,8 +75,13 @@ def test_interrupted_conversion_is_never_loaded_and_is_redone(tmp_path: Path) ->
         f"convert(Path({str(root)!r}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    writer = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # Kill it once it has started writing its staging directory.
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and writer.poll() is None:

@@ -74,13 +74,13 @@ def test_file_instead_of_directory_is_reported(tmp_path: Path) -> None:
 
 
 def test_directory_without_config_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         load_model(str(tmp_path))
 
 
 def test_unsupported_family_is_reported(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ModelLoadError, match="'bert'.*supported families"):
+    with pytest.raises(ModelLoadError, match=r"'bert'.*supported families"):
         load_model(str(tmp_path))
 
 

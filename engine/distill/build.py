@@ -80,9 +80,13 @@ def hidden_size(model: nn.Module) -> int:
     return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
-def build_student(teacher: nn.Module, layers: list[int], kind: str,
-                  hparams: dict[str, Any]) -> nn.Module:
-    """A student whose only trainable parameters are the replaced layers."""
+def build_student(teacher: nn.Module, layers: list[int], kind: str, hparams: dict[str, Any],
+                  *, calibration: Any = None, teacher_spec: str | None = None) -> nn.Module:
+    """A student whose only trainable parameters are the replaced layers.
+
+    ``hparams`` go to the memory layers (``init`` included: "mlp", "data" or "random");
+    ``calibration`` token ids feed ``init="data"``.
+    """
     if kind == "dense":
         width = dense_width(hparams, 64)
         layer_mlps(teacher, layers)  # checks the layer indexes first
@@ -93,7 +97,10 @@ def build_student(teacher: nn.Module, layers: list[int], kind: str,
     else:
         from engine.model.surgery import convert
 
-        student = convert(teacher, layers, kind, **hparams)
+        options = dict(hparams)
+        if options.get("init") == "data":
+            options["calibration"] = calibration
+        student = convert(teacher, layers, kind, teacher_spec=teacher_spec, **options)
     freeze_all_but(student, layers)
     return student
 

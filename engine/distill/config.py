@@ -43,6 +43,7 @@ class DistillConfig:
     checkpoint_every: int = 100
     log_every: int = 1
     seed: int = 0
+    threads: int = 0  # torch CPU threads per process; 0 = torch's default
 
     def validate(self) -> None:
         if self.memory not in MEMORY_KINDS:
@@ -61,8 +62,8 @@ class DistillConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise InputError(f"{name} must be positive (got {value})")
-        if self.local_steps < 0 or self.warmup_steps < 0:
-            raise InputError("local_steps and warmup_steps must not be negative")
+        if self.local_steps < 0 or self.warmup_steps < 0 or self.threads < 0:
+            raise InputError("local_steps, warmup_steps and threads must not be negative")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise InputError(
                 f"heldout_fraction must be between 0 and 1 (got {self.heldout_fraction})"

@@ -227,3 +227,11 @@ class BlockOrder:
 
     def batch(self, blocks: torch.Tensor, step: int) -> torch.Tensor:
         return blocks[self.indices(step)]
+
+
+def check_text_paths(paths: list[str]) -> None:
+    """Fail fast, before any model is loaded, on missing, empty or non-UTF-8 data."""
+    files = collect_files(paths)
+    if not any(read_utf8(file).strip() for file in files):
+        names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise InputError(f"no text in {names}; give files with some text in them")

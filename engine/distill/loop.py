@@ -57,6 +57,8 @@ from engine.errors import MindsetError
 EventCallback = Callable[[dict[str, Any]], None]
 PAUSE_POLL_SECONDS = 0.2
 DATA_FREE_NAME = "data_free.pt"
+CALIBRATION_BLOCKS = 16  # training blocks that feed init="data"
+STUDENT_DIR = "student"
 
 
 @dataclass
@@ -216,6 +218,8 @@ class Run:
         if ctx.is_main:
             config.save(self.run_dir / ev.CONFIG_NAME)
         self.set_state("starting")
+        if config.threads:
+            torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         if self.teacher_loaded is None:
             from engine.model.loading import load_model
@@ -229,10 +233,14 @@ class Run:
         hparams = dict(config.hparams)
         if ctx.enabled and config.memory == "featural":
             hparams.setdefault("sparse", False)  # DDP reduces dense gradients on any backend
-        torch.manual_seed(config.seed)  # the same initial student on every rank
-        self.student = build_student(teacher, self.layers, config.memory, hparams).to(ctx.device)
-        self.prefixes = layer_prefixes(self.student, self.layers)
         self.data = prepare_data(config, self.teacher_loaded, self.run_dir, ctx)
+        torch.manual_seed(config.seed)  # the same initial student on every rank
+        self.student = build_student(
+            teacher, self.layers, config.memory, hparams, teacher_spec=config.teacher,
+            calibration=self.data.train[:CALIBRATION_BLOCKS].to(ctx.device),
+        ).to(ctx.device)
+        self.student.train()
+        self.prefixes = layer_prefixes(self.student, self.layers)
         self.heldout = self.data.heldout[: config.heldout_blocks]
         self.order = BlockOrder(len(self.data.train), config.batch_size, config.seed,
                                 rank=ctx.rank, world=ctx.world)
@@ -334,7 +342,7 @@ class Run:
         teacher = self.teacher_loaded.model
         parts: dict[str, float] = {}
         if local:
-            with torch.no_grad(), capture_mlps(self.teacher_mlps) as captured:
+            with torch.no_grad(), capture_mlps(self.teacher_mlps, stop_early=True) as captured:
                 teacher(input_ids=batch)
             loss = self.matcher_ddp(captured.inputs, captured.outputs)
             parts["local"] = float(loss.detach())
@@ -434,16 +442,15 @@ class Run:
         return report
 
     def save_student(self) -> None:
-        """The trained student as a directory beside the run's files (memory kinds only)."""
-        if self.config.memory == "dense":
-            return  # the control is a benchmark baseline, kept in the checkpoint only
-        try:
-            from engine.model import student as student_module
-        except ImportError:
+        """The trained student as a directory in the run (memory kinds; not the control)."""
+        from engine.model.surgery import student_spec
+
+        if student_spec(self.student) is None:
             return
-        save = getattr(student_module, "save_student", None)
-        if save is not None:
-            save(self.student, self.run_dir / "student")
+        from engine.model.student import save_student
+
+        self.student.eval()
+        save_student(self.student, self.run_dir / STUDENT_DIR, self.teacher_loaded.tokenizer)
 
     def close(self) -> None:
         self.signals.restore()

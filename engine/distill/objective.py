@@ -54,18 +54,31 @@ class Captured:
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+class StopForward(Exception):
+    """Raised by a capture hook once the last wanted layer ran: the rest is not needed."""
+
+
 @contextmanager
-def capture_mlps(mlps: dict[int, nn.Module]) -> Iterator[Captured]:
-    """Record each chosen MLP's input and output during the forward passes inside the block."""
+def capture_mlps(mlps: dict[int, nn.Module], *, stop_early: bool = False) -> Iterator[Captured]:
+    """Record each chosen MLP's input and output during the forward passes inside the block.
+
+    With ``stop_early`` the forward pass is cut short (``StopForward``, swallowed here) right
+    after the last chosen MLP, which saves the layers above it in the layer-local stage.
+    """
     captured = Captured()
     handles = []
+    last = max(mlps) if mlps else -1
     for index, module in mlps.items():
         def hook(_module: nn.Module, inputs: Any, output: Any, index: int = index) -> None:
             captured.inputs[index] = inputs[0].detach()
             captured.outputs[index] = output.detach()
+            if stop_early and index == last:
+                raise StopForward
         handles.append(module.register_forward_hook(hook))
     try:
         yield captured
+    except StopForward:
+        pass
     finally:
         for handle in handles:
             handle.remove()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -42,7 +42,7 @@ class LLMAdapter(Protocol):
     def stream_chat(self, messages: Iterable[MessageLike],
                     params: SamplingParams | None = None, *,
                     conversation_id: str | None = None,
-                    parent_id: str | None = None) -> AsyncIterator[StreamChunk]: ...
+                    parent_id: str | None = None) -> AsyncGenerator[StreamChunk, None]: ...
 
     async def complete(self, prompt: str, params: SamplingParams | None = None, *,
                        conversation_id: str | None = None,
@@ -50,7 +50,7 @@ class LLMAdapter(Protocol):
 
     def stream_complete(self, prompt: str, params: SamplingParams | None = None, *,
                         conversation_id: str | None = None,
-                        parent_id: str | None = None) -> AsyncIterator[StreamChunk]: ...
+                        parent_id: str | None = None) -> AsyncGenerator[StreamChunk, None]: ...
 
     async def aclose(self) -> None: ...
 
@@ -78,7 +78,7 @@ class BaseAdapter(ABC):
         self.log = log
 
     @abstractmethod
-    def _stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+    def _stream(self, request: GenerationRequest) -> AsyncGenerator[StreamChunk, None]:
         """Yield text pieces; the last chunk carries ``finish_reason`` (and ``usage``)."""
 
     async def _complete(self, request: GenerationRequest) -> StreamChunk:
@@ -95,13 +95,13 @@ class BaseAdapter(ABC):
 
     def stream_chat(self, messages: Iterable[MessageLike], params: SamplingParams | None = None,
                     *, conversation_id: str | None = None,
-                    parent_id: str | None = None) -> AsyncIterator[StreamChunk]:
+                    parent_id: str | None = None) -> AsyncGenerator[StreamChunk, None]:
         request = self._request("chat", params, messages=as_messages(messages))
         return self._logged_stream(request, conversation_id, parent_id)
 
     def stream_complete(self, prompt: str, params: SamplingParams | None = None, *,
                         conversation_id: str | None = None,
-                        parent_id: str | None = None) -> AsyncIterator[StreamChunk]:
+                        parent_id: str | None = None) -> AsyncGenerator[StreamChunk, None]:
         request = self._request("completion", params, prompt=_check_prompt(prompt))
         return self._logged_stream(request, conversation_id, parent_id)
 
@@ -117,7 +117,7 @@ class BaseAdapter(ABC):
         request = self._request("completion", params, prompt=_check_prompt(prompt))
         return await self._logged_complete(request, conversation_id, parent_id)
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release clients and threads. The base adapter holds none."""
 
     # Logging -------------------------------------------------------------------------------
@@ -139,15 +139,16 @@ class BaseAdapter(ABC):
         return request.id
 
     async def _logged_stream(self, request: GenerationRequest, conversation_id: str | None,
-                             parent_id: str | None) -> AsyncIterator[StreamChunk]:
+                             parent_id: str | None) -> AsyncGenerator[StreamChunk, None]:
         conversation = self._conversation(request, conversation_id, parent_id)
         started = time.perf_counter()
         first_token: float | None = None
         pieces: list[str] = []
         finish: str | None = "cancelled"
         error: str | None = None
+        inner = self._stream(request)
         try:
-            async for chunk in self._stream(request):
+            async for chunk in inner:
                 if chunk.text and first_token is None:
                     first_token = time.perf_counter() - started
                 pieces.append(chunk.text)
@@ -163,6 +164,7 @@ class BaseAdapter(ABC):
             finish, error = "error", str(exc) or type(exc).__name__
             raise
         finally:
+            await inner.aclose()  # stops the generation when the reader leaves early
             self._write_log(request, conversation, parent_id, "".join(pieces), finish, error,
                             time.perf_counter() - started, first_token)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,7 +45,7 @@ class LocalAdapter(BaseAdapter):
 
     @classmethod
     def from_spec(cls, spec: str, *, log: InteractionLog | None = None) -> LocalAdapter:
-        """Load ``spec`` (default, tiny-llama, a directory...). Blocking: seconds for real models."""
+        """Load ``spec`` (default, tiny-llama, a directory...); blocks for seconds."""
         from engine.model.loading import load_model
 
         return cls(load_model(spec), name=spec, log=log)
@@ -94,7 +94,7 @@ class LocalAdapter(BaseAdapter):
 
     # Streaming -----------------------------------------------------------------------------
 
-    async def _stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+    async def _stream(self, request: GenerationRequest) -> AsyncGenerator[StreamChunk, None]:
         prompt_ids = self.encode(request)
         request.usage = Usage(prompt_tokens=len(prompt_ids))
         if self._turn is None:

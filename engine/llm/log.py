@@ -182,7 +182,7 @@ class InteractionLog:
         return self._by_prefix("id", id_or_prefix)[0]
 
     def conversation(self, conversation_id_or_prefix: str) -> list[Interaction]:
-        """Every interaction of a conversation (given by its id or a unique prefix), oldest first."""
+        """A conversation's interactions (by id or unique prefix), oldest first."""
         return self._by_prefix("conversation_id", conversation_id_or_prefix)
 
     def _by_prefix(self, column: str, prefix: str) -> list[Interaction]:

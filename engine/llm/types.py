@@ -33,6 +33,8 @@ def as_messages(messages: Iterable[MessageLike]) -> list[ChatMessage]:
     """Accept :class:`ChatMessage` objects or ``{"role": ..., "content": ...}`` dicts."""
     result: list[ChatMessage] = []
     for index, message in enumerate(messages):
+        role: Any
+        content: Any
         if isinstance(message, ChatMessage):
             role, content = message.role, message.content
         else:

@@ -25,6 +25,7 @@ HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 128
 HNSW_MAX_DEAD_FRACTION = 0.25
 IVF_TRAIN_MIN_ROWS = 20_000
+IVF_RETRAIN_GROWTH = 4
 IVF_CANDIDATE_FACTOR = 4  # IVF-PQ returns k * this candidates, re-ranked on exact keys
 
 
@@ -95,7 +96,7 @@ class FlatIndex(AnnIndex):
 
     def remove(self, ids: Int64Array) -> None:
         if len(ids):
-            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))  # type: ignore[arg-type]
 
     def search(self, queries: Float32Array, k: int) -> tuple[Float32Array, Int64Array]:
         distances, labels = self.index.search(queries, k)
@@ -115,7 +116,7 @@ class HnswIndex(AnnIndex):
         self.reset()
 
     def reset(self) -> None:
-        self.index = faiss.IndexHNSWFlat(self.dim, HNSW_M)
+        self.index: Any = faiss.IndexHNSWFlat(self.dim, HNSW_M)
         self.index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         self.slot_ids = np.zeros(0, dtype=np.int64)  # faiss label (slot) -> row id, -1 if dead
         self.dead = 0
@@ -132,7 +133,7 @@ class HnswIndex(AnnIndex):
             self.slot_ids[hit] = -1
 
     def search(self, queries: Float32Array, k: int) -> tuple[Float32Array, Int64Array]:
-        params = faiss.SearchParametersHNSW()
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
         params.efSearch = max(self.ef_search, k)
         bitmap = None
         if self.dead:
@@ -151,8 +152,12 @@ class HnswIndex(AnnIndex):
         return len(self.slot_ids) - self.dead
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "ntotal": self.ntotal, "masked": self.dead,
-                "ef_search": self.ef_search}
+        return {
+            "kind": self.kind,
+            "ntotal": self.ntotal,
+            "masked": self.dead,
+            "ef_search": self.ef_search,
+        }
 
     def save(self, path: Path) -> bool:
         faiss.write_index(self.index, str(path))
@@ -186,6 +191,7 @@ class IvfPqIndex(AnnIndex):
         self.exact: FlatIndex | None = FlatIndex(self.dim, inner_product=False)
         self.index: Any = None
         self.candidate_factor = 1
+        self.trained_rows = 0
 
     @property
     def trained(self) -> bool:
@@ -201,7 +207,7 @@ class IvfPqIndex(AnnIndex):
         if self.exact is not None:
             self.exact.remove(ids)
         elif len(ids):
-            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))  # type: ignore[arg-type]
 
     def search(self, queries: Float32Array, k: int) -> tuple[Float32Array, Int64Array]:
         if self.exact is not None:
@@ -210,7 +216,11 @@ class IvfPqIndex(AnnIndex):
         return distances, labels
 
     def wants_rebuild(self, rows: int) -> bool:
-        return self.exact is not None and rows >= IVF_TRAIN_MIN_ROWS
+        # Train once the table is big enough, and again each time it has grown 4x since, so
+        # the number of lists keeps pace with the rows.
+        if self.exact is not None:
+            return rows >= IVF_TRAIN_MIN_ROWS
+        return rows >= IVF_RETRAIN_GROWTH * self.trained_rows
 
     def rebuild(self, ids: Int64Array, keys: Float32Array) -> None:
         if len(ids) < IVF_TRAIN_MIN_ROWS:
@@ -222,11 +232,16 @@ class IvfPqIndex(AnnIndex):
         quantizer = faiss.IndexFlatL2(self.dim)
         index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, sub, 8)
         rng = np.random.default_rng(0)
-        sample = keys if len(keys) <= 64 * nlist else keys[rng.choice(len(keys), 64 * nlist, replace=False)]
+        sample = (
+            keys
+            if len(keys) <= 64 * nlist
+            else keys[rng.choice(len(keys), 64 * nlist, replace=False)]
+        )
         index.train(np.ascontiguousarray(sample))
-        index.nprobe = self.nprobe_override or max(1, nlist // 16)
+        index.nprobe = self.nprobe_override or max(1, nlist // 8)
         index.add_with_ids(keys, ids)
         self.index, self.exact, self.quantizer = index, None, quantizer
+        self.trained_rows = len(ids)
         self.candidate_factor = IVF_CANDIDATE_FACTOR
 
     @property
@@ -253,14 +268,14 @@ class IvfPqIndex(AnnIndex):
     def load(self, path: Path) -> bool:
         if not path.exists():
             return False
-        index = faiss.read_index(str(path))
+        index: Any = faiss.downcast_index(faiss.read_index(str(path)))
         if index.d != self.dim:
             return False
-        index = faiss.downcast_index(index)
         if self.nprobe_override:
             index.nprobe = self.nprobe_override
         self.index, self.exact = index, None
         self.candidate_factor = IVF_CANDIDATE_FACTOR
+        self.trained_rows = int(index.ntotal)
         return True
 
 

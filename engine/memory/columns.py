@@ -13,7 +13,9 @@ class GrowableColumns:
 
     def __init__(self, spec: dict[str, tuple[Any, tuple[int, ...]]]) -> None:
         self._spec = spec
-        self._data = {name: np.zeros((16, *shape), dtype=dtype) for name, (dtype, shape) in spec.items()}
+        self._data = {
+            name: np.zeros((16, *shape), dtype=dtype) for name, (dtype, shape) in spec.items()
+        }
         self.size = 0
 
     def col(self, name: str) -> npt.NDArray[Any]:
@@ -36,10 +38,10 @@ class GrowableColumns:
     def keep(self, mask: npt.NDArray[np.bool_]) -> None:
         """Drop the rows where ``mask`` is False, keeping order."""
         kept = int(mask.sum())
-        for name, array in self._data.items():
+        for _name, array in self._data.items():
             array[:kept] = array[: self.size][mask]
         self.size = kept
 
     def reorder(self, order: npt.NDArray[np.int64]) -> None:
-        for name, array in self._data.items():
+        for _name, array in self._data.items():
             array[: self.size] = array[: self.size][order]

@@ -75,6 +75,7 @@ def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: Any) -> Non
     cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     cursor.execute("PRAGMA journal_mode = WAL")
     cursor.execute("PRAGMA synchronous = FULL")
+    cursor.execute("PRAGMA cache_size = -65536")  # 64 MiB: big batches stay in memory
     cursor.close()
 
 
@@ -118,8 +119,12 @@ def ensure_schema(engine: Engine, url: str) -> None:
     try:
         names = set(inspect(engine).get_table_names())
     except DatabaseError as exc:
-        raise InputError(f"{where} is not a readable memory store database ({_first_line(exc)})") from exc
-    ours = {table.name for table in SQLModel.metadata.sorted_tables if table.name.startswith("mindset_")}
+        raise InputError(
+            f"{where} is not a readable memory store database ({_first_line(exc)})"
+        ) from exc
+    ours = {
+        table.name for table in SQLModel.metadata.sorted_tables if table.name.startswith("mindset_")
+    }
     if names and StoreInfo.__tablename__ not in names:
         foreign = ", ".join(sorted(names)[:5])
         raise InputError(f"{where} is not a memory store: it holds other tables ({foreign})")
@@ -144,7 +149,9 @@ def ensure_schema(engine: Engine, url: str) -> None:
     except OperationalError as exc:
         raise MindsetError(f"cannot open memory store {where}: {_first_line(exc)}") from exc
     except DatabaseError as exc:
-        raise InputError(f"{where} is not a readable memory store database ({_first_line(exc)})") from exc
+        raise InputError(
+            f"{where} is not a readable memory store database ({_first_line(exc)})"
+        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -88,7 +88,9 @@ def tags_column(tags: Sequence[str] | Sequence[Sequence[str]] | None, rows: int)
 
 
 def meta_column(meta: dict[str, Any] | Sequence[dict[str, Any]] | None, rows: int) -> Any:
-    return per_row(meta, rows, "meta", lambda m: encode_meta(m or {}), shared=isinstance(meta, dict))
+    return per_row(
+        meta, rows, "meta", lambda m: encode_meta(m or {}), shared=isinstance(meta, dict)
+    )
 
 
 def provenance_column(provenance: str | Sequence[str | None] | None, rows: int) -> Any:

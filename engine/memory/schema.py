@@ -52,7 +52,7 @@ class MemoryEntry(SQLModel, table=True):
     __table_args__ = (Index("ix_entry_table_version", "table_id", "version"),)
 
     id: int = Field(primary_key=True)
-    table_id: int = Field(index=True)
+    table_id: int  # indexed through (table_id, version)
     key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     value: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created: float

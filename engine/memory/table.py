@@ -11,17 +11,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
-from engine.errors import InputError, MindsetError
+from engine.errors import InputError
 from engine.memory import filters as row_filters
 from engine.memory.ann import AnnIndex, make_index, read_fingerprint, write_fingerprint
 from engine.memory.columns import GrowableColumns
@@ -55,10 +55,31 @@ TOMBSTONES = MemoryTombstone.__table__  # type: ignore[attr-defined]
 INFO = StoreInfo.__table__  # type: ignore[attr-defined]
 
 INSERT_COLUMNS = (
-    "id", "table_id", "key", "value", "created", "last_access", "access_count", "crf",
-    "last_tick", "label", "tags", "meta", "provenance", "version",
+    "id",
+    "table_id",
+    "key",
+    "value",
+    "created",
+    "last_access",
+    "access_count",
+    "crf",
+    "last_tick",
+    "label",
+    "tags",
+    "meta",
+    "provenance",
+    "version",
 )
-MIRROR_COLUMNS = ("id", "key", "value", "created", "last_access", "access_count", "crf", "last_tick")
+MIRROR_COLUMNS = (
+    "id",
+    "key",
+    "value",
+    "created",
+    "last_access",
+    "access_count",
+    "crf",
+    "last_tick",
+)
 
 
 class MemoryTable:
@@ -111,10 +132,17 @@ class MemoryTable:
         path = self._index_path()
         fingerprint = self._fingerprint()
         saved = read_fingerprint(path.with_suffix(".json")) if path is not None else None
-        if path is not None and saved is not None and saved == fingerprint and self.index.load(path):
+        if (
+            path is not None
+            and saved is not None
+            and saved == fingerprint
+            and self.index.load(path)
+        ):
             return
         if path is not None and saved is not None:
-            log.warning("memory table %s: saved index does not match its rows; rebuilding", self.name)
+            log.warning(
+                "memory table %s: saved index does not match its rows; rebuilding", self.name
+            )
             self.index_rebuilt_on_open = True
         self.index.rebuild(ids, self._cols.col("key"))
 
@@ -148,11 +176,15 @@ class MemoryTable:
     def _catch_up(self, conn: Connection, target: int) -> None:
         """Apply other processes' commits between our version and ``target``."""
         since = self.version
-        gone = conn.execute(
-            select(TOMBSTONES.c.id).where(
-                (TOMBSTONES.c.table_id == self.table_id) & (TOMBSTONES.c.version > since)
+        gone = (
+            conn.execute(
+                select(TOMBSTONES.c.id).where(
+                    (TOMBSTONES.c.table_id == self.table_id) & (TOMBSTONES.c.version > since)
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
         changed = list(
             self._fetch_rows(conn, (ENTRY.c.table_id == self.table_id) & (ENTRY.c.version > since))
         )
@@ -254,8 +286,8 @@ class MemoryTable:
             k = int(k)
             with read_transaction(self._engine) as conn:
                 self._refresh(conn)
-            if not len(queries):
-                return empty_result(0, k, self.key_dim, self.value_dim)
+            if not len(queries) or not len(self):
+                return empty_result(len(queries), k, self.key_dim, self.value_dim)
             if self.index.wants_rebuild(len(self)):
                 self.index.rebuild(self._cols.col("id"), self._cols.col("key"))
             distances, ids = self.index.search(queries, k * self.index.candidate_factor)
@@ -388,7 +420,8 @@ class MemoryTable:
             now = time.time()
             with self._write() as (conn, version):
                 next_id = conn.execute(
-                    update(INFO).where(INFO.c.id == 1)
+                    update(INFO)
+                    .where(INFO.c.id == 1)
                     .values(next_entry_id=INFO.c.next_entry_id + rows)
                     .returning(INFO.c.next_entry_id)
                 ).scalar_one()
@@ -399,18 +432,32 @@ class MemoryTable:
                     f"VALUES ({self._placeholders(conn, len(INSERT_COLUMNS))})",
                     list(
                         zip(
-                            ids.tolist(), repeat(self.table_id), to_blobs(key_rows),
-                            to_blobs(value_rows), repeat(now), repeat(now), repeat(0),
-                            repeat(1.0), repeat(tick), label_it, tags_it, meta_it, prov_it,
+                            ids.tolist(),
+                            repeat(self.table_id),
+                            to_blobs(key_rows),
+                            to_blobs(value_rows),
+                            repeat(now),
+                            repeat(now),
+                            repeat(0),
+                            repeat(1.0),
+                            repeat(tick),
+                            label_it,
+                            tags_it,
+                            meta_it,
+                            prov_it,
                             repeat(version),
                         )
                     ),
                 )
                 fresh = {
-                    "id": ids, "key": key_rows, "value": value_rows,
-                    "created": np.full(rows, now), "last_access": np.full(rows, now),
+                    "id": ids,
+                    "key": key_rows,
+                    "value": value_rows,
+                    "created": np.full(rows, now),
+                    "last_access": np.full(rows, now),
                     "access_count": np.zeros(rows, dtype=np.int64),
-                    "crf": np.ones(rows), "last_tick": np.full(rows, tick, dtype=np.int64),
+                    "crf": np.ones(rows),
+                    "last_tick": np.full(rows, tick, dtype=np.int64),
                     "pending": np.zeros(rows, dtype=np.int64),
                 }
                 evicted = self._plan_eviction(fresh, None)
@@ -447,10 +494,7 @@ class MemoryTable:
                 return result
             if len(self):
                 nearest = self.query(key_rows, 1, record_access=False).distances[:, 0]
-                if self.index.inner_product:
-                    novel = nearest < threshold
-                else:
-                    novel = nearest > threshold
+                novel = nearest < threshold if self.index.inner_product else nearest > threshold
             else:
                 novel = np.ones(len(key_rows), dtype=bool)
             if novel.any():
@@ -533,7 +577,7 @@ class MemoryTable:
     def set_policy(
         self,
         *,
-        capacity: int | None | object = ...,
+        capacity: int | object | None = ...,
         lrfu_lambda: float | None = None,
         evict_fraction: float | None = None,
     ) -> None:
@@ -609,10 +653,16 @@ class MemoryTable:
                 np.minimum(pos, max(len(known) - 1, 0), out=pos)
                 present = (ids >= 0) & (known[pos] == ids) if len(known) else ids < -1
                 ids = np.where(present, ids, -1)
-                keys = self._cols.col("key")[pos] if len(known) else np.zeros((*ids.shape, self.key_dim), np.float32)
+                keys = (
+                    self._cols.col("key")[pos]
+                    if len(known)
+                    else np.zeros((*ids.shape, self.key_dim), np.float32)
+                )
                 groups = group_members(merge_groups(ids, keys, distance))
                 if not groups:
                     return []
+                # Flush first so the absolute counts written below already include them.
+                self._flush_stats(conn)
                 merged = self._merge_rows(groups)
                 mark = self._param(conn)
                 conn.exec_driver_sql(
@@ -621,10 +671,15 @@ class MemoryTable:
                     f"version = {mark} WHERE id = {mark}",
                     list(
                         zip(
-                            to_blobs(merged["key"]), to_blobs(merged["value"]),
-                            merged["access_count"].tolist(), merged["created"].tolist(),
-                            merged["last_access"].tolist(), merged["crf"].tolist(),
-                            repeat(self.clock), repeat(version), merged["id"].tolist(),
+                            to_blobs(merged["key"]),
+                            to_blobs(merged["value"]),
+                            merged["access_count"].tolist(),
+                            merged["created"].tolist(),
+                            merged["last_access"].tolist(),
+                            merged["crf"].tolist(),
+                            repeat(self.clock),
+                            repeat(version),
+                            merged["id"].tolist(),
                         )
                     ),
                 )
@@ -634,8 +689,6 @@ class MemoryTable:
             for name in ("key", "value", "access_count", "created", "last_access", "crf"):
                 self._cols.col(name)[kept_pos] = merged[name]
             self._cols.col("last_tick")[kept_pos] = self.clock
-            # Pending deltas of merged-away rows move to the kept row (SQL sums them later).
-            self._cols.col("pending")[kept_pos] = 0
             self.index.remove(merged["id"])
             self.index.add(merged["id"], merged["key"])
             self._forget(gone)
@@ -659,19 +712,18 @@ class MemoryTable:
             weights = np.bincount(group_of, weights=weight, minlength=n)
             return (total / weights[:, None]).astype(np.float32)
 
-        crf_now = decayed(self._cols.col("crf")[pos], self._cols.col("last_tick")[pos], self.clock, self._lambda)
+        crf_now = decayed(
+            self._cols.col("crf")[pos], self._cols.col("last_tick")[pos], self.clock, self._lambda
+        )
         created = np.full(n, np.inf)
         np.minimum.at(created, group_of, self._cols.col("created")[pos])
         last_access = np.full(n, -np.inf)
         np.maximum.at(last_access, group_of, self._cols.col("last_access")[pos])
-        # Unflushed accesses of all members count in SQL's base for the kept row.
-        flushed_count = count - self._cols.col("pending")[pos]
         return {
             "id": kept,
             "key": weighted_mean("key"),
             "value": weighted_mean("value"),
             "access_count": np.bincount(group_of, weights=count, minlength=n).astype(np.int64),
-            "flushed": np.bincount(group_of, weights=flushed_count, minlength=n).astype(np.int64),
             "created": created,
             "last_access": last_access,
             "crf": np.bincount(group_of, weights=crf_now, minlength=n),
@@ -711,8 +763,9 @@ class MemoryTable:
             with read_transaction(self._engine) as conn:
                 found = {
                     row.id: row
-                    for row in row_filters.fetch_rows(conn, self.table_id, self.key_dim,
-                                                      self.value_dim, ids=id_rows.tolist())
+                    for row in row_filters.fetch_rows(
+                        conn, self.table_id, self.key_dim, self.value_dim, ids=id_rows.tolist()
+                    )
                 }
             missing = [i for i in id_rows.tolist() if i not in found]
             if missing:
@@ -726,8 +779,13 @@ class MemoryTable:
             self.flush()
             with read_transaction(self._engine) as conn:
                 return row_filters.fetch_rows(
-                    conn, self.table_id, self.key_dim, self.value_dim,
-                    offset=offset, limit=limit, **filters,
+                    conn,
+                    self.table_id,
+                    self.key_dim,
+                    self.value_dim,
+                    offset=offset,
+                    limit=limit,
+                    **filters,
                 )
 
     def count(self, **filters: Any) -> int:
@@ -759,6 +817,19 @@ class MemoryTable:
                 "index_rebuilt_on_open": self.index_rebuilt_on_open,
                 **{f"{name}_this_session": value for name, value in self.counters.items()},
             }
+
+    def tune(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Search-time speed/recall knobs: IVF lists probed, HNSW candidate list size."""
+        from engine.memory.ann import HnswIndex, IvfPqIndex
+
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        with self._lock:
+            if nprobe is not None and isinstance(self.index, IvfPqIndex):
+                self.index.set_nprobe(nprobe)
+            if ef_search is not None and isinstance(self.index, HnswIndex):
+                self.index.ef_search = ef_search
 
     def rebuild_index(self) -> None:
         """Rebuild the ANN index from the rows held in memory."""
@@ -827,6 +898,3 @@ def _check_fraction(fraction: float) -> float:
     if not 0.0 <= fraction < 1.0:
         raise InputError(f"evict fraction must be in [0, 1), got {fraction}")
     return float(fraction)
-
-
-_ = (Callable, MindsetError, func)  # re-exported names kept for type checkers

@@ -80,8 +80,9 @@ def check_gguf(path: Path) -> None:
             raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes); {REINSTALL_HINT}")
     expected = expected_gguf_sha256()
     if expected is not None and sha256_of(path) != expected:
-        raise ModelLoadError(f"{path} is corrupt (its hash does not match the package's); "
-                             f"{REINSTALL_HINT}")
+        raise ModelLoadError(
+            f"{path} is corrupt (its hash does not match the package's); {REINSTALL_HINT}"
+        )
 
 
 def converted_dir(root: Path | None = None) -> Path:
@@ -128,13 +129,15 @@ def _dequantize(gguf: Path) -> tuple[Any, Any]:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
     except Exception as exc:
-        raise ModelLoadError(f"could not read {gguf} ({type(exc).__name__}: {exc}); "
-                             f"{REINSTALL_HINT}") from exc
+        raise ModelLoadError(
+            f"could not read {gguf} ({type(exc).__name__}: {exc}); {REINSTALL_HINT}"
+        ) from exc
     # save_pretrained refuses a model that still carries its GGUF quantization settings.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # setattr: these are plain attributes that nn.Module's type stubs do not know about.
+    setattr(model, "hf_quantizer", None)  # noqa: B010
+    setattr(model, "is_quantized", False)  # noqa: B010
     return model, tokenizer
 
 
@@ -174,7 +177,9 @@ def clean_stale_staging(root: Path | None = None) -> None:
     """Remove leftovers of conversions that were interrupted (their process is gone)."""
     parent = converted_dir(root).parent
     for leftover in parent.glob(f".{CONVERTED_NAME}.*"):
-        pid_part = leftover.name.split(".tmp-")[-1].split("-")[0] if ".tmp-" in leftover.name else ""
+        pid_part = (
+            leftover.name.split(".tmp-")[-1].split("-")[0] if ".tmp-" in leftover.name else ""
+        )
         if pid_part.isdigit() and _process_alive(int(pid_part)):
             continue
         shutil.rmtree(leftover, ignore_errors=True)

@@ -69,8 +69,8 @@ def load_model(spec: str, *, dtype: Any = None) -> LoadedModel:
     from engine.model.student import is_student_dir, load_student
 
     if is_student_dir(path):
-        loaded: LoadedModel = load_student(path, dtype=dtype)
-        return loaded
+        student: LoadedModel = load_student(path, dtype=dtype)
+        return student
     return load_directory(path, dtype=dtype)
 
 
@@ -84,7 +84,9 @@ def read_model_type(directory: Path) -> str:
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{config_file} is not valid JSON ({exc}); re-create the model") from exc
+        raise ModelLoadError(
+            f"{config_file} is not valid JSON ({exc}); re-create the model"
+        ) from exc
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_FAMILIES:
         raise ModelLoadError(

@@ -58,7 +58,8 @@ def save_student(model: Any, directory: Path | str, tokenizer: Any = None) -> Pa
     staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
-        module.config.save_pretrained(str(staging))
+        config: Any = module.config
+        config.save_pretrained(str(staging))
         generation = getattr(module, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(str(staging))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
@@ -37,7 +38,7 @@ def parse_numbers(text: str) -> list[float] | None:
 class EntryEditScreen(ModalScreen[EntryEdit | None]):
     """Edit one entry: label, tags, scale the value, or replace it (numbers or a text)."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel", id="entry.cancel"),
         Binding("ctrl+s", "save", "Save", id="entry.save"),
     ]
@@ -96,7 +97,7 @@ class NewEntry:
 class EntryInsertScreen(ModalScreen[NewEntry | None]):
     """Insert an entry whose key and value come from a text run through the model."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel", id="insert.cancel"),
         Binding("ctrl+s", "save", "Insert", id="insert.save"),
     ]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
 
-def key_label(binding: Binding, keymap: dict[str, str]) -> str:
+def key_label(binding: Binding, keymap: Mapping[str, str]) -> str:
     keys = keymap.get(binding.id or "", binding.key)
     return ", ".join(part.strip() for part in keys.split(","))
 
@@ -17,9 +20,13 @@ def key_label(binding: Binding, keymap: dict[str, str]) -> str:
 class HelpScreen(ModalScreen[None]):
     """A table of sections, keys, actions and binding ids (the names the config uses)."""
 
-    BINDINGS = [Binding("escape,q,f1", "dismiss", "Close", id="help.close")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,q,f1", "dismiss", "Close", id="help.close"),
+    ]
 
-    def __init__(self, sections: list[tuple[str, list[Binding]]], keymap: dict[str, str]) -> None:
+    def __init__(
+        self, sections: list[tuple[str, list[Binding]]], keymap: Mapping[str, str]
+    ) -> None:
         super().__init__()
         self.sections = sections
         self.keymap = keymap
@@ -27,7 +34,7 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-body"):
             yield Static(
-                "[b]Mindset keys[/b]  ·  remap any key in the config file's [keys] table "
+                "[b]Mindset keys[/b]  ·  remap any key in the config file's \\[keys] table "
                 "by its id, e.g.  \"tab.chat\" = \"f8\"",
                 id="help-title",
             )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Static
@@ -12,7 +14,7 @@ from textual.widgets import Static
 class QuickStartScreen(ModalScreen[bool]):
     """Asks once; ``enter`` starts the quick start, ``escape`` leaves the workbench as is."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter,s", "start", "Start", id="quick_start.start"),
         Binding("escape,n", "later", "Not now", id="quick_start.later"),
     ]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Input, Markdown, Select, Static
 
@@ -34,7 +36,7 @@ class MessageBox(Vertical, can_focus=True):
 class ChatPane(Vertical):
     """Chat with the teacher, a student or a remote API."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+r", "regenerate", "Regenerate", id="chat.regenerate"),
         Binding("ctrl+e", "edit_turn", "Edit turn", id="chat.edit"),
         Binding("alt+left", "branch(-1)", "Previous branch", id="chat.branch_previous"),
@@ -46,7 +48,7 @@ class ChatPane(Vertical):
     def __init__(self, engine: Engine, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.engine = engine
-        self.tree = ChatTree()
+        self.conversation = ChatTree()
         self.editing: Turn | None = None
         self.max_tokens = 128
 
@@ -72,7 +74,7 @@ class ChatPane(Vertical):
     async def _render_path(self) -> None:
         log = self.query_one("#chat-log", VerticalScroll)
         await log.remove_children()
-        await log.mount_all([MessageBox(turn) for turn in self.tree.path()])
+        await log.mount_all([MessageBox(turn) for turn in self.conversation.path()])
         log.scroll_end(animate=False)
 
     @on(ModelLoaded)
@@ -93,11 +95,11 @@ class ChatPane(Vertical):
             return
         event.input.value = ""
         if self.editing is not None:
-            turn = self.tree.branch_from(self.editing, text)
+            turn = self.conversation.branch_from(self.editing, text)
             self.editing = None
             event.input.placeholder = "Message (enter to send)"
         else:
-            turn = self.tree.append("user", text)
+            turn = self.conversation.append("user", text)
         await self._render_path()
         self.reply_to(turn)
 
@@ -105,10 +107,10 @@ class ChatPane(Vertical):
     async def reply_to(self, user_turn: Turn, replace: Turn | None = None) -> None:
         """Stream the model's reply to ``user_turn`` into a new assistant turn."""
         target = str(self.query_one("#chat-model", Select).value)
-        history = [*self.tree.history_before(user_turn), user_turn]
+        history = [*self.conversation.history_before(user_turn), user_turn]
         messages = [ChatMessage(t.role, t.content) for t in history]
-        reply = (self.tree.branch_from(replace, "") if replace is not None
-                 else self.tree.add(user_turn, "assistant", ""))
+        reply = (self.conversation.branch_from(replace, "") if replace is not None
+                 else self.conversation.add(user_turn, "assistant", ""))
         await self._render_path()
         box = self.query(MessageBox).last()
         body = box.query_one(Markdown)
@@ -150,7 +152,7 @@ class ChatPane(Vertical):
         focused = self.app.focused
         if isinstance(focused, MessageBox) and (role is None or focused.turn.role == role):
             return focused.turn
-        for turn in reversed(self.tree.path()):
+        for turn in reversed(self.conversation.path()):
             if role is None or turn.role == role:
                 return turn
         return None
@@ -176,13 +178,13 @@ class ChatPane(Vertical):
     async def action_branch(self, step: int) -> None:
         turn = self._focused_turn()
         # The nearest turn on the path that has siblings to move between.
-        candidates = [t for t in reversed(self.tree.path()) if len(t.siblings()) > 1]
+        candidates = [t for t in reversed(self.conversation.path()) if len(t.siblings()) > 1]
         if turn is None or len(turn.siblings()) < 2:
             turn = candidates[0] if candidates else None
         if turn is None:
             self.notify("no other branch here", severity="information")
             return
-        self.tree.switch(turn, step)
+        self.conversation.switch(turn, step)
         await self._render_path()
 
     def action_stop(self) -> None:
@@ -190,5 +192,5 @@ class ChatPane(Vertical):
 
     async def action_new_chat(self) -> None:
         self.workers.cancel_group(self, "chat")
-        self.tree = ChatTree()
+        self.conversation = ChatTree()
         await self._render_path()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Select, Static
 
@@ -20,7 +22,7 @@ COLUMNS = ("id", "label", "access", "last access", "norm", "promotes")
 class MemoryPane(Vertical):
     """One table at a time; only the visible page is read from the database."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("e", "edit", "Edit entry", id="memory.edit"),
         Binding("x,delete", "delete", "Delete entry", id="memory.delete"),
         Binding("u", "undo", "Undo delete", id="memory.undo"),
@@ -37,8 +39,8 @@ class MemoryPane(Vertical):
         super().__init__(id=id)
         self.engine = engine
         self.table_name: str | None = None
-        self.offset = 0
-        self.size = 0
+        self.page_offset = 0
+        self.table_size = 0
         self.search_results: list[EntryView] | None = None
         self.rows: list[EntryView] = []
         self.undo_stack: list[DeletedEntries] = []
@@ -90,7 +92,7 @@ class MemoryPane(Vertical):
     def _table_chosen(self, event: Select.Changed) -> None:
         if isinstance(event.value, str):
             self.table_name = event.value
-            self.offset = 0
+            self.page_offset = 0
             self.search_results = None
             self.load_page()
 
@@ -103,23 +105,28 @@ class MemoryPane(Vertical):
             if self.search_results is not None:
                 rows = self.search_results
             else:
-                rows = await self.engine.table_page(self.table_name, self.offset, PAGE_SIZE)
+                rows = await self.engine.table_page(self.table_name, self.page_offset, PAGE_SIZE)
         except MindsetError as exc:
             self.notify(str(exc), title="memory", severity="error", timeout=10)
             return
-        self.size = int(stats.get("size", stats.get("rows", 0)) or 0)
+        self.table_size = int(stats.get("rows", 0) or 0)
         self._show_stats(stats)
         self._show_rows(rows)
 
-    def _show_stats(self, stats: dict[str, object]) -> None:
-        shown = ("size", "capacity", "key_dim", "value_dim", "index", "hit_rate", "queries")
-        parts = []
-        for key in shown:
-            if key in stats and stats[key] is not None:
-                value = stats[key]
-                if isinstance(value, float):
-                    value = f"{value:.3f}"
-                parts.append(f"{key.replace('_', ' ')} [b]{value}[/b]")
+    def _show_stats(self, stats: dict[str, Any]) -> None:
+        rows = int(stats.get("rows", 0) or 0)
+        never = int(stats.get("never_accessed", 0) or 0)
+        index = stats.get("index")
+        index_kind = index.get("kind", index.get("type", "")) if isinstance(index, dict) else index
+        parts = [
+            f"size [b]{rows}[/b]",
+            f"capacity [b]{stats.get('capacity') or 'unbounded'}[/b]",
+            f"used [b]{rows - never}[/b] ({(rows - never) / rows:.0%})" if rows else "used 0",
+            f"accesses [b]{stats.get('total_accesses', 0)}[/b]",
+            f"dims {stats.get('key_dim')}→{stats.get('value_dim')}",
+        ]
+        if index_kind:
+            parts.append(f"index {index_kind}")
         self.query_one("#memory-stats", Static).update("  ·  ".join(parts))
 
     def _show_rows(self, rows: list[EntryView]) -> None:
@@ -136,9 +143,9 @@ class MemoryPane(Vertical):
         if self.search_results is not None:
             page.update(f"{len(rows)} search results  ·  r: back to the table")
         else:
-            last = min(self.offset + len(rows), self.size)
-            page.update(f"rows {self.offset + 1 if rows else 0}-{last} of {self.size}  ·  "
-                        "n/p: next/previous page")
+            last = min(self.page_offset + len(rows), self.table_size)
+            first = self.page_offset + 1 if rows else 0
+            page.update(f"rows {first}-{last} of {self.table_size}  ·  n/p: next/previous page")
 
     @on(ModelLoaded)
     def _model_loaded(self, message: ModelLoaded) -> None:
@@ -157,10 +164,10 @@ class MemoryPane(Vertical):
     def action_page(self, step: int) -> None:
         if self.search_results is not None:
             return
-        new_offset = self.offset + step * PAGE_SIZE
-        if new_offset < 0 or (step > 0 and new_offset >= self.size):
+        new_offset = self.page_offset + step * PAGE_SIZE
+        if new_offset < 0 or (step > 0 and new_offset >= self.table_size):
             return
-        self.offset = new_offset
+        self.page_offset = new_offset
         self.load_page()
 
     def action_refresh(self) -> None:

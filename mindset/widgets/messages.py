@@ -5,20 +5,16 @@ from __future__ import annotations
 from textual.message import Message
 
 
-class ModelLoaded(Message):
+class ModelLoaded(Message, bubble=False):
     """A model finished loading in the background."""
-
-    bubble = False
 
     def __init__(self, role: str) -> None:
         super().__init__()
         self.role = role
 
 
-class ModelLoadFailed(Message):
+class ModelLoadFailed(Message, bubble=False):
     """A model could not be loaded; ``error`` says why and what to do."""
-
-    bubble = False
 
     def __init__(self, role: str, error: str) -> None:
         super().__init__()
@@ -26,10 +22,8 @@ class ModelLoadFailed(Message):
         self.error = error
 
 
-class JobsChanged(Message):
+class JobsChanged(Message, bubble=False):
     """The number of running jobs changed (posted to the app)."""
-
-    bubble = False
 
     def __init__(self, running: int) -> None:
         super().__init__()

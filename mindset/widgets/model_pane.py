@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
@@ -36,7 +38,7 @@ def fill(node: TreeNode[ModelNode], model_node: ModelNode) -> None:
 class ModelPane(Vertical):
     """Two trees: the teacher on the left, the student (if any) on the right."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("e", "expand_all", "Expand all", id="model.expand"),
         Binding("c", "collapse_all", "Collapse all", id="model.collapse"),
         Binding("ctrl+l", "load_student", "Load student", id="model.load_student"),

@@ -7,11 +7,11 @@ directories, so they outlive the app and reappear in the list when it opens agai
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DataTable, Input, Label, Log, ProgressBar, Select, Static
 from textual_plotext import PlotextPlot
@@ -27,7 +27,7 @@ MEMORY_KINDS = ("featural", "associative")
 class TrainingPane(Horizontal):
     """A launch form on the left; the job list, loss plot, progress and log on the right."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+l", "launch", "Launch job", id="training.launch"),
         Binding("c", "control('cancel')", "Cancel job", id="training.cancel"),
         Binding("z", "control('pause')", "Pause job", id="training.pause"),

@@ -21,11 +21,12 @@ def kmeans(points: torch.Tensor, clusters: int, *, spherical: bool = False, iter
     if n <= clusters:
         extra = data[rng.integers(0, n, clusters - n)] if n else np.zeros((clusters, dim))
         noise = rng.normal(0, 1e-3 + float(data.std()) * 0.1 if n else 1.0, extra.shape)
-        centroids = np.concatenate([data, extra + noise]).astype(np.float32)
+        centroids: np.ndarray = np.concatenate([data, extra + noise]).astype(np.float32)
     else:
         km = faiss.Kmeans(dim, clusters, niter=iterations, seed=seed, spherical=spherical,
                           verbose=False, min_points_per_centroid=1, max_points_per_centroid=256)
         km.train(data)
+        assert km.centroids is not None
         centroids = km.centroids
     out = torch.from_numpy(np.asarray(centroids, dtype=np.float32).copy())
     if spherical:

@@ -1,0 +1,280 @@
+"""Background distillation jobs: start, list, watch, pause, resume and cancel.
+
+Each job is a run directory under the runs root (``runs_dir()`` by default) and a separate
+process (``python -m engine.distill.worker RUN_DIR``, or ``torchrun`` for several processes)
+in its own session, so it keeps training when the workbench closes. Everything the runner
+knows it reads back from the run directories, so jobs reappear after a restart; a job whose
+process died without finishing (a crash, ``kill -9``, a reboot) shows as ``crashed`` and
+:meth:`JobRunner.resume` restarts it from its last checkpoint.
+
+Control goes through ``control.json`` in the run directory, which the training loop polls
+every step: pause, resume, cancel (checkpoint, then exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.distill import events as ev
+from engine.distill.checkpoints import CHECKPOINT_NAME, atomic_write_text
+from engine.distill.config import DistillConfig
+from engine.errors import InputError
+
+JOB_NAME = "job.json"
+LOG_NAME = "worker.log"
+WORKER_MODULE = "engine.distill.worker"
+
+
+@dataclass
+class JobInfo:
+    """A job as read from its run directory."""
+
+    id: str
+    run_dir: Path
+    state: str  # starting | running | paused | cancelled | completed | failed | crashed
+    step: int
+    total_steps: int
+    pid: int | None
+    alive: bool
+    error: str | None
+    teacher: str
+    memory: str
+    layers: str
+    created: float
+    updated: float
+
+    @property
+    def resumable(self) -> bool:
+        return not self.alive and self.state in ("cancelled", "failed", "crashed", "starting")
+
+    @property
+    def finished(self) -> bool:
+        return not self.alive and self.state in ev.FINAL_STATES + ("crashed",)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["run_dir"] = str(self.run_dir)
+        return data
+
+
+def process_alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a live (not zombie) distillation worker."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path(f"/proc/{pid}")
+    if proc.exists():  # Linux: rule out zombies and recycled pids
+        try:
+            if ") Z" in (proc / "stat").read_text():
+                return False
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return False
+        return WORKER_MODULE in command or "torch.distributed.run" in command
+    return True
+
+
+def job_name(config: DistillConfig) -> str:
+    layers = re.sub(r"[^0-9a-z]+", "_", config.layers.lower()).strip("_") or "layers"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{config.memory}-{layers}"
+
+
+class JobRunner:
+    """Starts distillation processes and reads their state back from the run directories."""
+
+    def __init__(self, root: Path | None = None, *, python: str | None = None) -> None:
+        if root is None:
+            from engine.paths import runs_dir
+
+            root = runs_dir()
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.python = python or sys.executable
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- starting -------------------------------------------------------------------------
+    def start(self, config: DistillConfig, *, name: str | None = None,
+              processes: int = 1) -> JobInfo:
+        """Write the run directory and launch its training process; returns at once."""
+        config.validate()
+        if processes < 1:
+            raise InputError(f"processes must be at least 1 (got {processes})")
+        base = name or job_name(config)
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", base):
+            raise InputError(f"job name {base!r} may hold only letters, digits, '.', '_', '-'")
+        job_id, suffix = base, 1
+        while (self.root / job_id).exists():
+            suffix += 1
+            job_id = f"{base}-{suffix}"
+        run_dir = self.root / job_id
+        run_dir.mkdir(parents=True)
+        config.save(run_dir / ev.CONFIG_NAME)
+        atomic_write_text(run_dir / JOB_NAME, json.dumps(
+            {"created": time.time(), "processes": processes, "pid": None}) + "\n")
+        self._launch(job_id)
+        return self.job(job_id)
+
+    def _launch(self, job_id: str) -> None:
+        run_dir = self.run_dir(job_id)
+        job = self._job_file(run_dir)
+        processes = int(job.get("processes", 1))
+        ev.write_control(run_dir, "run")
+        if processes > 1:
+            command = [self.python, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc-per-node={processes}", "-m", WORKER_MODULE, str(run_dir)]
+        else:
+            command = [self.python, "-m", WORKER_MODULE, str(run_dir)]
+        env = dict(os.environ)
+        source_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
+        with (run_dir / LOG_NAME).open("ab") as log:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,  # survives the workbench closing
+            )
+        self._children[job_id] = process
+        job.update({"pid": process.pid, "launched": time.time()})
+        atomic_write_text(run_dir / JOB_NAME, json.dumps(job) + "\n")
+
+    # -- reading --------------------------------------------------------------------------
+    def run_dir(self, job_id: str) -> Path:
+        run_dir = self.root / job_id
+        if "/" in job_id or job_id in ("", ".", "..") or not (run_dir / ev.CONFIG_NAME).exists():
+            raise InputError(f"no job {job_id!r} in {self.root}")
+        return run_dir
+
+    @staticmethod
+    def _job_file(run_dir: Path) -> dict[str, Any]:
+        try:
+            data = json.loads((run_dir / JOB_NAME).read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _alive(self, job_id: str, pid: int | None) -> bool:
+        child = self._children.get(job_id)
+        if child is not None and child.pid == pid:
+            return child.poll() is None  # reaps our own finished children
+        return process_alive(pid)
+
+    def job(self, job_id: str) -> JobInfo:
+        run_dir = self.run_dir(job_id)
+        job = self._job_file(run_dir)
+        state = ev.read_state(run_dir)
+        pid = job.get("pid")
+        alive = self._alive(job_id, pid)
+        name = state.get("state", "starting")
+        if float(job.get("launched", 0.0)) > float(state.get("updated", 0.0)):
+            name = "starting"  # relaunched; the process has not reported yet
+        if not alive and name in ev.LIVE_STATES:
+            name = "crashed"
+        try:
+            config = DistillConfig.load(run_dir / ev.CONFIG_NAME)
+            teacher, memory, layers, total = (config.teacher, config.memory, config.layers,
+                                              config.total_steps)
+        except InputError:
+            teacher, memory, layers, total = "?", "?", "?", 0
+        return JobInfo(
+            id=job_id, run_dir=run_dir, state=name, step=int(state.get("step", 0)),
+            total_steps=int(state.get("total_steps", total)), pid=pid, alive=alive,
+            error=state.get("error"), teacher=teacher, memory=memory, layers=layers,
+            created=float(job.get("created", 0.0)), updated=float(state.get("updated", 0.0)),
+        )
+
+    def jobs(self) -> list[JobInfo]:
+        """Every job under the runs root, newest first."""
+        found = [self.job(path.name) for path in self.root.iterdir()
+                 if (path / ev.CONFIG_NAME).exists() and (path / JOB_NAME).exists()]
+        return sorted(found, key=lambda job: job.created, reverse=True)
+
+    def report(self, job_id: str) -> dict[str, Any] | None:
+        """The run report of a completed job (None before it completes)."""
+        path = self.run_dir(job_id) / ev.REPORT_NAME
+        if not path.exists():
+            return None
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return data
+
+    # -- control --------------------------------------------------------------------------
+    def pause(self, job_id: str, *, at_step: int | None = None) -> None:
+        """Pause a live job (at once, or when it reaches ``at_step``)."""
+        job = self.job(job_id)
+        if not job.alive:
+            raise InputError(f"job {job_id} is {job.state}, not running; nothing to pause")
+        ev.write_control(job.run_dir, "pause", at_step)
+
+    def resume(self, job_id: str) -> JobInfo:
+        """Unpause a paused job, or restart a stopped one from its last checkpoint."""
+        job = self.job(job_id)
+        if job.alive:
+            ev.write_control(job.run_dir, "run")
+            return self.job(job_id)
+        if job.state == "completed":
+            raise InputError(f"job {job_id} has completed; start a new job to train further")
+        self._launch(job_id)
+        return self.job(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        """Ask a live job to checkpoint and exit (it does so within one training step)."""
+        job = self.job(job_id)
+        if not job.alive:
+            raise InputError(f"job {job_id} is {job.state}, not running; nothing to cancel")
+        ev.write_control(job.run_dir, "cancel")
+
+    def has_checkpoint(self, job_id: str) -> bool:
+        return (self.run_dir(job_id) / CHECKPOINT_NAME).exists()
+
+    # -- waiting and watching -------------------------------------------------------------
+    def wait(self, job_id: str, timeout: float | None = None, *, poll: float = 0.2) -> JobInfo:
+        """Block until the job's process has exited (or ``timeout`` seconds passed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if not job.alive or (deadline is not None and time.monotonic() >= deadline):
+                return job
+            time.sleep(poll)
+
+    async def wait_async(self, job_id: str, timeout: float | None = None, *,
+                         poll: float = 0.25) -> JobInfo:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if not job.alive or (deadline is not None and time.monotonic() >= deadline):
+                return job
+            await asyncio.sleep(poll)
+
+    async def events(self, job_id: str, *, from_start: bool = True, follow: bool = True,
+                     poll: float = 0.25) -> AsyncIterator[dict[str, Any]]:
+        """The job's events as they are written; ends when the job's process has exited.
+
+        ``from_start=False`` skips what was written before the call; ``follow=False`` yields
+        what is there now and stops.
+        """
+        run_dir = self.run_dir(job_id)
+        path = run_dir / ev.EVENTS_NAME
+        offset = 0 if from_start or not path.exists() else path.stat().st_size
+        tail = ev.EventTail(run_dir, offset)
+        while True:
+            alive = self.job(job_id).alive
+            for event in tail.poll():
+                yield event
+            if not follow or not alive:
+                for event in tail.poll():  # anything written just before the exit
+                    yield event
+                return
+            await asyncio.sleep(poll)

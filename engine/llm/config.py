@@ -1,0 +1,106 @@
+"""Which model to talk to: the ``[llm]`` table of the config file, and adapter specs.
+
+The config file (``engine.paths.config_path()``, TOML)::
+
+    [llm]
+    adapter = "openai"          # or "local" (the default)
+    model = "gpt-4o-mini"       # a local model spec for adapter = "local"
+    base_url = "http://127.0.0.1:8000/v1"   # any OpenAI-compatible server
+    api_key = "..."             # OPENAI_API_KEY takes precedence
+
+Adapter specs, as given to ``--model`` or :func:`build_adapter`:
+
+* ``default``, ``tiny-llama``, ``tiny-gpt2``, a model or student directory, or
+  ``local:<any of those>``: the local adapter;
+* ``openai`` (the model from the config file) or ``openai:<model>``: the OpenAI-compatible
+  adapter, with ``base_url`` and the key from the environment or the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InputError
+from engine.llm.adapter import BaseAdapter
+from engine.llm.log import InteractionLog
+
+ADAPTER_KINDS = ("local", "openai")
+
+
+@dataclass
+class LLMConfig:
+    adapter: str = "local"
+    model: str | None = None
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+
+def read_llm_config(path: Path | None = None) -> LLMConfig:
+    """The ``[llm]`` table of the config file; defaults where the file or table is missing."""
+    if path is None:
+        from engine.paths import config_path
+
+        path = config_path()
+    if not path.is_file():
+        return LLMConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid TOML ({exc}); fix or remove it") from exc
+    table = data.get("llm", {})
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: [llm] must be a table")
+    config = LLMConfig()
+    for key in ("adapter", "model", "base_url", "api_key"):
+        value = table.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InputError(f"{path}: llm.{key} must be a string")
+        setattr(config, key, value)
+    if config.adapter not in ADAPTER_KINDS:
+        raise InputError(
+            f"{path}: llm.adapter is {config.adapter!r}; use one of {', '.join(ADAPTER_KINDS)}"
+        )
+    return config
+
+
+def build_adapter(spec: str | None = None, *, config: LLMConfig | None = None,
+                  log: InteractionLog | bool = True, **options: Any) -> BaseAdapter:
+    """An adapter for ``spec`` (see the module docstring); ``None`` means the config's choice.
+
+    ``log``: True for the interaction log in the data directory, False for none, or a log.
+    Loading a local model blocks for seconds: call this from a worker thread in a UI.
+    ``options`` go to the adapter (``api_key``, ``base_url``, ``max_retries``...).
+    """
+    config = config or read_llm_config()
+    interaction_log = InteractionLog() if log is True else (log or None)
+    kind, model = _parse_spec(spec, config)
+    if kind == "openai":
+        from engine.llm.openai_adapter import OpenAIAdapter
+
+        if not model:
+            raise InputError("no remote model named: give openai:<model> or set model under "
+                             "[llm] in the config file")
+        options.setdefault("base_url", config.base_url or os.environ.get("OPENAI_BASE_URL"))
+        options.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or config.api_key)
+        return OpenAIAdapter(model, log=interaction_log, **options)
+    from engine.llm.local import LocalAdapter
+
+    return LocalAdapter.from_spec(model or "default", log=interaction_log)
+
+
+def _parse_spec(spec: str | None, config: LLMConfig) -> tuple[str, str | None]:
+    if spec is None or not spec.strip():
+        return config.adapter, config.model
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in ADAPTER_KINDS:
+        fallback = config.model if prefix == config.adapter else None
+        return prefix, rest or fallback
+    if spec in ADAPTER_KINDS:
+        return spec, config.model if spec == config.adapter else None
+    return "local", spec

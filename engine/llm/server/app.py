@@ -1,0 +1,309 @@
+"""The OpenAI-compatible HTTP API over local adapters (FastAPI).
+
+Requests for one model take turns in arrival order (the adapter generates one reply at a
+time); a client that disconnects cancels its generation, streamed or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from typing import Any, TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import __version__
+from engine.errors import InputError, MindsetError
+from engine.llm.local import ContextLengthError, LocalAdapter
+from engine.llm.secrets import register_secret
+from engine.llm.server.schemas import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorResponse,
+    ModelList,
+    ModelOut,
+    TextCompletion,
+    UsageOut,
+)
+from engine.llm.types import ChatMessage, SamplingParams, StreamChunk, Usage
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.25
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 500)
+}
+
+
+class APIError(Exception):
+    """An error to send as an OpenAI-style error object."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = (
+            status, message, kind, param, code)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = None) -> FastAPI:
+    """The API serving ``adapters`` by model id; with ``api_key``, every /v1 route needs it."""
+    if not adapters:
+        raise InputError("the server needs at least one model")
+    register_secret(api_key)
+    created = int(time.time())
+    app = FastAPI(title="Mindset OpenAI-compatible API", version=__version__,
+                  description="Local models behind the OpenAI API: /v1/models, "
+                  "/v1/chat/completions and /v1/completions.")
+    bearer = HTTPBearer(auto_error=False, description="the key given to `mindset serve`")
+
+    async def check_key(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> None:
+        if api_key is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def adapter_for(model: str) -> LocalAdapter:
+        adapter = adapters.get(model)
+        if adapter is None:
+            raise APIError(404, f"the model {model!r} does not exist; served: "
+                           f"{', '.join(adapters)}", param="model", code="model_not_found")
+        return adapter
+
+    install_error_handlers(app)
+    auth = [Depends(check_key)]
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=auth, response_model=ModelList,
+             responses=ERROR_RESPONSES)
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelOut(id=name, created=created) for name in adapters])
+
+    @app.get("/v1/models/{model}", dependencies=auth, response_model=ModelOut,
+             responses=ERROR_RESPONSES)
+    async def get_model(model: str) -> ModelOut:
+        adapter_for(model)
+        return ModelOut(id=model, created=created)
+
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletion,
+              responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        adapter = adapter_for(body.model)
+        params = sampling(body, body.max_completion_tokens)
+        messages = [m.as_message() for m in body.messages]
+        usage = Usage(prompt_tokens=check_context(adapter, messages=messages))
+        if body.stream:
+            stream = adapter.stream_chat(messages, params)
+            return sse_response(chat_events(stream, body.model, body.include_usage, usage))
+        reply = await until_disconnect(request, adapter.chat(messages, params))
+        return ChatCompletion(
+            id=f"chatcmpl-{reply.id}", created=int(time.time()), model=body.model,
+            choices=[ChatChoice(message=ChatMessageOut(content=reply.text),
+                                finish_reason=reply.finish_reason)],
+            usage=usage_out(reply.usage))
+
+    @app.post("/v1/completions", dependencies=auth, response_model=TextCompletion,
+              responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        adapter = adapter_for(body.model)
+        params = sampling(body, None)
+        if isinstance(body.prompt, list):
+            if len(body.prompt) != 1:
+                raise APIError(400, "give one prompt (a string, or a list of exactly one)",
+                               param="prompt")
+            prompt = body.prompt[0]
+        else:
+            prompt = body.prompt
+        usage = Usage(prompt_tokens=check_context(adapter, prompt=prompt))
+        if body.stream:
+            stream = adapter.stream_complete(prompt, params)
+            return sse_response(completion_events(stream, body.model, body.include_usage, usage))
+        reply = await until_disconnect(request, adapter.complete(prompt, params))
+        return TextCompletion(
+            id=f"cmpl-{reply.id}", created=int(time.time()), model=body.model,
+            choices=[CompletionChoice(text=reply.text, finish_reason=reply.finish_reason)],
+            usage=usage_out(reply.usage))
+
+    return app
+
+
+# Requests --------------------------------------------------------------------------------
+
+
+def sampling(body: ChatCompletionRequest | CompletionRequest,
+             max_tokens: int | None) -> SamplingParams:
+    try:
+        return body.sampling(max_tokens)
+    except InputError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+def check_context(adapter: LocalAdapter, *, messages: list[ChatMessage] | None = None,
+                  prompt: str | None = None) -> int:
+    try:
+        return adapter.count_prompt_tokens(messages=messages, prompt=prompt)
+    except ContextLengthError as exc:
+        raise APIError(400, str(exc), param="messages" if messages else "prompt",
+                       code="context_length_exceeded") from None
+    except InputError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "the client closed the request")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def usage_out(usage: Usage) -> UsageOut:
+    return UsageOut(prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    total_tokens=usage.total_tokens)
+
+
+# Server-sent events ----------------------------------------------------------------------
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+async def chat_events(stream: AsyncGenerator[StreamChunk, None], model: str, include_usage: bool,
+                      usage: Usage) -> AsyncIterator[str]:
+    head: dict[str, Any] = {"id": "", "object": "chat.completion.chunk",
+                            "created": int(time.time()), "model": model}
+
+    def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {**head, "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return body
+
+    started = False
+    async for event in guarded(stream, usage):
+        if isinstance(event, str):
+            yield event
+            return
+        head["id"] = f"chatcmpl-{event.id}"
+        if not started:
+            started = True
+            yield sse(chunk({"role": "assistant", "content": ""}, None))
+        if event.text:
+            yield sse(chunk({"content": event.text}, None))
+        if event.finish_reason:
+            yield sse(chunk({}, event.finish_reason))
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage_out(usage).model_dump()})
+    yield DONE
+
+
+async def completion_events(stream: AsyncGenerator[StreamChunk, None], model: str,
+                            include_usage: bool, usage: Usage) -> AsyncIterator[str]:
+    head: dict[str, Any] = {"id": "", "object": "text_completion", "created": int(time.time()),
+                            "model": model}
+    async for event in guarded(stream, usage):
+        if isinstance(event, str):
+            yield event
+            return
+        head["id"] = f"cmpl-{event.id}"
+        if event.text or event.finish_reason:
+            body: dict[str, Any] = {**head, "choices": [
+                {"index": 0, "text": event.text, "logprobs": None,
+                 "finish_reason": event.finish_reason}]}
+            if include_usage:
+                body["usage"] = None
+            yield sse(body)
+        if event.finish_reason and include_usage:
+            yield sse({**head, "choices": [], "usage": usage_out(usage).model_dump()})
+    yield DONE
+
+
+async def guarded(stream: AsyncGenerator[StreamChunk, None],
+                  usage: Usage) -> AsyncIterator[StreamChunk | str]:
+    """The stream's chunks, then an error event if it fails; always closes the stream, which
+    stops the generation when the client has gone (the response task is cancelled)."""
+    try:
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage.prompt_tokens = chunk.usage.prompt_tokens
+                usage.completion_tokens = chunk.usage.completion_tokens
+            yield chunk
+    except MindsetError as exc:
+        yield sse(APIError(400, str(exc)).body())
+    except Exception as exc:
+        yield sse(APIError(500, f"generation failed: {type(exc).__name__}: {exc}",
+                           kind="server_error").body())
+    finally:
+        await stream.aclose()
+
+
+# Errors ----------------------------------------------------------------------------------
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        elif param:
+            message = f"{param}: {message}"
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(MindsetError)
+    async def mindset_error(_: Request, exc: MindsetError) -> JSONResponse:
+        status = 400 if isinstance(exc, InputError) else 500
+        kind = "invalid_request_error" if status == 400 else "server_error"
+        return JSONResponse(APIError(status, str(exc), kind=kind).body(), status_code=status)

@@ -1,0 +1,131 @@
+"""Associative memory: stored (key, value) entries that grow while the model runs.
+
+For each token and head: project a query, a key and a value; find the query's top-k stored
+keys; attend (softmax of scaled dot products) over those entries plus the token's own key and
+value; project the heads' mixed values back to the hidden size. A token whose query is far
+from every stored key (squared L2 above ``novelty_threshold``) inserts its key and value.
+
+The store is not differentiable; gradients reach the projections through the straight-through
+estimator (see ``ste.py``). Entries live in an in-process :class:`EntryCache` during training
+and are persisted to the memory store (``engine.memory``) by :meth:`save_tables`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.model.memory_layers.config import AssociativeConfig
+from engine.model.memory_layers.entry_cache import EntryCache
+from engine.model.memory_layers.ste import straight_through
+
+STORE_FILE = "memory.db"
+
+
+class AssociativeMemory(nn.Module):
+    def __init__(self, config: AssociativeConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        self.query_proj = nn.Linear(c.hidden_size, c.heads * c.key_dim, bias=True)
+        self.key_proj = nn.Linear(c.hidden_size, c.heads * c.key_dim, bias=True)
+        self.value_proj = nn.Linear(c.hidden_size, c.heads * c.value_dim, bias=True)
+        self.out_proj = nn.Linear(c.heads * c.value_dim, c.hidden_size, bias=True)
+        nn.init.zeros_(self.out_proj.weight)  # a fresh memory adds nothing until it learns
+        nn.init.zeros_(self.out_proj.bias)
+        self.cache = EntryCache(c.key_dim, c.value_dim, c.capacity, c.decay)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def inserting(self) -> bool:
+        return self.config.insert == "always" or (self.config.insert == "train" and self.training)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        rows = x.shape[0] * c.heads
+        query = self.query_proj(x).view(rows, c.key_dim)
+        key = self.key_proj(x).view(rows, c.key_dim)
+        value = self.value_proj(x).view(rows, c.value_dim)
+        self.cache.to(x.device, x.dtype)
+
+        cand_keys, cand_values = key.unsqueeze(1), value.unsqueeze(1)  # the token's own entry
+        k = min(c.topk, len(self.cache))
+        distances = positions = None
+        if k > 0:
+            with torch.no_grad():
+                distances, positions = self.cache.search(query.detach(), k)
+            returned_keys, returned_values = straight_through(
+                query, key, value, self.cache.keys[positions], self.cache.values[positions]
+            )
+            cand_keys = torch.cat([cand_keys, returned_keys], dim=1)
+            cand_values = torch.cat([cand_values, returned_values], dim=1)
+        scores = (query.unsqueeze(1) * cand_keys).sum(-1) / math.sqrt(c.key_dim)
+        mixed = (torch.softmax(scores, dim=-1).unsqueeze(-1) * cand_values).sum(1)
+        out = self.out_proj(mixed.view(x.shape[0], c.heads * c.value_dim))
+
+        if positions is not None and not torch.is_inference_mode_enabled():
+            self._after_read(positions)
+        if self.inserting():
+            novel = (torch.ones(rows, dtype=torch.bool, device=x.device) if distances is None
+                     else distances[:, 0] > c.novelty_threshold)
+            if novel.any():
+                self.cache.add(key.detach()[novel], value.detach()[novel])
+        return out.view(shape)
+
+    def _after_read(self, positions: torch.Tensor) -> None:
+        self.cache.touch(positions)
+        if self.config.merge_threshold > 0 and self.training:
+            self.cache.recombine(positions, self.config.merge_threshold)
+
+    # --- persistence through the memory store --------------------------------------------
+
+    def save_tables(self, directory: Path, name: str) -> None:
+        """Write the entries to table ``name`` of the store in ``directory`` (replacing it)."""
+        from engine.memory import MemoryStore
+
+        directory.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        with MemoryStore.open(directory / STORE_FILE) as store:
+            if name in store.table_names():
+                store.drop_table(name)
+            table = store.create_table(name, c.key_dim, c.value_dim, index="flat-l2",
+                                       capacity=c.capacity)
+            keys = self.cache.keys.detach().float().cpu().numpy()
+            values = self.cache.values.detach().float().cpu().numpy()
+            chunk = 8192
+            for start in range(0, len(keys), chunk):
+                table.insert(keys[start:start + chunk], values[start:start + chunk],
+                             provenance=f"associative memory {name}")
+
+    def load_tables(self, directory: Path, name: str) -> None:
+        """Read the entries of table ``name`` from the store in ``directory`` (if present)."""
+        from engine.memory import MemoryStore
+
+        path = directory / STORE_FILE
+        if not path.is_file():
+            self.cache.replace(torch.zeros(0, self.config.key_dim),
+                               torch.zeros(0, self.config.value_dim))
+            return
+        with MemoryStore.open(path) as store:
+            if name not in store.table_names():
+                self.cache.replace(torch.zeros(0, self.config.key_dim),
+                                   torch.zeros(0, self.config.value_dim))
+                return
+            _, keys, values = store.table(name).export_arrays()
+        self.cache.replace(torch.from_numpy(keys.copy()), torch.from_numpy(values.copy()))
+
+    def fill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the entries (initialisation, tests)."""
+        self.cache.replace(keys.float(), values.float())
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"{c.heads} heads, keys {c.key_dim}, values {c.value_dim}, top-{c.topk}, "
+                f"{len(self.cache)}/{c.capacity} entries, novelty > {c.novelty_threshold}")

@@ -1,0 +1,186 @@
+"""``mindset distill``: train a discrete-memory student from a teacher by distillation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from mindset.commands.common import positive_float, positive_int
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def hparam(text: str) -> tuple[str, Any]:
+    """KEY=VALUE, the value read as JSON when it parses (numbers, true/false), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "distill",
+        help="train a memory student from a teacher by knowledge distillation",
+        description="Clone the teacher, replace the MLPs of the chosen layers with memory "
+        "layers, and train them to match the teacher (KL at temperature T, optionally "
+        "layer-local matching first). Writes checkpoints, events, TensorBoard curves, the "
+        "student and a run report into --out. Ctrl-C checkpoints and stops; --resume continues.",
+    )
+    parser.add_argument("--teacher", default="default",
+                        help="default, tiny-gpt2, tiny-llama, or a model directory")
+    parser.add_argument("--layers", required=True,
+                        help="'all', an index, a list (1,4,7) or a range (8-10)")
+    parser.add_argument("--memory", default="featural",
+                        choices=["featural", "associative", "dense"],
+                        help="memory kind (dense = the compute-matched MLP control)")
+    parser.add_argument("--data", action="append", default=[], metavar="PATH",
+                        help="a UTF-8 text file or folder (repeatable); none = sample a corpus "
+                        "from the teacher (data-free)")
+    parser.add_argument("--steps", type=positive_int, default=1000,
+                        help="end-to-end distillation steps")
+    parser.add_argument("--local-steps", type=non_negative_int, default=0,
+                        help="layer-local matching steps before the end-to-end stage")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory (default: a new one under the data directory)")
+    parser.add_argument("--hparam", type=hparam, action="append", default=[],
+                        metavar="KEY=VALUE", help="memory layer setting (repeatable), e.g. "
+                        "num_subkeys=128, topk=16, init=mlp")
+    parser.add_argument("--block-size", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--value-lr", type=positive_float, default=None,
+                        help="learning rate of memory values (default 10x --lr)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--ce-weight", type=float, default=0.0,
+                        help="weight of the student's own cross-entropy (default 0)")
+    parser.add_argument("--clip", type=positive_float, default=1.0, help="gradient norm clip")
+    parser.add_argument("--warmup", type=non_negative_int, default=0, help="warm-up steps")
+    parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    parser.add_argument("--eval-every", type=positive_int, default=100)
+    parser.add_argument("--checkpoint-every", type=positive_int, default=100)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--threads", type=non_negative_int, default=0,
+                        help="CPU threads (default: torch's choice)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--background", action="store_true",
+                        help="start the run as a background job and print its id")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=run)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from engine.distill.config import DistillConfig
+
+    config = DistillConfig(
+        teacher=args.teacher, layers=args.layers, memory=args.memory,
+        hparams=dict(args.hparam), data=[str(Path(p).expanduser().resolve()) for p in args.data],
+        steps=args.steps, local_steps=args.local_steps, block_size=args.block_size,
+        batch_size=args.batch_size, lr=args.lr, value_lr=args.value_lr,
+        temperature=args.temperature, ce_weight=args.ce_weight, clip_norm=args.clip,
+        warmup_steps=args.warmup, schedule=args.schedule, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
+    )
+    config.validate()
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.distill.checkpoints import CHECKPOINT_NAME
+    from engine.distill.config import DistillConfig
+    from engine.distill.data import check_text_paths
+    from engine.distill.events import CONFIG_NAME, SUMMARY_NAME
+    from engine.errors import InputError
+
+    if args.resume:
+        if args.out is None:
+            raise InputError("--resume needs --out, the run directory to continue")
+        config = DistillConfig.load(args.out / CONFIG_NAME)
+    else:
+        config = build_config(args)
+        if args.out is not None and (args.out / CHECKPOINT_NAME).exists():
+            raise InputError(f"{args.out} already holds a run; add --resume to continue it "
+                             "or give another --out")
+    if config.data:
+        check_text_paths(config.data)
+
+    if args.background:
+        from engine.distill.jobs import JobRunner
+
+        if args.resume:
+            raise InputError("--background cannot resume a foreground run directory; "
+                             "run it with --resume in the foreground")
+        root = args.out.parent if args.out is not None else None
+        name = args.out.name if args.out is not None else None
+        job = JobRunner(root).start(config, name=name)
+        print(f"started job {job.id} (pid {job.pid}) in {job.run_dir}")
+        return 0
+
+    if args.out is None:
+        from engine.distill.jobs import job_name
+        from engine.paths import runs_dir
+
+        args.out = runs_dir() / job_name(config)
+    report = train_with_progress(config, args.out)
+    if not report:
+        print(f"cancelled: checkpoint saved in {args.out}; continue with "
+              f"`mindset distill --out {args.out} --resume`")
+        return 130
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print((args.out / SUMMARY_NAME).read_text(encoding="utf-8"), end="")
+        print(f"run directory: {args.out}  (tensorboard --logdir {args.out / 'tensorboard'})")
+    return 0
+
+
+def train_with_progress(config: Any, run_dir: Path) -> dict[str, Any]:
+    """Run in this process with a progress bar, shown once training starts (not on errors)."""
+    from tqdm import tqdm
+
+    from engine.distill.loop import run_distillation
+
+    bars: list[Any] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "state" and event.get("state") == "running" and not bars:
+            bars.append(tqdm(total=config.total_steps, initial=int(event.get("step", 0)),
+                             unit="step", dynamic_ncols=True, desc="distill"))
+        if not bars:
+            return
+        bar = bars[0]
+        if kind == "step":
+            bar.update(int(event["step"]) - bar.n)
+            postfix = {"stage": event.get("stage")}
+            for key in ("kl", "ce", "local"):
+                if key in event:
+                    postfix[key] = f"{event[key]:.4f}"
+            postfix["tok/s"] = f"{event.get('tokens_per_s', 0):.0f}"
+            postfix["eta"] = f"{event.get('eta_s', 0):.0f}s"
+            bar.set_postfix(postfix, refresh=False)
+        elif kind == "eval":
+            bar.write(f"step {event['step']}: held-out perplexity {event['heldout_ppl']:.4f}")
+        elif kind == "state" and event.get("state") == "paused":
+            bar.write("paused")
+
+    try:
+        return run_distillation(config, run_dir, on_event=on_event)
+    finally:
+        for bar in bars:
+            bar.close()

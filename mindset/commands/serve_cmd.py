@@ -1,0 +1,68 @@
+"""``mindset serve``: a local model behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from mindset.commands.common import positive_int
+
+API_KEY_ENV = "MINDSET_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="serve a local model through an OpenAI-compatible API",
+        description="Serve a model at /v1/models, /v1/chat/completions and /v1/completions "
+        "(streaming included). Every call is written to the interaction log.",
+    )
+    parser.add_argument("--model", default="default",
+                        help="default, tiny-llama, tiny-gpt2, or a model/student directory")
+    parser.add_argument("--name", default=None,
+                        help="model id clients use (default: the spec, or the directory name)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require this bearer token (or set {API_KEY_ENV}, which keeps it "
+                        "out of the process list)")
+    parser.add_argument("--no-log", action="store_true", help="do not log interactions")
+    parser.set_defaults(handler=run)
+
+
+def port_number(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
+
+
+def served_name(spec: str) -> str:
+    path = Path(spec).expanduser()
+    return path.name if path.is_dir() else spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.llm.local import LocalAdapter
+    from engine.llm.log import InteractionLog
+    from engine.llm.server import check_port_free, create_app, serve
+
+    check_port_free(args.host, args.port)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    log = None if args.no_log else InteractionLog()
+    name = args.name or served_name(args.model)
+    print(f"loading {args.model} ...", flush=True)
+    adapter = LocalAdapter.from_spec(args.model, log=log)
+    adapter.model = name
+    app = create_app({name: adapter}, api_key=api_key)
+    where = f"http://{args.host}:{args.port}/v1"
+    print(f"serving {name!r} at {where} (API key {'required' if api_key else 'not required'}"
+          f"{'' if log is None else f'; log: {log.path}'})", flush=True)
+    if args.host not in LOOPBACK and not api_key:
+        print("warning: listening beyond this machine with no --api-key", flush=True)
+    serve(app, host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,134 @@
+"""Background jobs in real processes: kill -9 and resume, pause, cancel, events, restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.distill import events as ev
+from engine.distill.checkpoints import load_checkpoint
+from engine.distill.jobs import JobRunner
+from engine.distill.loop import run_distillation
+from tests.test_distill_support import step_events, tiny_config
+
+BOOT_TIMEOUT = 90.0  # a fresh process imports torch and transformers first
+
+
+def wait_for(predicate, timeout: float = BOOT_TIMEOUT, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_kill_9_then_resume_continues_from_the_checkpoint_with_the_same_data(
+    tmp_path: Path,
+) -> None:
+    config = tiny_config(steps=10, checkpoint_every=3)
+    reference = step_events(_events_of_inline_run(tmp_path / "reference", config))
+
+    runner = JobRunner(tmp_path / "runs")
+    job = runner.start(config, name="killed")
+    runner.pause(job.id, at_step=5)  # hold it mid-run, past the step-3 checkpoint
+    wait_for(lambda: runner.job(job.id).state == "paused", what="the job to pause")
+    run_dir = job.run_dir
+    assert load_checkpoint(run_dir)["step"] == 3  # type: ignore[index]
+    first_attempt = step_events(ev.read_events(run_dir))
+    assert max(first_attempt) == 5
+
+    os.kill(job.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    wait_for(lambda: not runner.job(job.id).alive, 30, "the process to die")
+    crashed = runner.job(job.id)
+    assert crashed.state == "crashed" and crashed.resumable
+
+    # A new runner (as after a workbench restart) finds the job and resumes it.
+    again = JobRunner(tmp_path / "runs")
+    assert [j.id for j in again.jobs()] == ["killed"]
+    again.resume(job.id)
+    final = again.wait(job.id, timeout=BOOT_TIMEOUT)
+    assert final.state == "completed", (final, (run_dir / "worker.log").read_text()[-2000:])
+
+    events = ev.read_events(run_dir)
+    assert [e["from_step"] for e in events if e["type"] == "resumed"] == [3]
+    resumed = step_events(events)
+    assert sorted(resumed) == list(range(1, 11))
+    for step in (4, 5):  # recomputed after the kill: exactly what the first attempt did
+        assert resumed[step]["batch_hash"] == first_attempt[step]["batch_hash"]
+        assert resumed[step]["loss"] == pytest.approx(first_attempt[step]["loss"], rel=1e-5)
+    for step, event in reference.items():  # and the whole run matches an uninterrupted one
+        assert resumed[step]["batch_hash"] == event["batch_hash"], step
+        assert resumed[step]["loss"] == pytest.approx(event["loss"], rel=1e-4), step
+    assert again.report(job.id)["steps_done"] == 10  # type: ignore[index]
+
+
+def _events_of_inline_run(run_dir: Path, config) -> list[dict]:  # type: ignore[no-untyped-def]
+    run_distillation(config, run_dir)
+    return ev.read_events(run_dir)
+
+
+async def test_pause_resume_cancel_and_streamed_events(tmp_path: Path) -> None:
+    runner = JobRunner(tmp_path / "runs")
+    job = runner.start(tiny_config(steps=100_000, checkpoint_every=50, eval_every=10**6))
+    seen: list[dict] = []
+    paused_at: int | None = None
+    async for event in runner.events(job.id, poll=0.05):
+        seen.append(event)
+        if event["type"] == "step" and event["step"] == 3 and paused_at is None:
+            runner.pause(job.id)
+        if event["type"] == "state" and event["state"] == "paused" and paused_at is None:
+            paused_at = event["step"]
+            info = runner.job(job.id)
+            assert info.state == "paused" and info.alive
+            await runner.wait_async(job.id, timeout=1.0)  # stays paused: no steps meanwhile
+            assert runner.job(job.id).step == paused_at
+            assert max(step_events(ev.read_events(job.run_dir))) == paused_at
+            runner.resume(job.id)
+        if event["type"] == "step" and paused_at is not None and event["step"] >= paused_at + 3:
+            if runner.job(job.id).state != "cancelled":
+                runner.cancel(job.id)
+    # The iterator ended because the process exited after cancelling.
+    final = runner.job(job.id)
+    assert final.state == "cancelled" and not final.alive and final.resumable
+    assert paused_at is not None and paused_at >= 3
+    states = [e["state"] for e in seen if e["type"] == "state"]
+    assert states[:2] == ["starting", "running"] and "paused" in states
+    assert states[-1] == "cancelled"
+    checkpoint = load_checkpoint(job.run_dir)
+    assert checkpoint is not None and checkpoint["step"] == final.step > paused_at
+    assert [e for e in seen if e["type"] == "checkpoint"][-1]["step"] == final.step
+    with pytest.raises(Exception, match="not running"):
+        runner.cancel(job.id)
+    # Jobs reappear from their run directories in a fresh runner.
+    listed = JobRunner(tmp_path / "runs").jobs()
+    assert [(j.id, j.state) for j in listed] == [(job.id, "cancelled")]
+
+
+def test_two_processes_with_gloo_end_with_identical_weights(tmp_path: Path) -> None:
+    runner = JobRunner(tmp_path / "runs")
+    config = tiny_config(steps=4, checkpoint_every=2, eval_every=10**6)
+    job = runner.start(config, name="ddp", processes=2)
+    final = runner.wait(job.id, timeout=3 * BOOT_TIMEOUT)
+    log = (job.run_dir / "worker.log").read_text()
+    assert final.state == "completed", log[-3000:]
+    digests = [(job.run_dir / "ranks" / f"rank-{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    report = runner.report(job.id)
+    assert report is not None and report["world_size"] == 2
+    assert report["tokens_seen"] == 4 * 2 * 4 * 32  # both ranks' batches count
+    # The ranks trained (the weights moved away from the initial student's).
+    from engine.distill.build import build_student, layer_prefixes
+    from engine.distill.loop import trainable_state, weights_digest
+    from engine.model.loading import load_model
+    import torch
+
+    teacher = load_model(config.teacher)
+    torch.manual_seed(config.seed)
+    initial = build_student(teacher.model, [1, 2], "featural", {**config.hparams, "sparse": False})
+    before = weights_digest(trainable_state(initial, layer_prefixes(initial, [1, 2])))
+    assert digests[0].strip() != before

@@ -1,0 +1,162 @@
+"""The interaction log: storage, search, export, key redaction and `mindset logs`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.errors import InputError
+from engine.llm.log import Interaction, InteractionLog
+from engine.llm.secrets import register_secret
+from engine.llm.server import free_port
+from mindset.cli import run
+from tests.conftest import REPO_ROOT
+
+
+def interaction(ident: str, conversation: str, parent: str | None, user: str,
+                reply: str, **extra: object) -> Interaction:
+    return Interaction(id=ident, conversation_id=conversation, parent_id=parent,
+                       adapter="local", model="tiny-llama", kind="chat",
+                       params={"max_tokens": 8}, messages=[{"role": "user", "content": user}],
+                       response=reply, prompt_tokens=3, completion_tokens=4, latency_s=0.1,
+                       finish_reason="stop", **extra)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> InteractionLog:
+    log = InteractionLog(tmp_path / "log.sqlite")
+    log.record(interaction("aaa111", "conv1", None, "Where do otters sleep?", "In rafts."))
+    log.record(interaction("aaa222", "conv1", "aaa111", "And beavers?", "In lodges."))
+    log.record(interaction("bbb333", "conv1", "aaa111", "And cats?", "Anywhere warm."))
+    log.record(interaction("ccc444", "conv2", None, "Say hello", "", error="boom: it broke"))
+    return log
+
+
+def test_search_finds_words_in_messages_responses_and_errors(log: InteractionLog) -> None:
+    assert [i.id for i in log.search("otters")] == ["aaa111"]
+    assert [i.id for i in log.search("lodges")] == ["aaa222"]
+    assert [i.id for i in log.search("broke")] == ["ccc444"]
+    assert log.search("otters lodges") == []
+    # FTS syntax in user text is taken literally, never an SQL error.
+    assert log.search('"NEAR( AND OR*') == []
+    assert log.has_fts
+
+
+def test_conversations_keep_their_branches(log: InteractionLog) -> None:
+    items = log.conversation("conv1")
+    assert [(i.id, i.parent_id) for i in items] == [
+        ("aaa111", None), ("aaa222", "aaa111"), ("bbb333", "aaa111")]
+    assert log.conversation_of("bbb333") == "conv1"
+    assert log.get("bbb").response == "Anywhere warm."
+    with pytest.raises(InputError, match="matches 2 interactions"):
+        log.get("aaa")
+    with pytest.raises(InputError, match="no conversation"):
+        log.conversation("zzz")
+
+
+def test_registered_secrets_and_key_shapes_are_redacted(tmp_path: Path) -> None:
+    log = InteractionLog(tmp_path / "log.sqlite")
+    register_secret("hunter2-secret")
+    log.record(interaction("k1", "c", None, "use hunter2-secret and sk-abcdefghijklmnop1234",
+                           "ok hunter2-secret", error="failed with hunter2-secret"))
+    stored = log.get("k1")
+    assert stored.messages == [{"role": "user", "content": "use [redacted] and [redacted]"}]
+    assert stored.response == "ok [redacted]" and stored.error == "failed with [redacted]"
+    for path in tmp_path.iterdir():
+        data = path.read_bytes()
+        assert b"hunter2-secret" not in data and b"sk-abcdefghijklmnop1234" not in data
+
+
+def test_cli_lists_searches_shows_and_exports(log: InteractionLog, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(log.path)
+    assert run(["logs", "--db", db]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert len(listing) == 4 and listing[0].startswith("ccc444")
+    assert run(["logs", "--db", db, "list", "--search", "beavers", "--json"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["id"] == "aaa222"
+    assert run(["logs", "--db", db, "show", "bbb"]) == 0
+    assert json.loads(capsys.readouterr().out)["response"] == "Anywhere warm."
+
+    assert run(["logs", "--db", db, "export", "conv1"]) == 0
+    markdown = capsys.readouterr().out
+    assert markdown.startswith("# Conversation conv1")
+    assert markdown.index("Where do otters sleep?") < markdown.index("In rafts.")
+    assert "reply to `aaa111`" in markdown and "Anywhere warm." in markdown
+
+    target = tmp_path / "conv.json"
+    assert run(["logs", "--db", db, "export", "conv", "--format", "json", "-o",
+                str(target)]) == 2  # "conv" matches two conversations
+    assert "matches 2 conversations" in capsys.readouterr().err
+    assert run(["logs", "--db", db, "export", "conv1", "--format", "json", "-o",
+                str(target)]) == 0
+    exported = json.loads(target.read_text())
+    assert [i["id"] for i in exported] == ["aaa111", "aaa222", "bbb333"]
+
+
+def test_cli_on_a_corrupt_log_is_one_line(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"this is not a database" * 100)
+    assert run(["logs", "--db", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mindset: error:") and "unreadable" in err and len(err.splitlines()) == 1
+
+
+def test_serve_command_logs_calls_and_never_prints_the_key(tmp_path: Path) -> None:
+    key = "serve-cli-key-5512"
+    port = free_port()
+    env = {**os.environ, "MINDSET_HOME": str(tmp_path), "MINDSET_API_KEY": key}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mindset.cli", "serve", "--model", "tiny-llama", "--port",
+         str(port)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "ping"}],
+                "max_tokens": 3}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert reply.status_code == 200
+        assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert "serving 'tiny-llama' at http://127.0.0.1:" in output
+    assert "API key required" in output
+    assert key not in output
+    [entry] = InteractionLog(tmp_path / "interactions.sqlite").recent()
+    assert entry.messages == [{"role": "user", "content": "ping"}]
+    assert entry.completion_tokens == 3
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes()
+
+
+def test_serve_refuses_a_busy_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert run(["serve", "--model", "tiny-llama", "--port", str(port)]) == 2
+    assert "pick another --port" in capsys.readouterr().err
