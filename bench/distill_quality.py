@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--query-dim", type=int, default=None)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--finetune-steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's)")
     parser.add_argument("--runs-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" /
                         "distill_quality.json")
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                   steps=args.steps, local_steps=args.local_steps, block_size=args.block_size,
                   batch_size=args.batch_size, heldout_fraction=0.1,
                   heldout_blocks=args.heldout_blocks, lr=args.lr, warmup_steps=0,
-                  eval_every=10**9, checkpoint_every=max(50, args.steps // 4), seed=0)
+                  eval_every=10**9, checkpoint_every=max(50, args.steps // 4), seed=0,
+                  threads=args.threads)
     results: dict[str, Any] = {
         "model": args.model, "data": str(args.data), "quick": args.quick,
         "command": "python bench/distill_quality.py " + " ".join(argv or sys.argv[1:]),
@@ -160,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             config = DistillConfig(layers=spec, memory=kind, hparams=kind_hparams, **common)
             run_dir = runs_root / f"{label}-{kind}"
             print(f"[{time.strftime('%H:%M:%S')}] {label} {kind}: layers {spec}", flush=True)
-            report = run_distillation(config, run_dir, teacher=teacher)
+            report = run_distillation(config, run_dir, teacher=teacher, resume=False)
+            if not report:
+                print(f"cancelled; the run's checkpoint is in {run_dir}")
+                return 130
             rate = distill_rate(run_dir)
             results["runs"][f"{label}_{kind}"] = {
                 "layers": layers, "config": config.to_dict(), "run_dir": str(run_dir),

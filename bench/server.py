@@ -30,6 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from engine.llm.local import LocalAdapter  # noqa: E402
 from engine.llm.server import free_port  # noqa: E402
 from engine.llm.types import SamplingParams  # noqa: E402
@@ -47,6 +49,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--server", choices=("process", "thread"), default="process",
                         help="run the server as a `mindset serve` process (default) or on a "
                         "thread of this process (a faster smoke test, sharing its GIL)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on both sides (default 1: steady on shared cores)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "server.json"))
     args = parser.parse_args(argv)
     args.tokens = args.tokens or (16 if args.quick else 128)
@@ -111,7 +115,8 @@ class ThreadServer:
 
 
 def start_server(model: str, port: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen(
         [sys.executable, "-m", "mindset.cli", "serve", "--model", model, "--name", "bench",
          "--port", str(port), "--no-log"],
@@ -184,7 +189,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "server": server,
         "concurrent": concurrent,
         "targets": {"tok_per_s_ratio": ">= 0.9", "ttft_ratio": "<= 1.2"},
-        "cpu_threads": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "server_mode": args.server,
     }
 
 
@@ -210,7 +216,12 @@ async def concurrent_streams(client: Any, params: SamplingParams,
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    result = asyncio.run(bench(args))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        result = asyncio.run(bench(args))
+    finally:
+        torch.set_num_threads(threads)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

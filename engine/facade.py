@@ -292,9 +292,7 @@ class Engine:
     # ------------------------------------------------------------------------------- memory
 
     def _memory_availability(self) -> Availability:
-        try:
-            from engine.memory import MemoryStore  # noqa: F401
-        except ImportError:
+        if not _module_exists("engine.memory.store"):
             return Availability(False, "the memory store (engine.memory) is not installed")
         if self._store_error:
             return Availability(False, self._store_error)
@@ -569,9 +567,7 @@ class Engine:
     # --------------------------------------------------------------------------------- jobs
 
     def _jobs_availability(self) -> Availability:
-        try:
-            from engine.distill.jobs import JobRunner  # noqa: F401
-        except ImportError:
+        if not _module_exists("engine.distill.jobs"):
             return Availability(False, "the job runner (engine.distill.jobs) is not installed")
         return Availability(True)
 
@@ -601,18 +597,22 @@ class Engine:
 
     async def launch_job(self, request: JobRequest) -> JobView:
         """Start a distillation job in its own process; it outlives the workbench."""
-        from engine.distill.config import DistillConfig
-
         layers = request.layers.strip()
         if layers == "middle":
             layers = str(await self._middle_layer(request.teacher))
-        config = DistillConfig(
-            teacher=request.teacher, layers=layers, memory=request.memory,
-            data=[request.data] if request.data else [], steps=request.steps, lr=request.lr,
-            eval_every=max(10, request.steps // 5), checkpoint_every=max(10, request.steps // 10),
-            **self.job_overrides,
-        )
-        job = await asyncio.to_thread(lambda: self._job_runner().start(config))
+
+        def start() -> Any:
+            from engine.distill.config import DistillConfig
+
+            config = DistillConfig(
+                teacher=request.teacher, layers=layers, memory=request.memory,
+                data=[request.data] if request.data else [], steps=request.steps,
+                lr=request.lr, eval_every=max(10, request.steps // 5),
+                checkpoint_every=max(10, request.steps // 10), **self.job_overrides,
+            )
+            return self._job_runner().start(config)
+
+        job = await asyncio.to_thread(start)
         return self._job_view(job)
 
     async def _middle_layer(self, teacher: str) -> int:
@@ -623,7 +623,7 @@ class Engine:
 
     async def follow_job(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         """The job's events from its start, then as they are written, until it exits."""
-        runner = self._job_runner()
+        runner = await asyncio.to_thread(self._job_runner)  # first use imports torch
         async for event in runner.events(job_id, from_start=True, follow=True):
             if event.get("type") == "step" and isinstance(event.get("loss"), int | float):
                 self._job_losses[job_id] = float(event["loss"])
@@ -631,7 +631,7 @@ class Engine:
 
     async def control_job(self, job_id: str, command: str) -> None:
         """``pause``, ``resume`` or ``cancel`` a job."""
-        runner = self._job_runner()
+        runner = await asyncio.to_thread(self._job_runner)
         actions = {"pause": runner.pause, "resume": runner.resume, "cancel": runner.cancel}
         if command not in actions:
             raise MindsetError(f"unknown job command {command!r}; use pause, resume or cancel")
@@ -639,9 +639,9 @@ class Engine:
 
     async def job_log_tail(self, job_id: str, lines: int = 20) -> list[str]:
         """The last lines of the job's process output (errors a worker printed)."""
-        from engine.distill.jobs import LOG_NAME
-
         def tail() -> list[str]:
+            from engine.distill.jobs import LOG_NAME
+
             path = self._job_runner().run_dir(job_id) / LOG_NAME
             if not path.exists():
                 return []
@@ -697,7 +697,10 @@ class Engine:
         adapter = await self._adapter(target)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         payload = [{"role": m.role, "content": m.content} for m in messages]
+        tracker = MemoryTracker(self._featural) if target == STUDENT and self._featural else None
         try:
+            if tracker is not None:
+                tracker.attach()
             async for chunk in adapter.stream_chat(payload, params,
                                                    conversation_id=conversation_id):
                 if chunk.text:
@@ -706,6 +709,10 @@ class Engine:
             raise
         except Exception as exc:  # network and library errors reach the user as one line
             raise MindsetError(f"{target} request failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if tracker is not None:
+                tracker.detach()
+                self._memory_usage[target] = tracker.top()
 
     async def _adapter(self, target: str) -> Any:
         """One adapter per chat target, built on the models this engine already loaded."""
@@ -734,6 +741,61 @@ class Engine:
 
 
 # ----------------------------------------------------------------------- model-side helpers
+
+
+class MemoryTracker:
+    """Sums, over one reply, the weight each featural slot got in its layer's top-k."""
+
+    def __init__(self, tables: dict[str, FeaturalTable]) -> None:
+        self.tables = tables
+        self.totals: dict[str, Any] = {}
+        self.handles: list[Any] = []
+
+    def attach(self) -> None:
+        import torch
+
+        for name, mirror in self.tables.items():
+            self.totals[name] = torch.zeros(mirror.module.num_slots)
+
+            def hook(module: Any, inputs: Any, _output: Any, name: str = name) -> None:
+                with torch.no_grad():
+                    x = inputs[0].reshape(-1, inputs[0].shape[-1])
+                    slots, weights = module.lookup(x)
+                    self.totals[name].index_add_(
+                        0, slots.reshape(-1), weights.abs().reshape(-1).float()
+                    )
+
+            self.handles.append(mirror.module.register_forward_hook(hook))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def top(self, count: int = 10) -> list[MemoryUse]:
+        """The most used slots across layers, each weight as a share of its layer's total."""
+        uses: list[MemoryUse] = []
+        for name, totals in self.totals.items():
+            total = float(totals.sum())
+            if total <= 0:
+                continue
+            ids = self.tables[name].ids
+            values, slots = totals.topk(min(count, len(totals)))
+            for value, slot in zip(values.tolist(), slots.tolist(), strict=True):
+                entry = int(ids[slot]) if slot < len(ids) else slot
+                uses.append(MemoryUse(name, entry, value / total, f"slot {slot}"))
+        uses.sort(key=lambda use: use.weight, reverse=True)
+        return uses[:count]
+
+
+def _module_exists(name: str) -> bool:
+    """Whether a module can be imported, without importing it (and what it pulls in)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
 
 
 def featural_table_name(layer: int) -> str:
@@ -886,8 +948,15 @@ def _promoted_tokens(loaded: Any, values: Any, out_proj: Any, top: int) -> list[
         logits = head(vectors.to(head.weight.dtype))
     indices = logits.topk(top, dim=-1).indices.tolist()
     tokenizer = loaded.tokenizer
-    return [[tokenizer.decode([i]).strip() or repr(tokenizer.decode([i])) for i in row]
-            for row in indices]
+    return [[_token_text(tokenizer.decode([i])) for i in row] for row in indices]
+
+
+def _token_text(text: str) -> str:
+    """A token as printable text: stripped, or its repr when blank or unprintable."""
+    stripped = text.strip()
+    return stripped if stripped and stripped.isprintable() and "\ufffd" not in stripped else (
+        repr(text)
+    )
 
 
 # ------------------------------------------------------------------------ store-row helpers

@@ -7,11 +7,14 @@ imported: the model loads in a worker while the status bar says so.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, ClassVar
 
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.css.query import NoMatches
 from textual.theme import Theme
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
@@ -38,6 +41,14 @@ PANES: dict[str, tuple[str, PaneClass]] = {
     "model": ("Model", ModelPane),
     "training": ("Training", TrainingPane),
     "chat": ("Chat", ChatPane),
+}
+
+# The widget that gets the focus when a tab is shown.
+FOCUS_TARGETS = {
+    "memory": "#memory-rows",
+    "model": "#teacher-tree",
+    "training": "#jobs-table",
+    "chat": "#chat-input",
 }
 
 
@@ -91,8 +102,9 @@ class MindsetApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        status = self.query_one(StatusBar)
-        status.database = self.engine.database
+        self._focus_pane("memory")
+        status = self._main(StatusBar)
+        status.database = Path(self.engine.database).name
         status.model_text = f"model: {self.engine.model_spec} (loading…)"
         self.theme_changed_signal.subscribe(self, self._remember_theme)
         if self._config_error:
@@ -101,8 +113,8 @@ class MindsetApp(App[None]):
             self.load_models()
         else:
             status.model_text = f"model: {self.engine.model_spec} (not loaded)"
-        if self.offer_quick_start and self.engine.student_spec is None:
-            self.call_after_refresh(self.push_screen, QuickStartScreen(), self._quick_start_answer)
+        if self.engine.student_spec is None:
+            self.find_student()
 
     # ------------------------------------------------------------------------------ models
 
@@ -118,33 +130,86 @@ class MindsetApp(App[None]):
             else:
                 self.post_message(ModelLoaded(role))
 
+    @work(group="student", exit_on_error=False)
+    async def find_student(self) -> None:
+        """Use the newest finished student; on a first run, offer the quick start."""
+        directory = None
+        if self.engine.availability()["jobs"].ok:
+            try:
+                directory = await self.engine.latest_student()
+            except MindsetError:
+                directory = None
+        if directory is not None:
+            self.adopt_student(directory)
+        elif self.offer_quick_start:
+            self.push_screen(QuickStartScreen(), self._quick_start_answer)
+
+    @work(group="student", exit_on_error=False)
+    async def adopt_student(self, directory: str) -> None:
+        """Load a student (a finished job's) and show it in every pane."""
+        try:
+            await self.engine.adopt_student(directory)
+        except MindsetError as exc:
+            self.post_message(ModelLoadFailed(STUDENT, str(exc)))
+        else:
+            self.post_message(ModelLoaded(STUDENT))
+
     @on(ModelLoaded)
     def _model_loaded(self, message: ModelLoaded) -> None:
         loaded = self.engine.model(message.role)
         if message.role == TEACHER and loaded is not None:
-            self.query_one(StatusBar).model_text = f"model: {loaded.spec}"
-        for pane_id in PANES:
-            self.query_one(f"#{pane_id}-pane").post_message(ModelLoaded(message.role))
+            with suppress(NoMatches):  # the app may be closing
+                self._main(StatusBar).model_text = f"model: {loaded.spec}"
+        self._post_to_panes(lambda: ModelLoaded(message.role))
 
     @on(ModelLoadFailed)
     def _model_failed(self, message: ModelLoadFailed) -> None:
         spec = self.engine.spec_for(message.role)
-        self.query_one(StatusBar).model_text = f"model: {spec} (failed)"
+        with suppress(NoMatches):
+            self._main(StatusBar).model_text = f"model: {spec} (failed)"
         self.notify(message.error, title=f"{message.role} model not loaded", severity="error",
                     timeout=12)
-        for pane_id in PANES:
-            self.query_one(f"#{pane_id}-pane").post_message(
-                ModelLoadFailed(message.role, message.error)
-            )
+        self._post_to_panes(lambda: ModelLoadFailed(message.role, message.error))
 
     @on(JobsChanged)
     def _jobs_changed(self, message: JobsChanged) -> None:
-        self.query_one(StatusBar).running_jobs = message.running
+        with suppress(NoMatches):
+            self._main(StatusBar).running_jobs = message.running
 
     # ----------------------------------------------------------------------------- actions
 
+    def _main(self, selector: Any, expect_type: Any = None) -> Any:
+        """A widget of the main screen, whichever modal screen is on top of it."""
+        if not self.screen_stack:
+            raise NoMatches("the app has no screen (it is closing)")
+        screen = self.screen_stack[0]
+        if expect_type is None:
+            return screen.query_one(selector)
+        return screen.query_one(selector, expect_type)
+
+    def _post_to_panes(self, message_factory: Any) -> None:
+        if not self.screen_stack:
+            return
+        screen = self.screen_stack[0]
+        for pane_id in PANES:
+            for pane in screen.query(f"#{pane_id}-pane"):
+                pane.post_message(message_factory())
+
     def action_show_tab(self, tab_id: str) -> None:
-        self.query_one(TabbedContent).active = tab_id
+        self._main(TabbedContent).active = tab_id
+        self._focus_pane(tab_id)
+
+    @on(TabbedContent.TabActivated)
+    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id:
+            self._focus_pane(event.pane.id)
+
+    def _focus_pane(self, tab_id: str) -> None:
+        """Put the focus on the pane's main widget, so that its keys work at once."""
+        selector = FOCUS_TARGETS.get(tab_id)
+        if selector:
+            with suppress(NoMatches):
+                self._main(selector).focus()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.binding_sections(), self._keymap))
@@ -155,7 +220,7 @@ class MindsetApp(App[None]):
     def _quick_start_answer(self, start: bool | None) -> None:
         if start:
             self.action_show_tab("training")
-            self.query_one(TrainingPane).start_quick_start()
+            self._main(TrainingPane).start_quick_start()
 
     def _remember_theme(self, theme: Theme) -> None:
         try:
@@ -183,7 +248,7 @@ class MindsetApp(App[None]):
         for tab_id, (title, _) in PANES.items():
             if title == section:
                 self.action_show_tab(tab_id)
-                await self.query_one(f"#{tab_id}-pane").run_action(action)
+                await self._main(f"#{tab_id}-pane").run_action(action)
                 return
 
     async def on_unmount(self) -> None:

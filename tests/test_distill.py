@@ -71,8 +71,8 @@ def test_a_few_steps_lower_the_kl_and_write_every_output(tmp_path: Path) -> None
 
 def test_layer_local_stage_fits_the_teacher_mlps(tmp_path: Path) -> None:
     events: list[dict] = []
-    run_distillation(tiny_config(local_steps=10, steps=1, schedule="constant", lr=3e-2), tmp_path / "r",
-                     on_event=events.append)
+    config = tiny_config(local_steps=10, steps=1, schedule="constant", lr=3e-2)
+    run_distillation(config, tmp_path / "r", on_event=events.append)
     local = [e["local"] for e in events if e["type"] == "step" and e["stage"] == "local"]
     assert len(local) == 10
     assert sum(local[-3:]) < 0.85 * sum(local[:3]), local
@@ -96,7 +96,8 @@ def test_cancel_then_resume_gives_the_same_run_as_no_interruption(tmp_path: Path
     for step, event in reference.items():
         assert resumed[step]["batch_hash"] == event["batch_hash"], step  # same data order
         assert resumed[step]["loss"] == pytest.approx(event["loss"], rel=1e-5), step
-    assert [e for e in ev.read_events(run_dir) if e["type"] == "resumed"][0]["from_step"] == 5
+    resumes = [e["from_step"] for e in ev.read_events(run_dir) if e["type"] == "resumed"]
+    assert resumes == [5]
 
 
 def _run_events(run_dir: Path, config) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -140,3 +141,17 @@ def test_data_free_distillation_samples_a_corpus_from_the_teacher(tmp_path: Path
     saved = torch.load(tmp_path / "free" / "data_free.pt")
     assert saved["train"].shape == (8, 32) and saved["heldout"].shape == (2, 32)
     assert math.isfinite(report["kl_per_token"])
+
+
+def test_associative_entries_survive_a_resume(tmp_path: Path) -> None:
+    config = tiny_config(memory="associative", hparams={"capacity": 512}, steps=4)
+    run_dir = tmp_path / "assoc"
+    run_dir.mkdir()
+    ev.write_control(run_dir, "cancel", at_step=2)
+    assert run_distillation(config, run_dir) == {}
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint is not None and checkpoint["tables"]  # the entries are in the checkpoint
+    ev.write_control(run_dir, "run")
+    report = run_distillation(config, run_dir)
+    assert report["steps_done"] == 4 and math.isfinite(report["kl_per_token"])
+    assert (run_dir / "student" / "memory").is_dir()

@@ -77,6 +77,7 @@ async def test_pause_resume_cancel_and_streamed_events(tmp_path: Path) -> None:
     job = runner.start(tiny_config(steps=100_000, checkpoint_every=50, eval_every=10**6))
     seen: list[dict] = []
     paused_at: int | None = None
+    cancel_sent = False
     async for event in runner.events(job.id, poll=0.05):
         seen.append(event)
         if event["type"] == "step" and event["step"] == 3 and paused_at is None:
@@ -89,9 +90,10 @@ async def test_pause_resume_cancel_and_streamed_events(tmp_path: Path) -> None:
             assert runner.job(job.id).step == paused_at
             assert max(step_events(ev.read_events(job.run_dir))) == paused_at
             runner.resume(job.id)
-        if event["type"] == "step" and paused_at is not None and event["step"] >= paused_at + 3:
-            if runner.job(job.id).state != "cancelled":
-                runner.cancel(job.id)
+        past_pause = paused_at is not None and event.get("step", 0) >= paused_at + 3
+        if event["type"] == "step" and past_pause and not cancel_sent:
+            runner.cancel(job.id)
+            cancel_sent = True
     # The iterator ended because the process exited after cancelling.
     final = runner.job(job.id)
     assert final.state == "cancelled" and not final.alive and final.resumable
@@ -122,10 +124,11 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path: Path) -> N
     assert report is not None and report["world_size"] == 2
     assert report["tokens_seen"] == 4 * 2 * 4 * 32  # both ranks' batches count
     # The ranks trained (the weights moved away from the initial student's).
+    import torch
+
     from engine.distill.build import build_student, layer_prefixes
     from engine.distill.loop import trainable_state, weights_digest
     from engine.model.loading import load_model
-    import torch
 
     teacher = load_model(config.teacher)
     torch.manual_seed(config.seed)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -79,9 +80,10 @@ async def test_chat_without_streaming(served: Served) -> None:
 
 
 async def test_chat_streaming_matches_the_whole_reply_and_reports_usage(served: Served) -> None:
-    arguments = dict(model=MODEL, messages=HELLO, max_tokens=20, temperature=0.9, seed=5)
+    arguments: dict[str, Any] = dict(model=MODEL, messages=HELLO, max_tokens=20,
+                                     temperature=0.9, seed=5)
     async with served.client() as client:
-        whole = await client.chat.completions.create(**arguments)  # type: ignore[call-overload]
+        whole = await client.chat.completions.create(**arguments)
         stream = await client.chat.completions.create(
             **arguments, stream=True, stream_options={"include_usage": True})
         chunks = [chunk async for chunk in stream]
@@ -208,11 +210,30 @@ async def test_disconnect_mid_stream_stops_generation(served: Served) -> None:
     assert entry.completion_tokens < 500
 
 
+async def test_disconnect_without_streaming_stops_generation(served: Served) -> None:
+    adapter = served.adapter
+    before = adapter.tokens_generated
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "give up waiting"}],
+            "max_tokens": 1000, "temperature": 0}
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(f"{served.base_url}/chat/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 20
+    while (adapter.active or not served.log.search("waiting", 5)) \
+            and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not adapter.active
+    assert adapter.tokens_generated - before < 500
+    [entry] = served.log.search("waiting", 5)
+    assert entry.finish_reason == "cancelled"
+
+
 async def test_concurrent_streams_all_complete_in_turn(served: Served) -> None:
-    arguments = dict(model=MODEL, messages=HELLO, max_tokens=15, temperature=0.8, seed=11)
+    arguments: dict[str, Any] = dict(model=MODEL, messages=HELLO, max_tokens=15,
+                                     temperature=0.8, seed=11)
 
     async def one(client: openai.AsyncOpenAI) -> str:
-        stream = await client.chat.completions.create(**arguments, stream=True)  # type: ignore[call-overload]
+        stream = await client.chat.completions.create(**arguments, stream=True)
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     async with served.client() as client:

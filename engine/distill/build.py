@@ -17,7 +17,7 @@ from engine.errors import InputError
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer blocks (GPT-2: ``transformer.h``, Llama: ``model.layers``)."""
+    """The model's transformer blocks (GPT-2: ``transformer.h``, Llama: ``model.layers``)."""
     for path in ("transformer.h", "model.layers"):
         module: Any = model
         for part in path.split("."):
@@ -40,7 +40,9 @@ def layer_mlps(model: nn.Module, layers: list[int]) -> dict[int, nn.Module]:
             raise InputError(
                 f"unknown layer {index}: the model has {len(blocks)} layers (0..{len(blocks) - 1})"
             )
-        out[index] = blocks[index].mlp
+        mlp = blocks[index].mlp
+        assert isinstance(mlp, nn.Module)
+        out[index] = mlp
     return out
 
 

@@ -29,7 +29,9 @@ def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = Tru
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as file:
+        mode = "wb" if binary else "w"
+        encoding = None if binary else "utf-8"
+        with os.fdopen(handle, mode, encoding=encoding) as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())

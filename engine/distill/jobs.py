@@ -59,7 +59,7 @@ class JobInfo:
 
     @property
     def finished(self) -> bool:
-        return not self.alive and self.state in ev.FINAL_STATES + ("crashed",)
+        return not self.alive and self.state in (*ev.FINAL_STATES, "crashed")
 
     def as_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -87,6 +87,15 @@ def process_alive(pid: int | None) -> bool:
             return False
         return WORKER_MODULE in command or "torch.distributed.run" in command
     return True
+
+
+def last_log_line(path: Path) -> str | None:
+    """The last line a dead worker printed (its error, when it died before reporting one)."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return None
+    return lines[-1][-500:] if lines else None
 
 
 def job_name(config: DistillConfig) -> str:
@@ -189,10 +198,13 @@ class JobRunner:
                                               config.total_steps)
         except InputError:
             teacher, memory, layers, total = "?", "?", "?", 0
+        error = state.get("error")
+        if name == "crashed" and not error:
+            error = last_log_line(run_dir / LOG_NAME)
         return JobInfo(
             id=job_id, run_dir=run_dir, state=name, step=int(state.get("step", 0)),
             total_steps=int(state.get("total_steps", total)), pid=pid, alive=alive,
-            error=state.get("error"), teacher=teacher, memory=memory, layers=layers,
+            error=error, teacher=teacher, memory=memory, layers=layers,
             created=float(job.get("created", 0.0)), updated=float(state.get("updated", 0.0)),
         )
 

@@ -20,7 +20,7 @@ import signal
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ STUDENT_DIR = "student"
 class DistContext:
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def enabled(self) -> bool:
@@ -154,6 +154,38 @@ def trainable_state(student: nn.Module, prefixes: list[str]) -> dict[str, torch.
     return {name: tensor.detach().cpu().clone()
             for name, tensor in student.state_dict().items()
             if name.startswith(tuple(prefixes))}
+
+
+def memory_tables(memories: dict[int, nn.Module]) -> dict[str, bytes]:
+    """The run-time tables of memories that keep entries outside their weights (associative),
+    as file contents, so a checkpoint (one atomic file) carries them too."""
+    import tempfile
+
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="mindset-tables-") as temp:
+        root = Path(temp)
+        for layer, memory in memories.items():
+            save_tables = getattr(memory, "save_tables", None)
+            if save_tables is not None:
+                save_tables(root / f"layer{layer}", f"layer{layer}")
+        for path in root.rglob("*"):
+            if path.is_file():
+                out[str(path.relative_to(root))] = path.read_bytes()
+    return out
+
+
+def restore_memory_tables(memories: dict[int, nn.Module], files: dict[str, bytes]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mindset-tables-") as temp:
+        root = Path(temp)
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+        for layer, memory in memories.items():
+            load_tables = getattr(memory, "load_tables", None)
+            if load_tables is not None:
+                load_tables(root / f"layer{layer}", f"layer{layer}")
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -273,13 +305,19 @@ class Run:
         state = load_checkpoint(self.run_dir) if self.resume else None
         if state is None:
             return
-        missing, _unexpected = self.student.load_state_dict(state["weights"], strict=False)
+        if state.get("config") != self.config.to_dict():
+            raise MindsetError(
+                f"the checkpoint in {self.run_dir} belongs to a run with other settings; "
+                "resume it with its own config.json or start a new run directory"
+            )
         expected = set(trainable_state(self.student, self.prefixes))
         if expected - set(state["weights"]):
             raise MindsetError(
                 f"the checkpoint in {self.run_dir} does not match this run's student "
                 "(different layers or memory); start a new run directory"
             )
+        self.student.load_state_dict(state["weights"], strict=False)
+        restore_memory_tables(layer_mlps(self.student, self.layers), state.get("tables", {}))
         self.optimizers.load_state_dict(state["optimizers"])
         restore_rng_state(state["rng"])
         self.step = self.last_checkpoint = int(state["step"])
@@ -291,7 +329,9 @@ class Run:
         if self.ctx.is_main:
             save_checkpoint(self.run_dir, {
                 "step": self.step,
+                "config": self.config.to_dict(),
                 "weights": trainable_state(self.student, self.prefixes),
+                "tables": memory_tables(layer_mlps(self.student, self.layers)),
                 "optimizers": self.optimizers.state_dict(),
                 "rng": rng_state(),
                 "tokens_seen": self.tokens_seen,

@@ -282,8 +282,10 @@ def initialise(memory: nn.Module, init: str, teacher_mlp: MlpWeights,
         else:
             init_featural.init_product_from_neurons(memory, teacher_mlp)
         return
+    from engine.model.memory_layers.associative import AssociativeMemory
     from engine.model.memory_layers.init_associative import init_associative
 
+    assert isinstance(memory, AssociativeMemory)
     init_associative(memory, init, teacher_mlp, inputs, outputs)
 
 

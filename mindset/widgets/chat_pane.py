@@ -38,10 +38,10 @@ class ChatPane(Vertical):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+r", "regenerate", "Regenerate", id="chat.regenerate"),
-        Binding("ctrl+e", "edit_turn", "Edit turn", id="chat.edit"),
+        Binding("ctrl+o", "edit_turn", "Edit turn", id="chat.edit"),
         Binding("alt+left", "branch(-1)", "Previous branch", id="chat.branch_previous"),
         Binding("alt+right", "branch(1)", "Next branch", id="chat.branch_next"),
-        Binding("ctrl+x", "stop", "Stop reply", id="chat.stop"),
+        Binding("escape", "stop", "Stop reply", id="chat.stop"),
         Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
     ]
 
@@ -51,6 +51,7 @@ class ChatPane(Vertical):
         self.conversation = ChatTree()
         self.editing: Turn | None = None
         self.max_tokens = 128
+        self.temperature = 0.7
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="chat-top"):
@@ -120,8 +121,9 @@ class ChatPane(Vertical):
         state.update(f"[i]{target} is replying…[/i]")
         stream = Markdown.get_stream(body)
         try:
-            async for piece in self.engine.stream_chat(target, messages,
-                                                        max_tokens=self.max_tokens):
+            async for piece in self.engine.stream_chat(
+                target, messages, max_tokens=self.max_tokens, temperature=self.temperature
+            ):
                 reply.content += piece
                 await stream.write(piece)
         except MindsetError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(eq=False)  # turns are compared by identity: two replies may read the same
 class Turn:
     role: str
     content: str

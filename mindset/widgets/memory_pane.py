@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Select, Static
 
 from engine.errors import MindsetError
-from engine.facade import DeletedEntries, Engine, EntryView
+from engine.facade import STUDENT, DeletedEntries, Engine, EntryView
 from mindset.screens.entry_edit import EntryEdit, EntryEditScreen, EntryInsertScreen, NewEntry
 from mindset.widgets.messages import ModelLoaded
 
@@ -83,6 +83,8 @@ class MemoryPane(Vertical):
             return
         if self.table_name not in names:
             self.table_name = names[0]
+        if select.value == self.table_name:
+            self.load_page()  # no change event: refresh the rows ourselves
         select.value = self.table_name
 
     def _show_missing(self, reason: str) -> None:
@@ -149,9 +151,10 @@ class MemoryPane(Vertical):
 
     @on(ModelLoaded)
     def _model_loaded(self, message: ModelLoaded) -> None:
-        # The "promotes" column needs a model; fill it in now.
-        if self.table_name is not None:
-            self.load_page()
+        if message.role == STUDENT:
+            self.load_tables()  # a student brings (or mirrors) its memory tables
+        elif self.table_name is not None:
+            self.load_page()  # the "promotes" column needs a model; fill it in now
 
     # ------------------------------------------------------------------------ actions
 

@@ -7,6 +7,7 @@ directories, so they outlive the app and reappear in the list when it opens agai
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, ClassVar
 
 from textual import on, work
@@ -163,12 +164,24 @@ class TrainingPane(Horizontal):
             bar = self.query_one(ProgressBar)
             if bar.total:
                 bar.update(progress=bar.total)
+            self._adopt_student()
         elif kind == "state":
             log.write_line(f"state: {event.get('state')} at step {event.get('step')}")
         elif kind is not None:
             log.write_line(f"{kind}: " + ", ".join(
                 f"{k} {_fmt(v)}" for k, v in event.items() if k not in ("type", "time")
             ))
+
+    def _adopt_student(self) -> None:
+        """A finished job's student becomes the workbench's student."""
+        job = next((j for j in self.jobs if j.id == self.selected), None)
+        if job is None or not job.run_dir:
+            return
+        directory = str(Path(job.run_dir) / "student")
+        if Path(directory).is_dir() and directory != self.engine.student_spec:
+            adopt = getattr(self.app, "adopt_student", None)
+            if adopt is not None:
+                adopt(directory)
 
     def _show_progress(self, event: dict[str, Any]) -> None:
         bar = self.query_one(ProgressBar)

@@ -60,6 +60,9 @@ def _orthonormal_rows(directions: torch.Tensor, count: int, dim: int, seed: int)
         generator = torch.Generator().manual_seed(seed)
         extra = torch.randn(count - rows.shape[0], dim, generator=generator)
         rows = torch.cat([rows, F.normalize(extra, dim=-1)])
+        if count <= dim:  # orthogonalise the random completions against the directions
+            q, r = torch.linalg.qr(rows.t())
+            rows = (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).t()
     return rows
 
 
@@ -73,8 +76,8 @@ def _set_output(memory: FeaturalMemory, outputs: torch.Tensor, bias: torch.Tenso
     """Set the output projection; return the map from hidden space to value space [hidden, dv]."""
     assert memory.out_proj is not None
     hidden, value_dim = memory.config.hidden_size, memory.config.values_dim
-    if value_dim == hidden:
-        basis = torch.eye(hidden)
+    if value_dim >= hidden:  # the hidden space itself; extra value dimensions start unused
+        basis = torch.cat([torch.eye(hidden), torch.zeros(hidden, value_dim - hidden)], dim=1)
     else:  # the value space spans the top principal directions of the outputs
         centred = outputs - outputs.mean(dim=0)
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)

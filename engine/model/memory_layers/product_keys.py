@@ -19,6 +19,9 @@ from torch import nn
 class ProductKeys(nn.Module):
     """Sub-key tables for ``heads`` heads: ``subkeys[h, half, i]`` has ``query_dim // 2`` dims."""
 
+    pair_left: torch.Tensor
+    pair_right: torch.Tensor
+
     def __init__(self, heads: int, query_dim: int, num_subkeys: int, topk: int) -> None:
         super().__init__()
         self.heads = heads

@@ -1,0 +1,36 @@
+"""``bench/distill_quality.py --quick`` runs end to end on a tiny teacher."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+from tests.test_distill_support import teacher_dir, text_file
+
+KEYS = ["ppl_teacher", "ppl_ratio_1_layer", "ppl_ratio_3_layers", "ppl_ratio_all_layers",
+        "gap_closed_1_layer", "gap_closed_3_layers", "gap_closed_all_layers",
+        "control_ppl_ratio_1_layer", "control_ppl_ratio_3_layers",
+        "control_ppl_ratio_all_layers", "throughput_ratio_vs_finetune", "cpu_seconds"]
+
+
+def test_quick_benchmark_writes_every_key(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "distill_quality", REPO_ROOT / "bench" / "distill_quality.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "distill_quality.json"
+    assert module.main(["--model", str(teacher_dir()), "--data", str(text_file()), "--quick",
+                        "--sets", "1_layer", "--block-size", "32", "--finetune-steps", "1",
+                        "--threads", "1",
+                        "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert all(key in results for key in KEYS)
+    assert results["ppl_ratio_1_layer"] > 0 and results["control_ppl_ratio_1_layer"] > 0
+    assert results["ppl_ratio_3_layers"] is None  # not run: reported as missing, not invented
+    assert results["throughput_ratio_vs_finetune"] > 0
+    assert set(results["cpu_seconds"]) == {"1_layer_featural", "1_layer_dense", "total"}
+    student = results["runs"]["1_layer_featural"]["student"]["mindset_student.json"]
+    assert student["layers"] == [2] and student["kind"] == "featural"

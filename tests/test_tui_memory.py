@@ -1,0 +1,118 @@
+"""The Memory pane against a real student and a real SQLite store: browse, edit, delete, undo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from textual.widgets import DataTable, Input
+
+from engine.facade import STUDENT, Engine
+from engine.memory import MemoryStore
+from mindset.screens.entry_edit import EntryEditScreen
+from mindset.widgets.memory_pane import MemoryPane
+from tests.test_tui_support import APP_SIZE, make_app, make_student, wait_for
+
+TABLE = "layer1_featural"
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_student(tmp_path_factory.mktemp("student") / "student")
+
+
+def read_row(database: Path, entry_id: int) -> object:
+    store = MemoryStore.open(database)
+    try:
+        return store.table(TABLE).get([entry_id])[0]
+    finally:
+        store.close()
+
+
+def table_size(database: Path) -> int:
+    store = MemoryStore.open(database)
+    try:
+        return len(store.table(TABLE))
+    finally:
+        store.close()
+
+
+async def test_edit_delete_undo_reach_the_database(student_dir: Path, tmp_path: Path) -> None:
+    database = tmp_path / "memory.db"
+    engine = Engine("tiny-llama", student_spec=str(student_dir), database=database,
+                    runs_root=tmp_path / "runs")
+    app = make_app(engine)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        pane = app.query_one(MemoryPane)
+        await wait_for(pilot, lambda: len(pane.rows) == 32 and pane.rows[0].top_tokens != [])
+        assert pane.table_name == TABLE
+        rows_table = app.query_one("#memory-rows", DataTable)
+        assert rows_table.row_count == 32
+        rows_table.focus()
+        await pilot.press("down", "down")
+        entry = pane.rows[2]
+        before = read_row(database, entry.id)
+
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, EntryEditScreen))
+        app.screen.query_one("#edit-label", Input).value = "capital cities"
+        app.screen.query_one("#edit-tags", Input).value = "geo, edited"
+        app.screen.query_one("#edit-scale", Input).value = "2"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: read_row(database, entry.id).label == "capital cities")
+
+        after = read_row(database, entry.id)
+        assert sorted(after.tags) == ["edited", "geo"]
+        np.testing.assert_allclose(after.value, 2 * before.value, rtol=1e-6)
+        # The live student reads the edited slot too.
+        module = next(iter(engine._featural.values())).module
+        np.testing.assert_allclose(module.values[after.meta["slot"]].detach().numpy(),
+                                   after.value, rtol=1e-6)
+        await wait_for(pilot, lambda: any(r.label == "capital cities" for r in pane.rows))
+
+        await pilot.press("x")
+        await wait_for(pilot, lambda: table_size(database) == 31)
+        assert not module.values[after.meta["slot"]].detach().any()
+        await pilot.press("u")
+        await wait_for(pilot, lambda: table_size(database) == 32)
+        np.testing.assert_allclose(module.values[after.meta["slot"]].detach().numpy(),
+                                   after.value, rtol=1e-6)
+        await wait_for(pilot, lambda: len(pane.rows) == 32)
+
+
+async def test_search_by_id_and_by_text(student_dir: Path, tmp_path: Path) -> None:
+    engine = Engine("tiny-llama", student_spec=str(student_dir), database=tmp_path / "m.db",
+                    runs_root=tmp_path / "runs")
+    app = make_app(engine)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        pane = app.query_one(MemoryPane)
+        await wait_for(pilot, lambda: len(pane.rows) == 32 and engine.model(STUDENT) is not None)
+        wanted = pane.rows[5].id
+        await pilot.press("slash")
+        search = app.query_one("#memory-search", Input)
+        assert search.has_focus
+        search.value = f"#{wanted}"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: [r.id for r in pane.rows] == [wanted])
+
+        search.value = "hello"
+        search.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(pane.rows) == 20 and pane.search_results is not None)
+        # The nearest keys come back in order of distance, from the real index.
+        assert len({r.id for r in pane.rows}) == 20
+
+
+async def test_corrupt_database_is_reported_not_raised(tmp_path: Path) -> None:
+    database = tmp_path / "broken.db"
+    database.write_bytes(b"this is not a database" * 100)
+    engine = Engine("tiny-llama", database=database, runs_root=tmp_path / "runs")
+    app = make_app(engine)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        pane = app.query_one(MemoryPane)
+        stats = app.query_one("#memory-stats")
+        await wait_for(pilot, lambda: "unavailable" in str(stats.render()).lower())
+        assert any("database" in n.message.lower() or "broken.db" in n.message
+                   for n in app._notifications)
+        assert pane.rows == []

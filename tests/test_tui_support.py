@@ -1,0 +1,41 @@
+"""Shared pieces of the workbench tests: tiny students, an app factory, waiting helpers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.facade import Engine
+from mindset.app import MindsetApp
+from mindset.config import WorkbenchConfig
+
+APP_SIZE = (120, 40)
+
+
+def make_student(directory: Path) -> Path:
+    """A tiny-llama student with a featural memory in layer 1 (flat keys, 32 slots)."""
+    from engine.model.loading import load_model
+    from engine.model.student import save_student
+    from engine.model.surgery import convert
+
+    teacher = load_model("tiny-llama")
+    student = convert(teacher, [1], "featural", init="random", keys="flat", slots=32, topk=8)
+    return save_student(student, directory, teacher.tokenizer)
+
+
+def make_app(engine: Engine, *, keymap: dict[str, str] | None = None,
+             theme: str | None = None) -> MindsetApp:
+    return MindsetApp(engine, config=WorkbenchConfig(theme=theme, keymap=keymap or {}),
+                      offer_quick_start=False)
+
+
+async def wait_for(pilot: Any, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Let the app run until ``condition()`` holds; fail the test after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await pilot.pause(0.05)

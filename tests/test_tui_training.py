@@ -1,0 +1,55 @@
+"""The Training pane launches a real distillation process and follows it live."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from textual.widgets import Input, ProgressBar
+
+from engine.facade import Engine
+from mindset.widgets.training_pane import TrainingPane
+from tests.test_tui_support import APP_SIZE, make_app, wait_for
+
+TINY_JOB = dict(block_size=32, batch_size=2, data_free_blocks=8, heldout_blocks=2)
+
+
+async def test_launch_follow_finish_and_reappear(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=runs)
+    engine.job_overrides = dict(TINY_JOB)
+    app = make_app(engine)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        await pilot.press("f4")
+        pane = app.query_one(TrainingPane)
+        app.query_one("#form-layers", Input).value = "1"
+        app.query_one("#form-steps", Input).value = "6"
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: len(pane.jobs) == 1, timeout=30)
+        job_id = pane.jobs[0].id
+        await wait_for(pilot, lambda: pane.jobs[0].state == "completed", timeout=150)
+        await wait_for(pilot, lambda: len(pane.points) == 6)
+        # The plot holds exactly the steps and losses the training process wrote...
+        written = [json.loads(line) for line in
+                   (runs / job_id / "events.jsonl").read_text().splitlines() if line]
+        losses = [(e["step"], e["loss"]) for e in written if e["type"] == "step"]
+        assert pane.points == losses
+        assert [step for step, _ in pane.points] == [1, 2, 3, 4, 5, 6]
+        # ...and draws them (plotext's braille line) on screen.
+        app.query_one("#jobs-table").focus()
+        await pilot.pause(0.2)
+        assert any(0x2800 < ord(ch) <= 0x28FF for ch in app.export_screenshot())
+        bar = app.query_one(ProgressBar)
+        assert bar.total == 6 and bar.progress == 6
+        assert str(app.query_one("#status").render()).count("0 jobs running") == 1
+        # The finished job's student becomes the workbench's student.
+        await wait_for(pilot, lambda: engine.student_spec is not None, timeout=30)
+        assert engine.student_spec == str(runs / job_id / "student")
+
+    # A new workbench over the same runs directory lists the job again.
+    engine2 = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=runs)
+    app2 = make_app(engine2)
+    async with app2.run_test(size=APP_SIZE) as pilot:
+        pane2 = app2.query_one(TrainingPane)
+        await wait_for(pilot, lambda: [j.id for j in pane2.jobs] == [job_id], timeout=30)
+        await wait_for(pilot, lambda: len(pane2.points) == 6, timeout=30)
