@@ -40,6 +40,16 @@ FAST_FEATURAL: dict[str, Any] = dict(
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    On Linux ``ru_maxrss`` survives fork + exec (a child started by a big parent reports the
+    parent's peak), so the per-address-space high-water mark ``VmHWM`` is read instead.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
@@ -94,6 +104,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from engine.model.student import save_student
     from engine.model.surgery import convert
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hparams = dict(FAST_FEATURAL, **json.loads(args.hparams)) if args.hparams else FAST_FEATURAL
     teacher = load_model(args.model)
     num_layers = teacher.num_layers
@@ -147,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--windows", type=int, default=None, help="windows per round (8)")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (5)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--hparams", default="",
                         help="JSON object overriding the featural hyper-parameters")
     args = parser.parse_args(argv)

@@ -287,7 +287,7 @@ class Engine:
         loaded = self._models.get(role)
         if loaded is None:
             return None
-        return describe_model(loaded.model, title=f"{role}: {loaded.spec}")
+        return describe_model(loaded.model, title=f"{role}: {short_spec(loaded.spec)}")
 
     # ------------------------------------------------------------------------------- memory
 
@@ -650,16 +650,31 @@ class Engine:
         return await asyncio.to_thread(tail)
 
     async def latest_student(self) -> str | None:
-        """The student directory of the newest completed job, if any."""
+        """The student directory of the newest completed job, if any.
+
+        Reads the run directories directly (no torch import), so the workbench can decide at
+        start-up, in a moment, whether to offer the quick start."""
 
         def find() -> str | None:
-            from engine.distill.loop import STUDENT_DIR
+            import json
 
-            for job in self._job_runner().jobs():
-                candidate = Path(job.run_dir) / STUDENT_DIR
-                if job.state == "completed" and candidate.is_dir():
-                    return str(candidate)
-            return None
+            from engine.paths import runs_dir
+
+            root = self.runs_root or runs_dir()
+            if not root.is_dir():
+                return None
+            candidates = []
+            for run in root.iterdir():
+                student = run / "student"
+                if not (student / "mindset_student.json").is_file():
+                    continue
+                try:
+                    state = json.loads((run / "state.json").read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                if isinstance(state, dict) and state.get("state") == "completed":
+                    candidates.append((student.stat().st_mtime, str(student)))
+            return max(candidates)[1] if candidates else None
 
         return await asyncio.to_thread(find)
 
@@ -786,6 +801,14 @@ class MemoryTracker:
                 uses.append(MemoryUse(name, entry, value / total, f"slot {slot}"))
         uses.sort(key=lambda use: use.weight, reverse=True)
         return uses[:count]
+
+
+def short_spec(spec: str) -> str:
+    """A model spec for display: built-in names as they are, paths by their last two parts."""
+    if "/" not in spec:
+        return spec
+    parts = Path(spec).parts
+    return "/".join(parts[-2:])
 
 
 def _module_exists(name: str) -> bool:
@@ -984,7 +1007,9 @@ def _memory_row(row: Any) -> EntryView:
     value = _field(row, "value")
     norm = float(np.linalg.norm(np.asarray(value, dtype=np.float32))) if value is not None else 0.0
     last = _field(row, "last_access")
-    if isinstance(last, int | float):
+    if not _field(row, "access_count"):
+        last = "never"
+    elif isinstance(last, int | float):
         last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last))) if last else ""
     return EntryView(
         id=int(_field(row, "id")),

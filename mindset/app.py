@@ -19,7 +19,7 @@ from textual.theme import Theme
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from engine.errors import MindsetError
-from engine.facade import STUDENT, TEACHER, Engine
+from engine.facade import STUDENT, TEACHER, Engine, short_spec
 from mindset.config import WorkbenchConfig, load_config, read_theme_files, save_theme
 from mindset.screens.help import HelpScreen, key_label
 from mindset.screens.quick_start import QuickStartScreen
@@ -109,12 +109,13 @@ class MindsetApp(App[None]):
         self.theme_changed_signal.subscribe(self, self._remember_theme)
         if self._config_error:
             self.notify(self._config_error, severity="error", timeout=10)
+        # Heavy imports (torch) start only once the first frame is on screen.
         if self.load_models_on_start:
-            self.load_models()
+            self.call_after_refresh(self.load_models)
         else:
             status.model_text = f"model: {self.engine.model_spec} (not loaded)"
         if self.engine.student_spec is None:
-            self.find_student()
+            self.call_after_refresh(self.find_student)
 
     # ------------------------------------------------------------------------------ models
 
@@ -159,7 +160,7 @@ class MindsetApp(App[None]):
         loaded = self.engine.model(message.role)
         if message.role == TEACHER and loaded is not None:
             with suppress(NoMatches):  # the app may be closing
-                self._main(StatusBar).model_text = f"model: {loaded.spec}"
+                self._main(StatusBar).model_text = f"model: {short_spec(loaded.spec)}"
         self._post_to_panes(lambda: ModelLoaded(message.role))
 
     @on(ModelLoadFailed)

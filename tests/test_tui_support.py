@@ -16,12 +16,17 @@ APP_SIZE = (120, 40)
 
 def make_student(directory: Path) -> Path:
     """A tiny-llama student with a featural memory in layer 1 (flat keys, 32 slots)."""
+    import torch
+
     from engine.model.loading import load_model
     from engine.model.student import save_student
     from engine.model.surgery import convert
 
     teacher = load_model("tiny-llama")
-    student = convert(teacher, [1], "featural", init="random", keys="flat", slots=32, topk=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same slots on every run (snapshots compare them)
+        student = convert(teacher, [1], "featural", init="random", keys="flat", slots=32,
+                          topk=8)
     return save_student(student, directory, teacher.tokenizer)
 
 

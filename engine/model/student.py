@@ -109,7 +109,7 @@ def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
         raise ModelLoadError(f"{weights} is missing; re-save the student")
     try:
         config = AutoConfig.from_pretrained(str(directory))
-        model = AutoModelForCausalLM.from_config(config)
+        model = build_skeleton(config, spec, AutoModelForCausalLM)
     except Exception as exc:
         raise ModelLoadError(f"{directory}/config.json cannot be used ({exc})") from exc
     try:
@@ -127,6 +127,37 @@ def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
             load_tables(directory / MEMORY_DIR, f"layer{layer}")
     model.to(dtype or torch.float32)
     model.eval()
+    return model
+
+
+def build_skeleton(config: Any, spec: StudentSpec, auto_class: Any) -> Any:
+    """The teacher architecture without allocating the MLPs that memory layers replace.
+
+    Built with one-neuron MLPs, then full MLPs are put back only in the layers the student
+    kept: a student with every layer replaced never holds the teacher's MLP weights, so its
+    peak memory stays below the teacher's.
+    """
+    import copy
+
+    from engine.model.surgery import decoder_layers
+
+    config = copy.deepcopy(config)
+    width_field = "n_inner" if spec.family == "gpt2" else "intermediate_size"
+    width = getattr(config, width_field)
+    setattr(config, width_field, 1)
+    model = auto_class.from_config(config)
+    setattr(config, width_field, width)  # the model's own config object: the true width again
+    config = model.config
+    replaced = set(spec.layers)
+    for index, block in enumerate(decoder_layers(model)):
+        if index in replaced:
+            continue
+        mlp_class = type(block.mlp)
+        if spec.family == "gpt2":
+            inner = config.n_inner if config.n_inner is not None else 4 * config.hidden_size
+            block.mlp = mlp_class(inner, config)
+        else:
+            block.mlp = mlp_class(config)
     return model
 
 

@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
 
-from engine.facade import STUDENT, TEACHER, Engine, ModelNode
+from engine.facade import STUDENT, TEACHER, Engine, ModelNode, short_spec
 from mindset.widgets.messages import ModelLoaded, ModelLoadFailed
 
 
@@ -78,7 +78,7 @@ class ModelPane(Vertical):
                 tree.root.set_label(f"{role}: none yet")
                 tree.root.add_leaf("distil one in the Training pane (F9: quick start)")
             else:
-                tree.root.set_label(f"{role}: {spec} (loading…)")
+                tree.root.set_label(f"{role}: {short_spec(spec)} (loading…)")
             tree.root.expand()
             return
         tree.root.set_label(f"{description.label}  [dim]{human(description.params)} params[/dim]")

@@ -66,7 +66,7 @@ class TrainingPane(Horizontal):
             yield jobs
             yield PlotextPlot(id="loss-plot")
             with Horizontal(id="job-progress-row"):
-                yield ProgressBar(total=None, show_eta=True, id="job-progress")
+                yield ProgressBar(total=1, show_eta=True, id="job-progress")  # no job: 0%, still
                 yield Static("", id="job-detail")
             yield Log(id="job-log", max_lines=500)
 

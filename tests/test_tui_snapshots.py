@@ -1,0 +1,78 @@
+"""Snapshots of each pane (pytest-textual-snapshot). Update with --snapshot-update.
+
+Everything shown is deterministic: tiny seeded models, a fresh database, no clock, no
+blinking cursor, no notifications.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.widgets import Input
+
+from engine.facade import STUDENT, TEACHER, Engine
+from mindset.app import MindsetApp
+from mindset.widgets.memory_pane import MemoryPane
+from tests.test_tui_support import APP_SIZE, make_app, make_student, wait_for
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_student(tmp_path_factory.mktemp("snap-student") / "student")
+
+
+def snapshot_app(tmp_path: Path, student_dir: Path | None) -> MindsetApp:
+    engine = Engine("tiny-llama", student_spec=str(student_dir) if student_dir else None,
+                    database=tmp_path / "memory.db", runs_root=tmp_path / "runs")
+    return make_app(engine)
+
+
+def settle(*keys: str, student: bool = True) -> Any:
+    """Wait until the models (and the memory page) are in, stop blinking, then press keys."""
+
+    async def run_before(pilot: Any) -> None:
+        app = pilot.app
+        await wait_for(pilot, lambda: app.engine.model(TEACHER) is not None)
+        if student:
+            pane = app.query_one(MemoryPane)
+            await wait_for(pilot, lambda: app.engine.model(STUDENT) is not None
+                           and len(pane.rows) == 32 and pane.rows[0].top_tokens != [])
+        for widget in app.query(Input):
+            widget.cursor_blink = False
+        app.clear_notifications()
+        for key in keys:
+            await pilot.press(key)
+        await pilot.pause(0.3)
+        for widget in app.screen.query(Input):
+            widget.cursor_blink = False
+        app.clear_notifications()
+        await pilot.pause(0.1)
+
+    return run_before
+
+
+def test_memory_pane(snap_compare: Any, tmp_path: Path, student_dir: Path) -> None:
+    assert snap_compare(snapshot_app(tmp_path, student_dir), terminal_size=APP_SIZE,
+                        run_before=settle())
+
+
+def test_model_pane(snap_compare: Any, tmp_path: Path, student_dir: Path) -> None:
+    assert snap_compare(snapshot_app(tmp_path, student_dir), terminal_size=APP_SIZE,
+                        run_before=settle("f3", "e"))
+
+
+def test_training_pane(snap_compare: Any, tmp_path: Path) -> None:
+    assert snap_compare(snapshot_app(tmp_path, None), terminal_size=APP_SIZE,
+                        run_before=settle("f4", student=False))
+
+
+def test_chat_pane(snap_compare: Any, tmp_path: Path, student_dir: Path) -> None:
+    assert snap_compare(snapshot_app(tmp_path, student_dir), terminal_size=APP_SIZE,
+                        run_before=settle("f5"))
+
+
+def test_help_screen(snap_compare: Any, tmp_path: Path) -> None:
+    assert snap_compare(snapshot_app(tmp_path, None), terminal_size=APP_SIZE,
+                        run_before=settle("f1", student=False))
