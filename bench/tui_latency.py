@@ -16,12 +16,14 @@ Writes ``bench/results/tui_latency.json``. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
 import pty
 import re
 import select
+import signal
 import statistics
 import struct
 import subprocess
@@ -45,6 +47,9 @@ class Terminal:
     def __init__(self, model: str, home: Path) -> None:
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
+        attributes = termios.tcgetattr(slave)
+        attributes[0] &= ~termios.IXON  # let ctrl+q reach the app (no XON/XOFF)
+        termios.tcsetattr(slave, termios.TCSANOW, attributes)
         env = dict(os.environ, TERM="xterm-256color", MINDSET_HOME=str(home),
                    COLUMNS=str(COLUMNS), LINES=str(ROWS))
         self.started = time.perf_counter()
@@ -92,11 +97,14 @@ class Terminal:
         raise TimeoutError(f"no repaint with {marker!r} after the key")
 
     def close(self) -> None:
-        os.write(self.master, b"\x11")  # ctrl+q
+        """Quit with ctrl+q; stop the process group if it does not."""
+        with contextlib.suppress(OSError):
+            os.write(self.master, b"\x11")
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         os.close(self.master)
 
@@ -115,13 +123,12 @@ def first_frame(model: str, runs: int) -> list[float]:
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as home:
             terminal = Terminal(model, Path(home))
-            terminal.wait_for(b"palette", 30.0)  # the footer is drawn last
-            times.append(time.perf_counter() - terminal.started)
-            terminal.read(0.5)
-            # The first run offers the quick start; close that, then quit.
-            os.write(terminal.master, b"\x1b")
-            terminal.drain(0.3)
-            terminal.close()
+            try:
+                # The status bar's "loading" is in the first frame, under the panes.
+                terminal.wait_for(b"loading", 30.0)
+                times.append(time.perf_counter() - terminal.started)
+            finally:
+                terminal.close()
     return times
 
 
@@ -181,17 +188,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home_name:
         home = Path(home_name)
         terminal = Terminal(args.teacher, home)
-        terminal.wait_for(b"Welcome to Mindset", 60.0)
-        os.write(terminal.master, b"\x1b")  # decline the quick start
-        time.sleep(5.0)  # let the model finish loading
-        idle = keypresses(terminal, args.presses)
-        runner, job_id = start_training(args.teacher, home, steps=100000)
-        time.sleep(2.0)
-        busy = keypresses(terminal, args.presses)
-        state = runner.job(job_id)
-        runner.cancel(job_id)
-        runner.wait(job_id, timeout=60)
-        terminal.close()
+        runner = job_id = None
+        try:
+            terminal.wait_for(b"Welcome to Mindset", 60.0)
+            os.write(terminal.master, b"\x1b")  # decline the quick start
+            terminal.wait_for(f"model: {args.teacher} ".encode(), 120.0)  # loaded
+            idle = keypresses(terminal, args.presses)
+            runner, job_id = start_training(args.teacher, home, steps=100000)
+            time.sleep(2.0)
+            busy = keypresses(terminal, args.presses)
+            state = runner.job(job_id)
+        finally:
+            terminal.close()
+            if runner is not None and job_id is not None:
+                with contextlib.suppress(Exception):
+                    runner.cancel(job_id)
+                final = runner.wait(job_id, timeout=60)
+                if final.alive and final.pid:
+                    os.kill(final.pid, signal.SIGKILL)
 
     idle_stats, busy_stats = summary(idle), summary(busy)
     result = {

@@ -7,6 +7,7 @@ imported: the model loads in a worker while the status bar says so.
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,6 +16,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.css.query import NoMatches
+from textual.lazy import Lazy
 from textual.theme import Theme
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
@@ -95,9 +97,11 @@ class MindsetApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False, icon="◆")
         with TabbedContent(id="tabs"):
-            for tab_id, (title, pane_class) in PANES.items():
+            for index, (tab_id, (title, pane_class)) in enumerate(PANES.items()):
                 with TabPane(title, id=tab_id):
-                    yield pane_class(self.engine, id=f"{tab_id}-pane")
+                    pane = pane_class(self.engine, id=f"{tab_id}-pane")
+                    # Hidden panes mount after the first frame, so it comes sooner.
+                    yield pane if index == 0 else Lazy(pane)
         yield StatusBar(id="status")
         yield Footer()
 
@@ -205,12 +209,25 @@ class MindsetApp(App[None]):
         if event.pane.id:
             self._focus_pane(event.pane.id)
 
-    def _focus_pane(self, tab_id: str) -> None:
-        """Put the focus on the pane's main widget, so that its keys work at once."""
+    def _focus_pane(self, tab_id: str, attempts: int = 20) -> None:
+        """Put the focus on the pane's main widget, so that its keys work at once
+        (a lazily mounted pane may need a moment to appear)."""
         selector = FOCUS_TARGETS.get(tab_id)
-        if selector:
+        if not selector:
+            return
+        try:
+            self._main(selector).focus()
+        except NoMatches:
+            if attempts > 0 and self.screen_stack:
+                self.set_timer(0.05, lambda: self._focus_pane(tab_id, attempts - 1))
+
+    async def _pane(self, tab_id: str) -> Any:
+        """The pane of a tab, once it is mounted."""
+        for _ in range(100):
             with suppress(NoMatches):
-                self._main(selector).focus()
+                return self._main(f"#{tab_id}-pane")
+            await asyncio.sleep(0.02)
+        return self._main(f"#{tab_id}-pane")
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.binding_sections(), self._keymap))
@@ -221,7 +238,10 @@ class MindsetApp(App[None]):
     def _quick_start_answer(self, start: bool | None) -> None:
         if start:
             self.action_show_tab("training")
-            self._main(TrainingPane).start_quick_start()
+            self.run_worker(self._start_quick_start(), exit_on_error=False)
+
+    async def _start_quick_start(self) -> None:
+        (await self._pane("training")).start_quick_start()
 
     def _remember_theme(self, theme: Theme) -> None:
         try:
@@ -249,7 +269,7 @@ class MindsetApp(App[None]):
         for tab_id, (title, _) in PANES.items():
             if title == section:
                 self.action_show_tab(tab_id)
-                await self._main(f"#{tab_id}-pane").run_action(action)
+                await (await self._pane(tab_id)).run_action(action)
                 return
 
     async def on_unmount(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -85,20 +84,3 @@ async def test_errors_are_one_line_mindset_errors(tmp_path: Path) -> None:
             await engine.load_model("student")
     finally:
         await engine.close()
-
-
-def test_facade_calls_never_block_the_loop(store_path: Path, tmp_path: Path) -> None:
-    """While the model loads in its thread, the event loop keeps ticking."""
-    engine = Engine("tiny-llama", database=store_path, runs_root=tmp_path / "runs")
-
-    async def run() -> int:
-        ticks = 0
-        load = asyncio.create_task(engine.load_model())
-        while not load.done():
-            ticks += 1
-            await asyncio.sleep(0.01)
-        await load
-        await engine.close()
-        return ticks
-
-    assert asyncio.run(run()) > 3

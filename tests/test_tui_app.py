@@ -134,3 +134,34 @@ def test_first_frame_needs_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=REPO, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_web_serves_the_workbench_page(tmp_path: Path) -> None:
+    """``mindset --web`` answers with the textual-serve page for the workbench."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mindset.cli", "--web", "--port", str(port), "--model",
+         "tiny-llama"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        assert page.status_code == 200
+        assert "Mindset" in page.text
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import uuid
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from engine.errors import InputError, ModelLoadError
 from engine.model.surgery import (
@@ -97,8 +101,8 @@ def read_spec(directory: Path) -> StudentSpec:
 def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
     """The student model alone (no tokenizer), in eval mode."""
     import torch
-    from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
+
 
     directory = Path(directory).expanduser().resolve()
     if not is_student_dir(directory):
@@ -107,20 +111,27 @@ def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(f"{weights} is missing; re-save the student")
+    from transformers.initialization import no_init_weights
+
+    # Every weight is read from the file next, so skip initialising (and touching) memory.
+    with no_init_weights():
+        try:
+            config = AutoConfig.from_pretrained(str(directory))
+            model = build_skeleton(config, spec, AutoModelForCausalLM)
+        except Exception as exc:
+            raise ModelLoadError(f"{directory}/config.json cannot be used ({exc})") from exc
+        try:
+            attach_memory_layers(model, spec)
+        except InputError as exc:
+            raise ModelLoadError(f"{directory / STUDENT_FILE} does not fit the model: "
+                                 f"{exc}") from exc
+    model.tie_weights()  # skipped with the initialisation; tied tensors are saved once
     try:
-        config = AutoConfig.from_pretrained(str(directory))
-        model = build_skeleton(config, spec, AutoModelForCausalLM)
-    except Exception as exc:
-        raise ModelLoadError(f"{directory}/config.json cannot be used ({exc})") from exc
-    try:
-        attach_memory_layers(model, spec)
-    except InputError as exc:
-        raise ModelLoadError(f"{directory / STUDENT_FILE} does not fit the model: {exc}") from exc
-    try:
-        load_model(model, str(weights), strict=True)
-    except Exception as exc:
-        raise ModelLoadError(f"{weights} does not load ({type(exc).__name__}: {exc}); "
-                             "re-save the student") from exc
+        read_weights_into(model, weights)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{weights} does not load ({exc}); re-save the student") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"{weights} does not load ({exc}); re-save the student") from exc
     for layer, memory in memory_layers(model).items():
         load_tables = getattr(memory, "load_tables", None)
         if load_tables is not None:
@@ -190,3 +201,71 @@ def load_tokenizer(directory: Path, spec: StudentSpec) -> Any:
         return byte_level_tokenizer()
     raise ModelLoadError(f"{directory} has no tokenizer; re-save the student with its "
                          "teacher's tokenizer")
+
+
+# --- reading weights -------------------------------------------------------------------------
+# ``safetensors`` maps the file into memory, so every page it reads stays in the process's
+# resident set until the file is closed: loading a 500 MB student that way briefly costs the
+# weights twice over. Reading each tensor with plain file I/O into the (not yet touched)
+# memory of the model's own parameters costs them once, which keeps a student's peak memory
+# below its teacher's.
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _header(handle: object, path: Path) -> tuple[dict[str, dict[str, object]], int]:
+    raw = handle.read(8)  # type: ignore[attr-defined]
+    if len(raw) != 8:
+        raise ModelLoadError(f"{path} is truncated (no safetensors header)")
+    (size,) = struct.unpack("<Q", raw)
+    if size > 100_000_000:
+        raise ModelLoadError(f"{path} is not a safetensors file (header size {size})")
+    try:
+        header = json.loads(handle.read(size))  # type: ignore[attr-defined]
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} has a corrupt safetensors header ({exc})") from exc
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+@torch.no_grad()
+def read_weights_into(model: nn.Module, path: Path) -> None:
+    """Fill every parameter and persistent buffer of ``model`` from ``path`` (strict).
+
+    Tensors tied to another one (same storage, such as a tied LM head) may be absent from the
+    file; anything else missing, unexpected or of the wrong shape is an error.
+    """
+    state = model.state_dict(keep_vars=True)
+    filled: set[int] = set()
+    with path.open("rb") as handle:
+        header, data_start = _header(handle, path)
+        unexpected = sorted(set(header) - set(state))
+        if unexpected:
+            raise ModelLoadError(f"{path} holds unexpected tensors: {', '.join(unexpected[:5])}")
+        for name, meta in header.items():
+            target = state[name].data
+            shape: tuple[int, ...] = tuple(meta["shape"])  # type: ignore[arg-type]
+            dtype = DTYPES.get(str(meta["dtype"]))
+            if dtype is None or shape != tuple(target.shape):
+                raise ModelLoadError(f"{path}: tensor {name} is {meta['dtype']} {list(shape)}, "
+                                     f"the model expects {list(target.shape)}")
+            offsets: list[int] = list(meta["data_offsets"])  # type: ignore[call-overload]
+            begin, end = offsets
+            destination = target if (dtype == target.dtype and target.is_contiguous()) \
+                else torch.empty(shape, dtype=dtype)
+            if destination.numel():
+                buffer: Any = destination.view(-1).view(torch.uint8).numpy()
+                handle.seek(data_start + begin)
+                if handle.readinto(memoryview(buffer)) != end - begin:
+                    raise ModelLoadError(f"{path} is truncated (tensor {name})")
+            if destination is not target:
+                target.copy_(destination)
+            filled.add(target.untyped_storage().data_ptr())
+    missing = [name for name, tensor in state.items()
+               if tensor.numel() and tensor.untyped_storage().data_ptr() not in filled]
+    if missing:
+        raise ModelLoadError(f"{path} lacks tensors: {', '.join(missing[:5])}")

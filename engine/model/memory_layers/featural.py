@@ -50,7 +50,9 @@ class FeaturalMemory(nn.Module):
         else:
             self.flat = FlatKeys(hidden, slots, config.activation, config.gated)
             self.out_bias = nn.Parameter(torch.zeros(hidden))
-        self.values = nn.Parameter(torch.empty(slots, value_dim).normal_(0, value_dim**-0.5))
+        # nn.init (not Tensor methods) so that loading a saved student can skip initialisation.
+        self.values = nn.Parameter(torch.empty(slots, value_dim))
+        nn.init.normal_(self.values, 0, value_dim**-0.5)
 
     @property
     def num_slots(self) -> int:

@@ -20,12 +20,14 @@ class FlatKeys(nn.Module):
         self.activation_name = activation
         self.act = ACT2FN[activation]
         bound = 1 / math.sqrt(hidden_size)
-        self.keys = nn.Parameter(torch.empty(slots, hidden_size).uniform_(-bound, bound))
+        self.keys = nn.Parameter(torch.empty(slots, hidden_size))
+        nn.init.uniform_(self.keys, -bound, bound)
         self.bias = nn.Parameter(torch.zeros(slots))
         self.up: nn.Parameter | None = None
         self.up_bias: nn.Parameter | None = None
         if gated:
-            self.up = nn.Parameter(torch.empty(slots, hidden_size).uniform_(-bound, bound))
+            self.up = nn.Parameter(torch.empty(slots, hidden_size))
+            nn.init.uniform_(self.up, -bound, bound)
             self.up_bias = nn.Parameter(torch.zeros(slots))
 
     @property
