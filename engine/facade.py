@@ -30,7 +30,7 @@ T = TypeVar("T")
 TEACHER = "teacher"
 STUDENT = "student"
 REMOTE = "remote"
-QUICK_START_STEPS = 300
+QUICK_START_STEPS = 150
 
 
 @dataclass
@@ -96,6 +96,8 @@ class JobRequest:
     data: str | None = None  # a text file or folder; None samples text from the teacher
     steps: int = 200
     lr: float = 1e-3
+    # Further DistillConfig fields (block_size, batch_size, data_free_blocks, ...).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -592,8 +594,12 @@ class Engine:
 
     def quick_start_request(self) -> JobRequest:
         """One middle layer of the workbench's model, a few minutes on a laptop."""
+        # Small blocks and few sampled blocks: the teacher writes its own training text
+        # (no data set needed) in a minute or two, then training takes a few minutes.
         return JobRequest(teacher=self.model_spec, layers="middle", memory="featural",
-                          data=None, steps=QUICK_START_STEPS, lr=1e-3)
+                          data=None, steps=QUICK_START_STEPS, lr=1e-3,
+                          options=dict(block_size=128, batch_size=4, data_free_blocks=16,
+                                       heldout_blocks=2))
 
     async def launch_job(self, request: JobRequest) -> JobView:
         """Start a distillation job in its own process; it outlives the workbench."""
@@ -608,7 +614,8 @@ class Engine:
                 teacher=request.teacher, layers=layers, memory=request.memory,
                 data=[request.data] if request.data else [], steps=request.steps,
                 lr=request.lr, eval_every=max(10, request.steps // 5),
-                checkpoint_every=max(10, request.steps // 10), **self.job_overrides,
+                checkpoint_every=max(10, request.steps // 10),
+                **{**request.options, **self.job_overrides},
             )
             return self._job_runner().start(config)
 
@@ -812,13 +819,13 @@ def short_spec(spec: str) -> str:
 
 
 def _module_exists(name: str) -> bool:
-    """Whether a module can be imported, without importing it (and what it pulls in)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:
+    """Whether an ``engine.*`` module is installed, without importing it: importing even a
+    parent package (``engine.memory`` pulls in SQLAlchemy) would delay the first frame."""
+    parts = name.split(".")
+    if parts[0] != "engine":
         return False
+    base = Path(__file__).resolve().parent.joinpath(*parts[1:])
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
 def featural_table_name(layer: int) -> str:

@@ -16,7 +16,6 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.css.query import NoMatches
-from textual.lazy import Lazy
 from textual.theme import Theme
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
@@ -97,11 +96,9 @@ class MindsetApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False, icon="◆")
         with TabbedContent(id="tabs"):
-            for index, (tab_id, (title, pane_class)) in enumerate(PANES.items()):
+            for tab_id, (title, pane_class) in PANES.items():
                 with TabPane(title, id=tab_id):
-                    pane = pane_class(self.engine, id=f"{tab_id}-pane")
-                    # Hidden panes mount after the first frame, so it comes sooner.
-                    yield pane if index == 0 else Lazy(pane)
+                    yield pane_class(self.engine, id=f"{tab_id}-pane")
         yield StatusBar(id="status")
         yield Footer()
 
@@ -206,7 +203,8 @@ class MindsetApp(App[None]):
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        if event.pane.id:
+        # Events can arrive late: only the tab that is still active takes the focus.
+        if event.pane.id and event.pane.id == event.tabbed_content.active:
             self._focus_pane(event.pane.id)
 
     def _focus_pane(self, tab_id: str, attempts: int = 20) -> None:
@@ -216,6 +214,8 @@ class MindsetApp(App[None]):
         if not selector:
             return
         try:
+            if self._main(TabbedContent).active != tab_id:
+                return  # the user moved on meanwhile
             self._main(selector).focus()
         except NoMatches:
             if attempts > 0 and self.screen_stack:

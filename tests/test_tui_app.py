@@ -95,6 +95,7 @@ async def test_palette_offers_every_action(tmp_path: Path) -> None:
         assert len(names) == expected
         assert "Memory: Edit entry" in names and "Chat: Regenerate" in names
         # Running a pane's command from the palette switches to its tab.
+        await pilot.pause(0.2)  # the start-up focus settles first
         await app.run_section_action("Model", "expand_all")
         await pilot.pause(0.1)
         assert app.query_one(TabbedContent).active == "model"

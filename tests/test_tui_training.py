@@ -53,3 +53,25 @@ async def test_launch_follow_finish_and_reappear(tmp_path: Path) -> None:
         pane2 = app2.query_one(TrainingPane)
         await wait_for(pilot, lambda: [j.id for j in pane2.jobs] == [job_id], timeout=30)
         await wait_for(pilot, lambda: len(pane2.points) == 6, timeout=30)
+
+
+async def test_quick_start_offer_launches_and_cancel_stops(tmp_path: Path) -> None:
+    """A first run offers the quick start; one key starts it, `c` cancels the job."""
+    from mindset.app import MindsetApp
+    from mindset.config import WorkbenchConfig
+    from mindset.screens.quick_start import QuickStartScreen
+
+    engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=tmp_path / "runs")
+    engine.job_overrides = dict(TINY_JOB)
+    app = MindsetApp(engine, config=WorkbenchConfig())
+    async with app.run_test(size=APP_SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout=30)
+        await pilot.press("enter")
+        pane = app.query_one(TrainingPane)
+        await wait_for(pilot, lambda: len(pane.jobs) == 1, timeout=30)
+        assert app.query_one("#tabs").active == "training"
+        assert pane.jobs[0].layers == "2"  # the middle layer of four
+        await wait_for(pilot, lambda: pane.jobs[0].state == "running", timeout=90)
+        app.query_one("#jobs-table").focus()
+        await pilot.press("c")
+        await wait_for(pilot, lambda: pane.jobs[0].state == "cancelled", timeout=90)
