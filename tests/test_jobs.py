@@ -135,3 +135,43 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path: Path) -> N
     initial = build_student(teacher.model, [1, 2], "featural", {**config.hparams, "sparse": False})
     before = weights_digest(trainable_state(initial, layer_prefixes(initial, [1, 2])))
     assert digests[0].strip() != before
+
+
+def _niceness(pid: int, thread: int | None = None) -> int:
+    """A process's (or one of its threads') niceness, as the kernel reports it."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"
+    with open(path, encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[16])  # field 19 of proc(5); the split starts at field 3
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_jobs_train_at_a_lower_cpu_priority_than_the_workbench(tmp_path: Path) -> None:
+    runner = JobRunner(tmp_path / "runs")
+    assert runner.niceness == 10
+    parent = os.getpriority(os.PRIO_PROCESS, 0)
+    job = runner.start(tiny_config(steps=100_000, checkpoint_every=10**6, eval_every=10**6))
+    assert job.pid is not None
+    try:
+        assert _niceness(job.pid) == min(19, parent + 10)  # at once, before it trains
+        wait_for(lambda: runner.job(job.id).step >= 2, what="two training steps")
+        # Every thread it started meanwhile (torch's included) inherited the priority.
+        threads = [int(t) for t in os.listdir(f"/proc/{job.pid}/task")]
+        assert len(threads) > 1
+        assert all(_niceness(job.pid, t) > parent for t in threads)
+    finally:
+        runner.cancel(job.id)
+        runner.wait(job.id, timeout=60.0)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == parent  # the parent keeps its priority
+
+
+def test_job_niceness_is_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.distill.jobs import NICENESS_ENV
+    from engine.errors import InputError
+
+    assert JobRunner(tmp_path, niceness=0).niceness == 0
+    monkeypatch.setenv(NICENESS_ENV, "4")
+    assert JobRunner(tmp_path).niceness == 4
+    monkeypatch.setenv(NICENESS_ENV, "lots")
+    with pytest.raises(InputError, match=NICENESS_ENV):
+        JobRunner(tmp_path)

@@ -33,6 +33,12 @@ from engine.errors import InputError
 JOB_NAME = "job.json"
 LOG_NAME = "worker.log"
 WORKER_MODULE = "engine.distill.worker"
+# Jobs run this much nicer than the process that starts them, so that training on every
+# core leaves the workbench (and the rest of the machine) responsive; 0 turns it off.
+DEFAULT_NICENESS = 10
+NICENESS_ENV = "MINDSET_JOB_NICENESS"  # overrides the default for every runner
+WORKER_NICENESS_ENV = "MINDSET_WORKER_NICENESS"  # absolute niceness a worker applies
+MAX_NICENESS = 19
 
 
 @dataclass
@@ -89,6 +95,26 @@ def process_alive(pid: int | None) -> bool:
     return True
 
 
+def job_niceness() -> int:
+    """The niceness increment for job processes (``MINDSET_JOB_NICENESS``, default 10)."""
+    raw = os.environ.get(NICENESS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_NICENESS
+    try:
+        return max(0, int(raw))
+    except ValueError as exc:
+        raise InputError(f"{NICENESS_ENV} must be a whole number (got {raw!r})") from exc
+
+
+def lower_priority(pid: int, niceness: int) -> None:
+    """Raise ``pid``'s niceness to ``niceness`` (never lowers it; best effort)."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, pid) < niceness:
+            os.setpriority(os.PRIO_PROCESS, pid, niceness)
+    except OSError:  # already gone, or not allowed: it only costs responsiveness
+        pass
+
+
 def last_log_line(path: Path) -> str | None:
     """The last line a dead worker printed (its error, when it died before reporting one)."""
     try:
@@ -106,7 +132,10 @@ def job_name(config: DistillConfig) -> str:
 class JobRunner:
     """Starts distillation processes and reads their state back from the run directories."""
 
-    def __init__(self, root: Path | None = None, *, python: str | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, python: str | None = None,
+                 niceness: int | None = None) -> None:
+        """``niceness``: how much lower the jobs' CPU priority is than this process's
+        (default ``MINDSET_JOB_NICENESS`` or 10; 0 keeps the same priority)."""
         if root is None:
             from engine.paths import runs_dir
 
@@ -114,6 +143,9 @@ class JobRunner:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.python = python or sys.executable
+        self.niceness = job_niceness() if niceness is None else niceness
+        if self.niceness < 0:
+            raise InputError(f"job niceness must be 0 or more (got {self.niceness})")
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- starting -------------------------------------------------------------------------
@@ -151,11 +183,16 @@ class JobRunner:
         env = dict(os.environ)
         source_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
+        target = min(MAX_NICENESS, os.getpriority(os.PRIO_PROCESS, 0) + self.niceness)
+        env[WORKER_NICENESS_ENV] = str(target)
         with (run_dir / LOG_NAME).open("ab") as log:
             process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True,  # survives the workbench closing
             )
+        # At once, before the child starts its threads (they inherit it; torchrun's
+        # workers inherit it from the launcher); the worker applies it too, in case.
+        lower_priority(process.pid, target)
         self._children[job_id] = process
         job.update({"pid": process.pid, "launched": time.time()})
         atomic_write_text(run_dir / JOB_NAME, json.dumps(job) + "\n")

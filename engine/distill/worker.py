@@ -14,7 +14,22 @@ import sys
 from pathlib import Path
 
 
+def lower_own_priority() -> None:
+    """Apply the niceness the job runner asks for (``MINDSET_WORKER_NICENESS``) before the
+    training threads start, so that they inherit it."""
+    raw = os.environ.get("MINDSET_WORKER_NICENESS", "").strip()
+    if not raw:
+        return
+    try:
+        wanted = int(raw)
+        if os.getpriority(os.PRIO_PROCESS, 0) < wanted:
+            os.setpriority(os.PRIO_PROCESS, 0, wanted)
+    except (ValueError, OSError):  # a lower priority is a courtesy, not a requirement
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    lower_own_priority()
     for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                         ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(name, value)

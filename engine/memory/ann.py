@@ -177,6 +177,10 @@ class HnswIndex(AnnIndex):
         return True
 
 
+# faiss asks for 39 training points per centroid; its PQ codebooks have 256 centroids.
+PQ_TRAIN_POINTS = 40 * 256
+
+
 class IvfPqIndex(AnnIndex):
     """IVF-PQ once the table is big enough to train it; an exact index before that."""
 
@@ -232,10 +236,10 @@ class IvfPqIndex(AnnIndex):
         quantizer = faiss.IndexFlatL2(self.dim)
         index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, sub, 8)
         rng = np.random.default_rng(0)
+        # Enough points for both the coarse lists and the 256-centroid PQ codebooks.
+        wanted = max(64 * nlist, PQ_TRAIN_POINTS)
         sample = (
-            keys
-            if len(keys) <= 64 * nlist
-            else keys[rng.choice(len(keys), 64 * nlist, replace=False)]
+            keys if len(keys) <= wanted else keys[rng.choice(len(keys), wanted, replace=False)]
         )
         index.train(np.ascontiguousarray(sample))
         index.nprobe = self.nprobe_override or max(1, nlist // 8)

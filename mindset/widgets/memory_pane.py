@@ -135,7 +135,8 @@ class MemoryPane(Vertical):
         self.rows = rows
         table = self.query_one("#memory-rows", DataTable)
         cursor = table.cursor_row
-        table.clear()
+        table.clear(columns=True)  # columns re-fit the new page's content
+        table.add_columns(*COLUMNS)
         for row in rows:
             table.add_row(str(row.id), row.label, str(row.access_count), row.last_access,
                           f"{row.norm:.3f}", " ".join(row.top_tokens), key=str(row.id))
