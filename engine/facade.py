@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ TEACHER = "teacher"
 STUDENT = "student"
 REMOTE = "remote"
 QUICK_START_STEPS = 150
+JOB_POLL_SECONDS = 0.25  # how often a followed job's new events are read
 
 
 @dataclass
@@ -250,6 +252,30 @@ class Engine:
             with contextlib.suppress(Exception):
                 await adapter.aclose()
         await self.load_model(STUDENT)
+
+    async def save_student(self) -> str:
+        """Write the live student, with the memory edits made since it loaded, back to its
+        student directory (atomically: the old directory stays whole until the new one is
+        complete); returns the directory."""
+        loaded = self._models.get(STUDENT)
+        if loaded is None:
+            raise MindsetError("no student is loaded; distil one first (Training pane)")
+
+        def save() -> str:
+            from engine.model.student import is_student_dir, save_student
+
+            directory = Path(str(loaded.source or loaded.spec))
+            if not is_student_dir(directory):
+                raise MindsetError(f"the student was not loaded from a student directory "
+                                   f"({directory}); nothing to save it back to")
+            try:
+                return str(save_student(loaded.model, directory, loaded.tokenizer))
+            except OSError as exc:
+                raise MindsetError(f"could not save the student to {directory}: {exc}") from exc
+
+        # The store's thread is the one that writes edits into the live slots: saving there
+        # means no edit lands halfway through the save.
+        return await self._in_store(save)
 
     def _export_featural(self, loaded: Any) -> None:
         """Mirror each featural layer's slots into a table, so the Memory pane can page,
@@ -630,11 +656,30 @@ class Engine:
 
     async def follow_job(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         """The job's events from its start, then as they are written, until it exits."""
-        runner = await asyncio.to_thread(self._job_runner)  # first use imports torch
-        async for event in runner.events(job_id, from_start=True, follow=True):
-            if event.get("type") == "step" and isinstance(event.get("loss"), int | float):
-                self._job_losses[job_id] = float(event["loss"])
-            yield event
+        # Every read of the run directory happens in a worker thread: the caller's event
+        # loop draws the screen and must not wait on the disk while a job trains.
+        def open_tail() -> Any:
+            from engine.distill import events as ev
+
+            runner = self._job_runner()  # first use imports torch
+            return ev.EventTail(runner.run_dir(job_id), 0)
+
+        def poll(tail: Any) -> tuple[bool, list[dict[str, Any]]]:
+            alive = self._job_runner().job(job_id).alive
+            return alive, list(tail.poll())
+
+        tail = await asyncio.to_thread(open_tail)
+        while True:
+            alive, events = await asyncio.to_thread(poll, tail)
+            if not alive:  # anything written just before the exit
+                events += (await asyncio.to_thread(poll, tail))[1]
+            for event in events:
+                if event.get("type") == "step" and isinstance(event.get("loss"), int | float):
+                    self._job_losses[job_id] = float(event["loss"])
+                yield event
+            if not alive:
+                return
+            await asyncio.sleep(JOB_POLL_SECONDS)
 
     async def control_job(self, job_id: str, command: str) -> None:
         """``pause``, ``resume`` or ``cancel`` a job."""
@@ -832,10 +877,17 @@ def featural_table_name(layer: int) -> str:
     return f"layer{layer}_featural"
 
 
-def _load_spec(spec: str) -> Any:
-    from engine.model.loading import load_model
+# One model load at a time in a process: two threads importing transformers at once can
+# see it half-initialised ("cannot import name ..."), e.g. when a workbench closes during
+# a load and another opens.
+_LOAD_LOCK = threading.Lock()
 
-    return load_model(spec)
+
+def _load_spec(spec: str) -> Any:
+    with _LOAD_LOCK:
+        from engine.model.loading import load_model
+
+        return load_model(spec)
 
 
 def _decoder_layers(model: Any) -> list[Any]:

@@ -2,12 +2,14 @@
 
 The app gets an :class:`engine.facade.Engine` in its constructor and talks to it only through
 the engine's public, awaitable methods. The first frame is drawn before torch or any model is
-imported: the model loads in a worker while the status bar says so.
+imported: the model loads in a worker while the status bar says so. Only the first tab's pane
+is built before the first frame; the other panes (and their modules) follow right after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +19,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.css.query import NoMatches
 from textual.theme import Theme
+from textual.widget import Widget
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from engine.errors import MindsetError
@@ -24,25 +27,29 @@ from engine.facade import STUDENT, TEACHER, Engine, short_spec
 from mindset.config import WorkbenchConfig, load_config, read_theme_files, save_theme
 from mindset.screens.help import HelpScreen, key_label
 from mindset.screens.quick_start import QuickStartScreen
-from mindset.widgets.chat_pane import ChatPane
 from mindset.widgets.commands import WorkbenchCommands
-from mindset.widgets.memory_pane import MemoryPane
 from mindset.widgets.messages import JobsChanged, ModelLoaded, ModelLoadFailed
-from mindset.widgets.model_pane import ModelPane
 from mindset.widgets.status_bar import StatusBar
-from mindset.widgets.training_pane import TrainingPane
 
 DEFAULT_THEME = "mindset-dusk"
 
-PaneClass = type[MemoryPane | ModelPane | TrainingPane | ChatPane]
-
-# Tab id -> (section name, pane class); the order is the order of the tabs.
-PANES: dict[str, tuple[str, PaneClass]] = {
-    "memory": ("Memory", MemoryPane),
-    "model": ("Model", ModelPane),
-    "training": ("Training", TrainingPane),
-    "chat": ("Chat", ChatPane),
+# Tab id -> (section name, module, pane class); the order is the order of the tabs. The
+# modules are imported when the pane is built: the hidden tabs' cost comes after the
+# first frame.
+PANES: dict[str, tuple[str, str, str]] = {
+    "memory": ("Memory", "mindset.widgets.memory_pane", "MemoryPane"),
+    "model": ("Model", "mindset.widgets.model_pane", "ModelPane"),
+    "training": ("Training", "mindset.widgets.training_pane", "TrainingPane"),
+    "chat": ("Chat", "mindset.widgets.chat_pane", "ChatPane"),
 }
+FIRST_TAB = "memory"
+
+
+def pane_class(tab_id: str) -> type[Widget]:
+    """The pane class of a tab (importing its module on first use)."""
+    _, module, name = PANES[tab_id]
+    found: type[Widget] = getattr(importlib.import_module(module), name)
+    return found
 
 # The widget that gets the focus when a tab is shown.
 FOCUS_TARGETS = {
@@ -95,15 +102,36 @@ class MindsetApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False, icon="◆")
-        with TabbedContent(id="tabs"):
-            for tab_id, (title, pane_class) in PANES.items():
+        with TabbedContent(id="tabs", initial=FIRST_TAB):
+            for tab_id, (title, _, _) in PANES.items():
                 with TabPane(title, id=tab_id):
-                    yield pane_class(self.engine, id=f"{tab_id}-pane")
+                    if tab_id == FIRST_TAB:
+                        yield self._new_pane(tab_id, pane_class(tab_id))
         yield StatusBar(id="status")
         yield Footer()
 
+    def _new_pane(self, tab_id: str, cls: type[Widget]) -> Widget:
+        factory: Any = cls  # every pane takes (engine, id=...)
+        pane: Widget = factory(self.engine, id=f"{tab_id}-pane")
+        return pane
+
+    async def _build_hidden_panes(self) -> None:
+        """The panes of the tabs not shown at start, built once the first frame is out."""
+        for tab_id in PANES:
+            if tab_id == FIRST_TAB:
+                continue
+            cls = await asyncio.to_thread(pane_class, tab_id)  # the import, off the loop
+            if not self.screen_stack:
+                return  # closing
+            with suppress(NoMatches):
+                await self._main(f"TabPane#{tab_id}", TabPane).mount(self._new_pane(tab_id, cls))
+
     def on_mount(self) -> None:
-        self._focus_pane("memory")
+        self._focus_pane(FIRST_TAB)
+        self.call_after_refresh(
+            lambda: self.run_worker(self._build_hidden_panes(), group="panes",
+                                    exit_on_error=False)
+        )
         status = self._main(StatusBar)
         status.database = Path(self.engine.database).name
         status.model_text = f"model: {self.engine.model_spec} (loading…)"
@@ -195,7 +223,9 @@ class MindsetApp(App[None]):
         screen = self.screen_stack[0]
         for pane_id in PANES:
             for pane in screen.query(f"#{pane_id}-pane"):
-                pane.post_message(message_factory())
+                # A pane still being built reads the models' state when it mounts.
+                if pane.is_mounted:
+                    pane.post_message(message_factory())
 
     def action_show_tab(self, tab_id: str) -> None:
         self._main(TabbedContent).active = tab_id
@@ -254,8 +284,8 @@ class MindsetApp(App[None]):
     def binding_sections(self) -> list[tuple[str, list[Binding]]]:
         """Every binding with an id, grouped by where it acts."""
         sections: list[tuple[str, list[Binding]]] = [("App", _bindings(type(self)))]
-        for title, pane_class in PANES.values():
-            sections.append((title, _bindings(pane_class)))
+        for tab_id, (title, _, _) in PANES.items():
+            sections.append((title, _bindings(pane_class(tab_id))))
         return sections
 
     def key_for(self, binding: Binding) -> str:
@@ -266,7 +296,7 @@ class MindsetApp(App[None]):
         if section == "App":
             await self.run_action(action)
             return
-        for tab_id, (title, _) in PANES.items():
+        for tab_id, (title, _, _) in PANES.items():
             if title == section:
                 self.action_show_tab(tab_id)
                 await (await self._pane(tab_id)).run_action(action)

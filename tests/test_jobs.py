@@ -154,7 +154,11 @@ def test_jobs_train_at_a_lower_cpu_priority_than_the_workbench(tmp_path: Path) -
     assert job.pid is not None
     try:
         assert _niceness(job.pid) == min(19, parent + 10)  # at once, before it trains
-        wait_for(lambda: runner.job(job.id).step >= 2, what="two training steps")
+        autogroup = Path(f"/proc/{job.pid}/autogroup")
+        if autogroup.exists():  # its own session's CPU share is lowered too
+            assert autogroup.read_text().split()[-1] == str(min(19, parent + 10))
+        wait_for(lambda: len(step_events(ev.read_events(job.run_dir))) >= 2,
+                 what="two training steps")
         # Every thread it started meanwhile (torch's included) inherited the priority.
         threads = [int(t) for t in os.listdir(f"/proc/{job.pid}/task")]
         assert len(threads) > 1

@@ -9,7 +9,7 @@ from textual.widgets import Input, Markdown
 
 from engine.facade import Engine
 from mindset.widgets.chat_pane import ChatPane, MessageBox
-from tests.test_tui_support import APP_SIZE, make_app, wait_for
+from tests.test_tui_support import APP_SIZE, make_app, mounted, wait_for
 
 
 class CountingEngine(Engine):
@@ -30,7 +30,7 @@ async def test_streamed_reply_regenerate_and_branches(tmp_path: Path) -> None:
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         await pilot.press("f5")
-        pane = app.query_one(ChatPane)
+        pane = await mounted(pilot, app, ChatPane)
         pane.max_tokens = 12
         chat_input = app.query_one("#chat-input", Input)
         assert chat_input.has_focus
@@ -69,7 +69,7 @@ async def test_failed_remote_request_is_a_notification(tmp_path: Path, monkeypat
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         await pilot.press("f5")
-        pane = app.query_one(ChatPane)
+        pane = await mounted(pilot, app, ChatPane)
         from textual.widgets import Select
 
         app.query_one("#chat-model", Select).value = "remote"

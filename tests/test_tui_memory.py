@@ -113,6 +113,57 @@ async def test_corrupt_database_is_reported_not_raised(tmp_path: Path) -> None:
         pane = app.query_one(MemoryPane)
         stats = app.query_one("#memory-stats")
         await wait_for(pilot, lambda: "unavailable" in str(stats.render()).lower())
-        assert any("database" in n.message.lower() or "broken.db" in n.message
-                   for n in app._notifications)
+        # The notification reaches the app a moment after the pane shows the reason.
+        await wait_for(pilot, lambda: any("database" in n.message.lower()
+                                          or "broken.db" in n.message
+                                          for n in app._notifications), timeout=10)
         assert pane.rows == []
+
+
+async def test_save_student_keeps_featural_edits(tmp_path: Path) -> None:
+    from engine.model.student import load_student
+    from engine.model.surgery import memory_layers
+
+    student_dir = make_student(tmp_path / "student")
+
+    def slots_on_disk() -> np.ndarray:
+        return memory_layers(load_student(student_dir))[1].values.detach().numpy().copy()
+
+    original = slots_on_disk()
+    database = tmp_path / "memory.db"
+    engine = Engine("tiny-llama", student_spec=str(student_dir), database=database,
+                    runs_root=tmp_path / "runs")
+    app = make_app(engine)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        pane = app.query_one(MemoryPane)
+        await wait_for(pilot, lambda: len(pane.rows) == 32 and engine.model(STUDENT) is not None)
+        app.query_one("#memory-rows", DataTable).focus()
+        await pilot.press("down")
+        entry = pane.rows[1]
+        before = read_row(database, entry.id)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, EntryEditScreen))
+        app.screen.query_one("#edit-scale", Input).value = "3"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: not np.allclose(read_row(database, entry.id).value,
+                                                      before.value))
+        slot = before.meta["slot"]
+        np.testing.assert_allclose(original[slot], before.value, rtol=1e-6)
+        # Not saved yet: the directory still holds the old slots.
+        np.testing.assert_array_equal(slots_on_disk(), original)
+
+        await pilot.press("w")
+        await wait_for(pilot, lambda: any("student saved" in n.message
+                                          for n in app._notifications))
+    expected = original.copy()
+    expected[slot] *= 3  # the edited slot, and only it, changed on disk
+    np.testing.assert_allclose(slots_on_disk(), expected, rtol=1e-6)
+
+
+async def test_save_student_without_a_student_says_so(tmp_path: Path) -> None:
+    engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=tmp_path / "runs")
+    app = make_app(engine)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        await app.query_one(MemoryPane).run_action("save_student")
+        await wait_for(pilot, lambda: any("no student" in n.message
+                                          for n in app._notifications))

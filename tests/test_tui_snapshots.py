@@ -13,7 +13,7 @@ import pytest
 from textual.widgets import Input
 
 from engine.facade import STUDENT, TEACHER, Engine
-from mindset.app import MindsetApp
+from mindset.app import PANES, MindsetApp
 from mindset.widgets.memory_pane import MemoryPane
 from tests.test_tui_support import APP_SIZE, make_app, make_student, wait_for
 
@@ -35,6 +35,9 @@ def settle(*keys: str, student: bool = True) -> Any:
     async def run_before(pilot: Any) -> None:
         app = pilot.app
         await wait_for(pilot, lambda: app.engine.model(TEACHER) is not None)
+        # Every pane is built (the hidden tabs' panes follow the first frame).
+        await wait_for(pilot, lambda: all(any(p.is_mounted for p in app.query(f"#{tab}-pane"))
+                                          for tab in PANES))
         if student:
             pane = app.query_one(MemoryPane)
             await wait_for(pilot, lambda: app.engine.model(STUDENT) is not None

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from textual.widget import Widget
 
 from engine.facade import Engine
 from mindset.app import MindsetApp
 from mindset.config import WorkbenchConfig
 
 APP_SIZE = (120, 40)
+T = TypeVar("T", bound=Widget)
 
 
 def make_student(directory: Path) -> Path:
@@ -44,3 +47,9 @@ async def wait_for(pilot: Any, condition: Callable[[], bool], timeout: float = 6
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await pilot.pause(0.05)
+
+
+async def mounted(pilot: Any, app: MindsetApp, pane_type: type[T]) -> T:
+    """A pane once it is mounted (the hidden tabs' panes are built after the first frame)."""
+    await wait_for(pilot, lambda: any(p.is_mounted for p in app.query(pane_type)))
+    return app.query_one(pane_type)

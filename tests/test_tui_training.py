@@ -9,7 +9,7 @@ from textual.widgets import Input, ProgressBar
 
 from engine.facade import Engine
 from mindset.widgets.training_pane import TrainingPane
-from tests.test_tui_support import APP_SIZE, make_app, wait_for
+from tests.test_tui_support import APP_SIZE, make_app, mounted, wait_for
 
 TINY_JOB = dict(block_size=32, batch_size=2, data_free_blocks=8, heldout_blocks=2)
 
@@ -21,7 +21,7 @@ async def test_launch_follow_finish_and_reappear(tmp_path: Path) -> None:
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         await pilot.press("f4")
-        pane = app.query_one(TrainingPane)
+        pane = await mounted(pilot, app, TrainingPane)
         app.query_one("#form-layers", Input).value = "1"
         app.query_one("#form-steps", Input).value = "6"
         await pilot.press("ctrl+l")
@@ -37,8 +37,8 @@ async def test_launch_follow_finish_and_reappear(tmp_path: Path) -> None:
         assert [step for step, _ in pane.points] == [1, 2, 3, 4, 5, 6]
         # ...and draws them (plotext's braille line) on screen.
         app.query_one("#jobs-table").focus()
-        await pilot.pause(0.2)
-        assert any(0x2800 < ord(ch) <= 0x28FF for ch in app.export_screenshot())
+        await wait_for(pilot, lambda: any(0x2800 < ord(ch) <= 0x28FF
+                                          for ch in app.export_screenshot()), timeout=10)
         bar = app.query_one(ProgressBar)
         assert bar.total == 6 and bar.progress == 6
         assert str(app.query_one("#status").render()).count("0 jobs running") == 1
@@ -50,7 +50,7 @@ async def test_launch_follow_finish_and_reappear(tmp_path: Path) -> None:
     engine2 = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=runs)
     app2 = make_app(engine2)
     async with app2.run_test(size=APP_SIZE) as pilot:
-        pane2 = app2.query_one(TrainingPane)
+        pane2 = await mounted(pilot, app2, TrainingPane)
         await wait_for(pilot, lambda: [j.id for j in pane2.jobs] == [job_id], timeout=30)
         await wait_for(pilot, lambda: len(pane2.points) == 6, timeout=30)
 
@@ -67,7 +67,7 @@ async def test_quick_start_offer_launches_and_cancel_stops(tmp_path: Path) -> No
     async with app.run_test(size=APP_SIZE) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout=30)
         await pilot.press("enter")
-        pane = app.query_one(TrainingPane)
+        pane = await mounted(pilot, app, TrainingPane)
         await wait_for(pilot, lambda: len(pane.jobs) == 1, timeout=30)
         assert app.query_one("#tabs").active == "training"
         assert pane.jobs[0].layers == "2"  # the middle layer of four

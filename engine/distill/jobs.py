@@ -29,6 +29,7 @@ from engine.distill import events as ev
 from engine.distill.checkpoints import CHECKPOINT_NAME, atomic_write_text
 from engine.distill.config import DistillConfig
 from engine.errors import InputError
+from engine.processes import pid_exists
 
 JOB_NAME = "job.json"
 LOG_NAME = "worker.log"
@@ -75,14 +76,8 @@ class JobInfo:
 
 def process_alive(pid: int | None) -> bool:
     """Whether ``pid`` is a live (not zombie) distillation worker."""
-    if not pid or pid <= 0:
+    if not pid or pid <= 0 or not pid_exists(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     proc = Path(f"/proc/{pid}")
     if proc.exists():  # Linux: rule out zombies and recycled pids
         try:
@@ -107,11 +102,22 @@ def job_niceness() -> int:
 
 
 def lower_priority(pid: int, niceness: int) -> None:
-    """Raise ``pid``'s niceness to ``niceness`` (never lowers it; best effort)."""
+    """Raise ``pid``'s niceness to ``niceness`` (never lowers it; best effort).
+
+    A job runs in its own session, and Linux with autogroups shares the CPU between
+    sessions first: a process's niceness then only counts within its session, so the
+    session's group gets the niceness too."""
     try:
         if os.getpriority(os.PRIO_PROCESS, pid) < niceness:
             os.setpriority(os.PRIO_PROCESS, pid, niceness)
     except OSError:  # already gone, or not allowed: it only costs responsiveness
+        pass
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    try:
+        current = int(autogroup.read_text().rsplit("nice", 1)[1])
+        if current < niceness:
+            autogroup.write_text(str(niceness))
+    except (OSError, ValueError, IndexError):  # no autogroups here, or not allowed
         pass
 
 

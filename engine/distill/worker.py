@@ -22,10 +22,11 @@ def lower_own_priority() -> None:
         return
     try:
         wanted = int(raw)
-        if os.getpriority(os.PRIO_PROCESS, 0) < wanted:
-            os.setpriority(os.PRIO_PROCESS, 0, wanted)
-    except (ValueError, OSError):  # a lower priority is a courtesy, not a requirement
-        pass
+    except ValueError:
+        return
+    from engine.distill.jobs import lower_priority
+
+    lower_priority(os.getpid(), wanted)
 
 
 def main(argv: list[str] | None = None) -> int:

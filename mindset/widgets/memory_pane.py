@@ -33,6 +33,8 @@ class MemoryPane(Vertical):
         Binding("v", "evict", "Run eviction", id="memory.evict"),
         Binding("m", "recombine", "Run recombination", id="memory.recombine"),
         Binding("r", "refresh", "Refresh", id="memory.refresh"),
+        # Edits of a featural table change the live student only, until it is saved.
+        Binding("w", "save_student", "Save student", id="memory.save_student", show=False),
     ]
 
     def __init__(self, engine: Engine, *, id: str | None = None) -> None:
@@ -178,6 +180,16 @@ class MemoryPane(Vertical):
         self.search_results = None
         self.load_tables()
         self.load_page()
+
+    @work(exclusive=True, group="memory-save", exit_on_error=False)
+    async def action_save_student(self) -> None:
+        """Write the live student, edits included, back to its student directory."""
+        try:
+            directory = await self.engine.save_student()
+        except MindsetError as exc:
+            self.notify(str(exc), title="student not saved", severity="error", timeout=12)
+            return
+        self.notify(f"student saved to {directory}", title="student saved")
 
     def action_search(self) -> None:
         self.query_one("#memory-search", Input).focus()

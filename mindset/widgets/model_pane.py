@@ -8,6 +8,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
 
@@ -60,13 +61,16 @@ class ModelPane(Vertical):
 
     def on_mount(self) -> None:
         for role in (TEACHER, STUDENT):
-            self._show(role)
+            self._show(role, self.engine.model_error(role))
 
     def _tree(self, role: str) -> Tree[ModelNode]:
         return self.query_one(f"#{role}-tree", Tree)
 
     def _show(self, role: str, error: str | None = None) -> None:
-        tree = self._tree(role)
+        try:
+            tree = self._tree(role)
+        except NoMatches:  # not composed yet: on_mount shows the state then
+            return
         description = self.engine.describe_model(role)
         tree.clear()
         if description is None:

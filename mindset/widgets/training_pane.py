@@ -22,6 +22,7 @@ from engine.facade import Engine, JobRequest, JobView
 from mindset.widgets.messages import JobsChanged
 
 REFRESH_SECONDS = 1.0
+PLOT_SECONDS = 0.5  # the loss plot is redrawn at most this often
 MEMORY_KINDS = ("featural", "associative")
 
 
@@ -42,6 +43,8 @@ class TrainingPane(Horizontal):
         self.selected: str | None = None
         self.points: list[tuple[int, float]] = []
         self.last_event: dict[str, Any] = {}
+        self._plot_stale = False
+        self._rows: list[tuple[str, ...]] = []
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="launch-form"):
@@ -85,6 +88,7 @@ class TrainingPane(Horizontal):
             return
         self.refresh_jobs()
         self.set_interval(REFRESH_SECONDS, self.refresh_jobs)
+        self.set_interval(PLOT_SECONDS, self._draw_stale_plot)
 
     # ------------------------------------------------------------------------ job list
 
@@ -96,15 +100,21 @@ class TrainingPane(Horizontal):
             self.query_one("#jobs-missing", Static).update(f"[b]Jobs:[/b] {exc}")
             return
         self.jobs = jobs
-        table = self.query_one("#jobs-table", DataTable)
-        cursor = table.cursor_row
-        table.clear()
-        for job in jobs:
-            loss = f"{job.loss:.4f}" if job.loss is not None else ""
-            table.add_row(job.id, job.state, f"{job.step}/{job.total_steps}", loss,
-                          job.teacher, job.layers, job.memory, key=job.id)
-        if jobs:
-            table.move_cursor(row=max(0, min(cursor, len(jobs) - 1)))
+        rows: list[tuple[str, ...]] = [
+            (job.id, job.state, f"{job.step}/{job.total_steps}",
+             f"{job.loss:.4f}" if job.loss is not None else "", job.teacher, job.layers,
+             job.memory)
+            for job in jobs
+        ]
+        if rows != self._rows:  # rebuilding the table every second costs the UI a repaint
+            self._rows = rows
+            table = self.query_one("#jobs-table", DataTable)
+            cursor = table.cursor_row
+            table.clear()
+            for row in rows:
+                table.add_row(*row, key=row[0])
+            if jobs:
+                table.move_cursor(row=max(0, min(cursor, len(jobs) - 1)))
         running = sum(1 for job in jobs if job.state in ("starting", "running"))
         self.app.post_message(JobsChanged(running))
         if self.selected is None and jobs:
@@ -144,9 +154,10 @@ class TrainingPane(Horizontal):
             loss = event.get("loss")
             if isinstance(loss, int | float) and math.isfinite(loss):
                 step = int(event.get("step", len(self.points)))
-                self.points = [p for p in self.points if p[0] < step]  # a resume repeats steps
+                if self.points and self.points[-1][0] >= step:  # a resume repeats steps
+                    self.points = [p for p in self.points if p[0] < step]
                 self.points.append((step, float(loss)))
-                self._draw_plot()
+                self._plot_stale = True  # drawn by the timer: a job logs many steps a second
             self._show_progress(event)
         elif kind == "error":
             message = event.get("message", "the job failed")
@@ -198,7 +209,12 @@ class TrainingPane(Horizontal):
         if isinstance(step, int) and (step <= 3 or step % 10 == 0):
             self.query_one(Log).write_line(f"step {step}: " + "  ".join(detail))
 
+    def _draw_stale_plot(self) -> None:
+        if self._plot_stale:
+            self._draw_plot()
+
     def _draw_plot(self) -> None:
+        self._plot_stale = False
         plot = self.query_one(PlotextPlot)
         plot.plt.clear_data()
         if self.points:
