@@ -233,13 +233,15 @@ class Engine:
                 message = f"could not load {spec!r}: {type(exc).__name__}: {exc}"
                 self._model_errors[role] = message
                 raise MindsetError(message) from exc
-            self._models[role] = loaded
-            self._model_errors.pop(role, None)
             if role == STUDENT:
+                # Mirror the memory tables before the student becomes visible, so no page is
+                # ever described through a half-registered student.
                 try:
                     await self._in_store(self._export_featural, loaded)
                 except MindsetError as exc:
                     self._store_error = str(exc)
+            self._models[role] = loaded
+            self._model_errors.pop(role, None)
             return loaded
 
     async def adopt_student(self, directory: str) -> None:
@@ -581,6 +583,8 @@ class Engine:
         if not values or any(v is None for v in values):
             return
         mirror = self._featural.get(table)
+        if mirror is None and table.endswith(FEATURAL_SUFFIX):
+            return  # a student's table whose student is still loading: its projection is unknown
         out_proj = getattr(mirror.module, "out_proj", None) if mirror else None
         if out_proj is None and mirror is None:
             out_proj = _output_projection(loaded.model, _layer_of_table(table))
@@ -874,8 +878,11 @@ def _module_exists(name: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
+FEATURAL_SUFFIX = "_featural"
+
+
 def featural_table_name(layer: int) -> str:
-    return f"layer{layer}_featural"
+    return f"layer{layer}{FEATURAL_SUFFIX}"
 
 
 # One model load at a time in a process: two threads importing transformers at once can

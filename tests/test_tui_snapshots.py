@@ -42,6 +42,9 @@ def settle(*keys: str, student: bool = True) -> Any:
             pane = app.query_one(MemoryPane)
             await wait_for(pilot, lambda: app.engine.model(STUDENT) is not None
                            and len(pane.rows) == 32 and pane.rows[0].top_tokens != [])
+            # The student's arrival re-reads the tables: let that finish before the picture.
+            await wait_for(pilot, lambda: all(worker.is_finished for worker in app.workers
+                                              if worker.node is pane))
         for widget in app.query(Input):
             widget.cursor_blink = False
         app.clear_notifications()
