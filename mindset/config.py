@@ -21,6 +21,7 @@ from pathlib import Path
 
 import tomlkit
 
+from engine.config_file import read_config_file
 from engine.errors import InputError
 from engine.paths import config_path
 
@@ -36,12 +37,7 @@ class WorkbenchConfig:
 def load_config(path: Path | None = None) -> WorkbenchConfig:
     """Read the workbench settings; a missing file gives the defaults."""
     path = path or config_path()
-    if not path.exists():
-        return WorkbenchConfig()
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid TOML ({exc}); fix or delete it") from exc
+    document = read_config_file(path)
     workbench = document.get("workbench", {})
     keys = document.get("keys", {})
     if not isinstance(workbench, dict) or not isinstance(keys, dict):

@@ -19,11 +19,11 @@ Adapter specs, as given to ``--model`` or :func:`build_adapter`:
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config_file import read_config_file
 from engine.errors import InputError
 from engine.llm.adapter import BaseAdapter
 from engine.llm.log import InteractionLog
@@ -45,13 +45,7 @@ def read_llm_config(path: Path | None = None) -> LLMConfig:
         from engine.paths import config_path
 
         path = config_path()
-    if not path.is_file():
-        return LLMConfig()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid TOML ({exc}); fix or remove it") from exc
-    table = data.get("llm", {})
+    table = read_config_file(path).get("llm", {})
     if not isinstance(table, dict):
         raise InputError(f"{path}: [llm] must be a table")
     config = LLMConfig()
