@@ -24,6 +24,10 @@ class DistillConfig:
     data: list[str] = field(default_factory=list)  # text files or folders; empty = data-free
     steps: int = 1000
     local_steps: int = 0  # layer-local matching steps before the end-to-end stage
+    # Tokens whose MLP inputs/outputs are captured once for the layer-local stage, which then
+    # samples ``local_batch_tokens`` rows per step; 0 = one teacher pass per local step.
+    local_tokens: int = 0
+    local_batch_tokens: int = 4096
     block_size: int = 256
     batch_size: int = 8
     heldout_fraction: float = 0.1
@@ -58,12 +62,14 @@ class DistillConfig:
                     "batch_size": self.batch_size, "eval_every": self.eval_every,
                     "checkpoint_every": self.checkpoint_every, "log_every": self.log_every,
                     "heldout_blocks": self.heldout_blocks,
+                    "local_batch_tokens": self.local_batch_tokens,
                     "data_free_blocks": self.data_free_blocks}
         for name, value in positive.items():
             if value <= 0:
                 raise InputError(f"{name} must be positive (got {value})")
-        if self.local_steps < 0 or self.warmup_steps < 0 or self.threads < 0:
-            raise InputError("local_steps, warmup_steps and threads must not be negative")
+        if min(self.local_steps, self.local_tokens, self.warmup_steps, self.threads) < 0:
+            raise InputError(
+                "local_steps, local_tokens, warmup_steps and threads must not be negative")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise InputError(
                 f"heldout_fraction must be between 0 and 1 (got {self.heldout_fraction})"

@@ -39,6 +39,7 @@ from engine.distill.checkpoints import (
 )
 from engine.distill.config import DistillConfig, parse_layers
 from engine.distill.data import BlockOrder, TokenData, data_free, load_text_data
+from engine.distill.local_pairs import LocalPairs, capture_local_pairs
 from engine.distill.objective import (
     LocalMatcher,
     NonFiniteLossError,
@@ -50,6 +51,11 @@ from engine.distill.objective import (
     kd_loss,
     lr_factor,
     sparse_gradient_names,
+)
+from engine.distill.partial_forward import (
+    capture_layer_input,
+    logits_from_layer,
+    supports_partial_forward,
 )
 from engine.distill.report import compare, heldout_ppl, summary_text
 from engine.errors import MindsetError
@@ -213,6 +219,9 @@ class Run:
         self.writer: ev.EventWriter | None = None
         self.tensorboard: Any = None
         self.signals = StopSignals()
+        self.threads_before = torch.get_num_threads()
+        self.pairs: LocalPairs | None = None
+        self.start_layer = 0  # the student runs from here up in the end-to-end stage
         self.step = 0
         self.last_checkpoint: int | None = None
         self.tokens_seen = 0
@@ -288,6 +297,15 @@ class Run:
         self.teacher_mlps = layer_mlps(teacher, self.layers)
         self.matcher = LocalMatcher(layer_mlps(self.student, self.layers))
         self.restore()
+        if config.local_tokens and self.step < config.local_steps:
+            self.pairs = capture_local_pairs(teacher, self.teacher_mlps, self.data.train,
+                                             config.local_tokens)
+            self.emit("local_pairs", tokens=self.pairs.tokens, bytes=self.pairs.nbytes())
+        # Below the first replaced layer the student is the teacher: start it there (not
+        # under DDP, whose gradient hooks need the wrapped module's own forward).
+        if (not ctx.enabled and min(self.layers) > 0 and supports_partial_forward(teacher)
+                and supports_partial_forward(self.student)):
+            self.start_layer = min(self.layers)
         if ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -305,7 +323,11 @@ class Run:
         state = load_checkpoint(self.run_dir) if self.resume else None
         if state is None:
             return
-        if state.get("config") != self.config.to_dict():
+        from engine.distill.config import DistillConfig
+
+        saved = state.get("config")
+        saved_config = DistillConfig.from_dict(saved) if isinstance(saved, dict) else None
+        if saved_config is None or saved_config.to_dict() != self.config.to_dict():
             raise MindsetError(
                 f"the checkpoint in {self.run_dir} belongs to a run with other settings; "
                 "resume it with its own config.json or start a new run directory"
@@ -368,8 +390,9 @@ class Run:
     # -- training -------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         config, ctx = self.config, self.ctx
-        batch = self.order.batch(self.data.train, step).to(ctx.device)
         local = step < config.local_steps
+        batch = (None if local and self.pairs is not None
+                 else self.order.batch(self.data.train, step).to(ctx.device))
         if local:
             factor = lr_factor(step, total=config.local_steps, warmup=config.warmup_steps,
                                schedule=config.schedule, min_ratio=config.min_lr_ratio)
@@ -381,15 +404,33 @@ class Run:
         self.optimizers.zero_grad()
         teacher = self.teacher_loaded.model
         parts: dict[str, float] = {}
-        if local:
+        if local and self.pairs is not None:
+            inputs, targets = self.pairs.batch(step, config.local_batch_tokens, seed=config.seed,
+                                               rank=ctx.rank, world=ctx.world)
+            inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
+            targets = {k: v.to(ctx.device) for k, v in targets.items()}
+            loss = self.matcher_ddp(inputs, targets)
+            parts["local"] = float(loss.detach())
+            tokens = config.local_batch_tokens
+        elif local:
+            assert batch is not None
             with torch.no_grad(), capture_mlps(self.teacher_mlps, stop_early=True) as captured:
                 teacher(input_ids=batch)
             loss = self.matcher_ddp(captured.inputs, captured.outputs)
             parts["local"] = float(loss.detach())
+            tokens = batch.numel()
         else:
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=batch).logits
-            student_logits = self.student_ddp(input_ids=batch).logits
+            assert batch is not None
+            tokens = batch.numel()
+            if self.start_layer:
+                with torch.no_grad(), capture_layer_input(teacher, self.start_layer) as seen:
+                    teacher_logits = teacher(input_ids=batch).logits
+                student_logits = logits_from_layer(self.student, seen["hidden"],
+                                                   self.start_layer)
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=batch).logits
+                student_logits = self.student_ddp(input_ids=batch).logits
             kl = kd_loss(student_logits, teacher_logits, config.temperature)
             loss = config.kl_weight * kl
             parts["kl"] = float(kl.detach())
@@ -405,10 +446,11 @@ class Run:
         check_finite(norm, step=step + 1, what="gradient norm",
                      last_checkpoint=self.last_checkpoint)
         self.optimizers.step()
-        self.tokens_seen += batch.numel() * ctx.world
-        return {"loss": value, **parts, "grad_norm": norm,
+        self.tokens_seen += tokens * ctx.world
+        hashed = batch if batch is not None else next(iter(inputs.values()))
+        return {"loss": value, **parts, "grad_norm": norm, "tokens": float(tokens),
                 "lr": config.lr * factor, "stage": 0.0 if local else 1.0,
-                "batch_hash": float(zlib.crc32(batch.cpu().numpy().tobytes()))}
+                "batch_hash": float(zlib.crc32(hashed.cpu().numpy().tobytes()))}
 
     def train(self) -> str:
         config = self.config
@@ -416,7 +458,6 @@ class Run:
         total = config.total_steps
         self.set_state("running")
         step_seconds: float | None = None
-        tokens_per_step = config.batch_size * config.block_size * self.ctx.world
         while self.step < total:
             action = self.requested_action(reader)
             if action == "pause":
@@ -433,6 +474,7 @@ class Run:
             if self.step % config.log_every == 0 or self.step == total:
                 stage = "local" if metrics.pop("stage") == 0.0 else "e2e"
                 batch_hash = int(metrics.pop("batch_hash"))
+                tokens_per_step = metrics.pop("tokens") * self.ctx.world
                 self.emit("step", step=self.step, total_steps=total, stage=stage,
                           tokens_per_s=tokens_per_step / max(elapsed, 1e-9),
                           eta_s=(total - self.step) * step_seconds,
@@ -494,6 +536,7 @@ class Run:
 
     def close(self) -> None:
         self.signals.restore()
+        torch.set_num_threads(self.threads_before)  # a run in-process leaves no trace
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.writer is not None:

@@ -55,6 +55,12 @@ def register(commands: Any) -> None:
                         help="end-to-end distillation steps")
     parser.add_argument("--local-steps", type=non_negative_int, default=0,
                         help="layer-local matching steps before the end-to-end stage")
+    parser.add_argument("--local-tokens", type=non_negative_int, default=0,
+                        help="capture the replaced MLPs' inputs/outputs on this many training "
+                        "tokens once and sample the local steps from them (0 = a teacher pass "
+                        "per local step)")
+    parser.add_argument("--local-batch-tokens", type=positive_int, default=4096,
+                        help="token rows per local step when --local-tokens is set")
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory (default: a new one under the data directory)")
     parser.add_argument("--hparam", type=hparam, action="append", default=[],
@@ -90,7 +96,8 @@ def build_config(args: argparse.Namespace) -> Any:
     config = DistillConfig(
         teacher=args.teacher, layers=args.layers, memory=args.memory,
         hparams=dict(args.hparam), data=[str(Path(p).expanduser().resolve()) for p in args.data],
-        steps=args.steps, local_steps=args.local_steps, block_size=args.block_size,
+        steps=args.steps, local_steps=args.local_steps, local_tokens=args.local_tokens,
+        local_batch_tokens=args.local_batch_tokens, block_size=args.block_size,
         batch_size=args.batch_size, lr=args.lr, value_lr=args.value_lr,
         temperature=args.temperature, ce_weight=args.ce_weight, clip_norm=args.clip,
         warmup_steps=args.warmup, schedule=args.schedule, eval_every=args.eval_every,
