@@ -3,8 +3,14 @@
 Side by side in one run, on one teacher and one text (trained on the first 90%, scored on the
 last 10%): students with 1 middle layer, 3 evenly spaced layers and all layers replaced by
 featural memory, each against a compute-matched control (a dense MLP as wide as the memory's
-active width, heads x top-k, trained on the same tokens with the same steps), plus the
-distillation throughput divided by plain fine-tuning throughput of the teacher (same batch).
+active width: the slots read per token, top-k for flat keys or heads x top-k for product keys;
+trained on the same tokens with the same steps; for a memory started from the teacher's MLP
+the control starts as that MLP pruned to its most important neurons), plus the distillation
+throughput divided by plain fine-tuning throughput of the teacher (same batch).
+
+By default the memory has flat keys: the teacher MLP's 1,536 neurons become 1,536 slots (key =
+input weights, value = output weights) of which each token reads its top 512 by |weight|; the
+layer-local stage fits them on captured MLP pairs, then end-to-end KL fixes what compounds.
 
     python bench/distill_quality.py --data ../shared/data/wikitext2-valid.txt
     python bench/distill_quality.py --data FILE --quick          # minutes, not hours
@@ -48,6 +54,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"which students to run, from {', '.join(SETS)}")
     parser.add_argument("--steps", type=int, default=None, help="end-to-end steps per run")
     parser.add_argument("--local-steps", type=int, default=None, help="layer-local steps")
+    parser.add_argument("--all-steps", type=int, default=None,
+                        help="end-to-end steps of the all-layers runs (default: --steps)")
+    parser.add_argument("--all-local-steps", type=int, default=None,
+                        help="layer-local steps of the all-layers runs (default: --local-steps)")
+    parser.add_argument("--local-tokens", type=int, default=None,
+                        help="training tokens whose MLP pairs feed the layer-local stage")
+    parser.add_argument("--local-batch-tokens", type=int, default=None,
+                        help="token rows per layer-local step")
+    parser.add_argument("--keys", choices=["flat", "product"], default="flat",
+                        help="featural keys: flat (the MLP's neurons as slots, top-k read) "
+                        "or product (num_subkeys^2 learned slots)")
+    parser.add_argument("--init", choices=["mlp", "data", "random"], default="mlp")
+    parser.add_argument("--control-init", choices=["mlp", "zero"], default=None,
+                        help="dense control start (default: mlp when --init mlp and flat keys)")
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--heldout-blocks", type=int, default=None)
@@ -55,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--query-dim", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--value-lr", type=float, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's)")
     parser.add_argument("--runs-dir", type=Path, default=None)
@@ -63,14 +84,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "distill_quality.json")
     args = parser.parse_args(argv)
     quick = args.quick
-    defaults = dict(steps=(4 if quick else 2000), local_steps=(4 if quick else 2000),
-                    block_size=(64 if quick else 256), batch_size=(2 if quick else 8),
-                    heldout_blocks=(4 if quick else 64), num_subkeys=(16 if quick else 128),
-                    topk=(4 if quick else 16), heads=(2 if quick else 4),
-                    query_dim=(16 if quick else 64), finetune_steps=(3 if quick else 10))
+    flat = args.keys == "flat"
+    defaults = dict(steps=(4 if quick else 60), local_steps=(4 if quick else 300),
+                    local_tokens=(256 if quick else 65536),
+                    local_batch_tokens=(64 if quick else 4096),
+                    block_size=(64 if quick else 256), batch_size=(2 if quick else 4),
+                    heldout_blocks=(4 if quick else 48), num_subkeys=(16 if quick else 128),
+                    topk=(4 if quick else (512 if flat else 16)), heads=(2 if quick else 4),
+                    query_dim=(16 if quick else 64), finetune_steps=(3 if quick else 6))
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.lr is None:  # a memory started from the MLP needs only small corrections
+        args.lr = 3e-4 if (flat and args.init == "mlp") else 1e-3
+    if args.value_lr is None and flat:
+        args.value_lr = args.lr  # flat values are the MLP's own output weights
+    if args.all_steps is None:
+        args.all_steps = args.steps
+    if args.all_local_steps is None:
+        args.all_local_steps = args.local_steps
+    if args.control_init is None:
+        args.control_init = "mlp" if (flat and args.init == "mlp") else "zero"
     args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = sorted(set(args.sets) - set(SETS))
     if unknown:
@@ -120,6 +154,17 @@ def student_files(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def write_results(path: Path, results: dict[str, Any], started_cpu: float,
+                  started_wall: float) -> None:
+    results["cpu_seconds"] = {name: run["cpu_seconds"] for name, run in results["runs"].items()}
+    results["cpu_seconds"]["total"] = time.process_time() - started_cpu
+    results["wall_seconds"] = time.time() - started_wall
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -135,20 +180,27 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = teacher.num_layers
     sets = layer_sets(num_layers)
     runs_root = args.runs_dir or Path(tempfile.mkdtemp(prefix="distill-quality-"))
-    hparams = {"num_subkeys": args.num_subkeys, "topk": args.topk, "heads": args.heads,
-               "query_dim": args.query_dim}
-    active_width = args.heads * args.topk
+    if args.keys == "flat":
+        hparams: dict[str, Any] = {"keys": "flat", "topk": args.topk, "init": args.init}
+        active_width = args.topk  # slots read per token
+    else:
+        hparams = {"num_subkeys": args.num_subkeys, "topk": args.topk, "heads": args.heads,
+                   "query_dim": args.query_dim, "init": args.init}
+        active_width = args.heads * args.topk
+    control = {"width": active_width, "init": args.control_init}
     common = dict(teacher=args.model, data=[str(Path(args.data).resolve())],
-                  steps=args.steps, local_steps=args.local_steps, block_size=args.block_size,
+                  local_tokens=args.local_tokens, local_batch_tokens=args.local_batch_tokens,
+                  block_size=args.block_size,
                   batch_size=args.batch_size, heldout_fraction=0.1,
-                  heldout_blocks=args.heldout_blocks, lr=args.lr, warmup_steps=0,
-                  eval_every=10**9, checkpoint_every=max(50, args.steps // 4), seed=0,
+                  heldout_blocks=args.heldout_blocks, lr=args.lr, value_lr=args.value_lr,
+                  warmup_steps=0, eval_every=10**9, checkpoint_every=10**9, seed=0,
                   threads=args.threads)
     results: dict[str, Any] = {
-        "model": args.model, "data": str(args.data), "quick": args.quick,
+        "model": args.model, "data": str(args.data), "quick": args.quick, "complete": False,
         "command": "python bench/distill_quality.py " + " ".join(argv or sys.argv[1:]),
-        "settings": {**common, "hparams": hparams, "control_width": active_width,
-                     "lr": args.lr},
+        "settings": {**common, "hparams": hparams, "control": control,
+                     "steps": args.steps, "local_steps": args.local_steps,
+                     "all_steps": args.all_steps, "all_local_steps": args.all_local_steps},
         "runs": {},
     }
     for label in SETS:
@@ -158,8 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     for label in args.sets:
         layers = sets[label]
         spec = ",".join(str(i) for i in layers)
-        for kind, kind_hparams in (("featural", hparams), ("dense", {"width": active_width})):
-            config = DistillConfig(layers=spec, memory=kind, hparams=kind_hparams, **common)
+        steps = dict(steps=args.all_steps, local_steps=args.all_local_steps) \
+            if label == "all_layers" else dict(steps=args.steps, local_steps=args.local_steps)
+        for kind, kind_hparams in (("featural", hparams), ("dense", control)):
+            config = DistillConfig(layers=spec, memory=kind, hparams=kind_hparams, **steps,
+                                   **common)
             run_dir = runs_root / f"{label}-{kind}"
             print(f"[{time.strftime('%H:%M:%S')}] {label} {kind}: layers {spec}", flush=True)
             report = run_distillation(config, run_dir, teacher=teacher, resume=False)
@@ -186,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     distill_rates.append(rate)
             else:
                 results[f"control_ppl_ratio_{label}"] = report["ppl_ratio"]
+            write_results(args.out, results, started_cpu, started_wall)  # partial results
     data = load_text_data(common["data"], teacher.tokenizer, block_size=args.block_size,
                           heldout_fraction=0.1, cache_dir=data_dir() / "cache" / "tokens")
     finetune = finetune_tokens_per_s(teacher.model, data.train, steps=args.finetune_steps,
@@ -195,11 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     results["distill_tokens_per_s"] = distill_rates[0] if distill_rates else None
     results["throughput_ratio_vs_finetune"] = (
         distill_rates[0] / finetune if distill_rates and finetune else None)
-    results["cpu_seconds"] = {name: run["cpu_seconds"] for name, run in results["runs"].items()}
-    results["cpu_seconds"]["total"] = time.process_time() - started_cpu
-    results["wall_seconds"] = time.time() - started_wall
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    results["complete"] = True
+    write_results(args.out, results, started_cpu, started_wall)
     print(f"teacher ppl {results['ppl_teacher']:.4f}")
     for label in args.sets:
         print(f"{label:>10}: ppl ratio {results[f'ppl_ratio_{label}']:.4f} "

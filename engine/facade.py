@@ -189,7 +189,11 @@ class Engine:
             store, self._store = self._store, None
             with contextlib.suppress(Exception):
                 await self._in_store(store.close)
-        self._model_pool.shutdown(wait=False, cancel_futures=True)
+        # Wait for a model load still in flight: building a model seeds and draws from the
+        # process-wide torch RNG (and transformers patches torch's init functions), so one
+        # left running after close would change the weights of the next model built in this
+        # process. Queued work is cancelled; the interpreter would wait for it at exit anyway.
+        await asyncio.to_thread(self._model_pool.shutdown, wait=True, cancel_futures=True)
         self._store_pool.shutdown(wait=False, cancel_futures=True)
 
     def availability(self) -> dict[str, Availability]:

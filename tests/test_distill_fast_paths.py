@@ -91,3 +91,26 @@ def test_local_tokens_must_not_be_negative() -> None:
         DistillConfig(local_tokens=-1).validate()
     with pytest.raises(InputError, match="local_batch_tokens"):
         DistillConfig(local_batch_tokens=0).validate()
+
+
+def test_pruned_control_is_the_teacher_mlp_cut_to_its_most_important_neurons() -> None:
+    from engine.distill.build import PrunedMLP, build_student
+
+    teacher = load_model("tiny-llama")
+    neurons = teacher.model.config.intermediate_size
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = teacher.model(input_ids=ids).logits
+        whole = build_student(teacher.model, [1], "dense", {"width": neurons, "init": "mlp"},
+                              calibration=ids)
+        cut = build_student(teacher.model, [1], "dense", {"width": 8, "init": "mlp"},
+                            calibration=ids)
+        assert isinstance(layer_mlps(cut, [1])[1], PrunedMLP)
+        assert torch.allclose(whole(input_ids=ids).logits, expected, atol=1e-4)
+        assert not torch.allclose(cut(input_ids=ids).logits, expected, atol=1e-3)
+    trainable = [n for n, p in cut.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1.mlp." in n for n in trainable)
+    with pytest.raises(InputError, match="exceeds"):
+        build_student(teacher.model, [1], "dense", {"width": neurons + 1, "init": "mlp"})
+    with pytest.raises(InputError, match="init"):
+        build_student(teacher.model, [1], "dense", {"width": 4, "init": "copy"})

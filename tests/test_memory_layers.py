@@ -94,6 +94,29 @@ def test_gradcheck_flat_gated_memory_float64() -> None:
     assert torch.autograd.gradcheck(memory, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
+def test_flat_masked_dense_read_equals_the_gathered_read(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    import engine.model.memory_layers.featural as featural
+
+    hparams = dict(keys="flat", slots=64, topk=8, activation="silu", gated=True, sparse=False)
+    config = FeaturalConfig.from_hparams(12, hparams, intermediate_size=64)
+    torch.manual_seed(0)
+    memory = FeaturalMemory(config)
+    assert memory.flat is not None
+    x = torch.randn(10, 12, requires_grad=True)
+    results = []
+    for share in (1, 16):  # 8 * 1 < 64 slots: gathered; 8 * 16 >= 64: masked dense product
+        monkeypatch.setattr(featural, "DENSE_READ_SHARE", share)
+        out = memory(x)
+        grads = torch.autograd.grad(out.pow(2).sum(), [x, memory.values, memory.flat.keys])
+        results.append((out.detach(), [g.to_dense() for g in grads]))
+    (gathered, gathered_grads), (dense, dense_grads) = results
+    torch.testing.assert_close(dense, gathered)
+    for a, b in zip(dense_grads, gathered_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert int((dense_grads[1].abs().sum(dim=1) > 0).sum()) < 64  # unread slots get nothing
+
+
 def test_ste_gradcheck_float64() -> None:
     inputs = (
         torch.randn(2, 3, dtype=torch.float64, requires_grad=True),

@@ -2,8 +2,11 @@
 
 Memory students (featural, associative) come from the model surgery in
 :mod:`engine.model.surgery`. The ``dense`` kind is the compute-matched control of the benchmark:
-a freshly initialised two-layer MLP of a chosen width in place of each replaced MLP, trained
-the same way, so a memory layer can be compared against a dense layer of the same active width.
+a dense MLP of a chosen width in place of each replaced MLP, trained the same way, so a memory
+layer can be compared against a dense layer of the same active width. ``init="zero"`` (the
+default) starts it as "MLP removed"; ``init="mlp"`` starts it as the teacher's MLP pruned to its
+``width`` most important neurons, the fair control for a memory initialised from the MLP: the
+same neurons available, chosen once for all tokens instead of per token.
 """
 
 from __future__ import annotations
@@ -67,14 +70,68 @@ class DenseMLP(nn.Module):
         return self.down(self.act(self.up(hidden_states)))
 
 
-def dense_width(hparams: dict[str, Any], default: int) -> int:
+class PrunedMLP(nn.Module):
+    """The teacher MLP restricted to some of its neurons (every token uses the same ones)."""
+
+    def __init__(self, weights: Any, chosen: Any) -> None:
+        super().__init__()
+        from engine.model.memory_layers.flat_keys import FlatKeys
+
+        self.keys = FlatKeys(weights.keys.shape[1], len(chosen), weights.activation,
+                             weights.gated)
+        self.keys.keys.data.copy_(weights.keys[chosen])
+        self.keys.bias.data.copy_(weights.key_bias[chosen])
+        if self.keys.up is not None and self.keys.up_bias is not None:
+            self.keys.up.data.copy_(weights.up[chosen])
+            self.keys.up_bias.data.copy_(weights.up_bias[chosen])
+        self.values = nn.Parameter(weights.values[chosen].clone())
+        self.out_bias = nn.Parameter(weights.out_bias.clone())
+
+    def forward(self, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        return torch.addmm(self.out_bias, self.keys.weights(x), self.values).view(shape)
+
+
+DENSE_INITS = ("zero", "mlp")
+
+
+def dense_settings(hparams: dict[str, Any], default: int) -> tuple[int, str]:
     width = hparams.get("width", default)
-    unknown = sorted(set(hparams) - {"width"})
+    init = hparams.get("init", "zero")
+    unknown = sorted(set(hparams) - {"width", "init"})
     if unknown:
-        raise InputError(f"unknown dense hyper-parameter(s) {', '.join(unknown)}; known: width")
+        raise InputError(
+            f"unknown dense hyper-parameter(s) {', '.join(unknown)}; known: init, width")
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise InputError(f"width={width!r} must be a positive integer")
-    return width
+    if init not in DENSE_INITS:
+        raise InputError(f"init={init!r} for the dense control must be one of "
+                         f"{', '.join(DENSE_INITS)}")
+    return width, init
+
+
+def pruned_mlps(teacher: nn.Module, layers: list[int], width: int,
+                calibration: Any) -> dict[int, PrunedMLP]:
+    """Each layer's MLP cut to its ``width`` most important neurons (measured on the
+    calibration tokens when given, else from the weights)."""
+    from engine.model.memory_layers.teacher_mlp import mlp_weights
+    from engine.model.surgery import family_of, mlp_io
+
+    family = family_of(teacher)
+    inputs = mlp_io(teacher, calibration, layers) if calibration is not None else {}
+    out: dict[int, PrunedMLP] = {}
+    for index, mlp in layer_mlps(teacher, layers).items():
+        weights = mlp_weights(mlp, family, teacher.config)
+        if width > weights.neurons:
+            raise InputError(f"width={width} exceeds the {weights.neurons} neurons of layer "
+                             f"{index}'s MLP; give width <= {weights.neurons}")
+        x = inputs[index][0].float() if index in inputs else None
+        chosen = weights.importance(x).topk(width).indices.sort().values
+        out[index] = PrunedMLP(weights, chosen)
+    return out
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -90,12 +147,13 @@ def build_student(teacher: nn.Module, layers: list[int], kind: str, hparams: dic
     ``calibration`` token ids feed ``init="data"``.
     """
     if kind == "dense":
-        width = dense_width(hparams, 64)
+        width, init = dense_settings(hparams, 64)
         layer_mlps(teacher, layers)  # checks the layer indexes first
+        pruned = pruned_mlps(teacher, layers, width, calibration) if init == "mlp" else {}
         student = copy.deepcopy(teacher)
         blocks = decoder_layers(student)
         for index in layers:
-            blocks[index].mlp = DenseMLP(hidden_size(student), width)
+            blocks[index].mlp = pruned.get(index) or DenseMLP(hidden_size(student), width)
     else:
         from engine.model.surgery import convert
 
