@@ -13,6 +13,7 @@ Specs:
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,20 @@ class LoadedModel:
         return int(self.model.config.num_hidden_layers)
 
 
+# Building a model is not thread-safe: tiny models seed and draw from torch's process-wide
+# generator, and transformers swaps torch's init functions process-wide while it builds one.
+# Two builds at once (a workbench load beside a test, an adapter beside the engine) could
+# interleave and produce different weights, so builds in one process take turns.
+MODEL_BUILD_LOCK = threading.RLock()
+
+
 def load_model(spec: str, *, dtype: Any = None) -> LoadedModel:
     """Return the model and tokenizer named by ``spec`` (see the module docstring)."""
+    with MODEL_BUILD_LOCK:
+        return _load_model(spec, dtype=dtype)
+
+
+def _load_model(spec: str, *, dtype: Any = None) -> LoadedModel:
     import torch
 
     dtype = dtype or torch.float32
