@@ -24,6 +24,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from engine.errors import MindsetError
+from engine.memory_mirror import (
+    ASSOCIATIVE_SUFFIX,
+    FEATURAL_SUFFIX,
+    AssociativeTable,
+    FeaturalTable,
+    MemoryTracker,
+    MemoryUse,
+    associative_projection,
+    mirror_associative,
+    mirror_featural,
+    reload_associative,
+)
 from engine.paths import memory_dir
 
 T = TypeVar("T")
@@ -81,15 +93,6 @@ class DeletedEntries:
 
 
 @dataclass
-class FeaturalTable:
-    """A featural layer mirrored into a table: which layer, its module, ids in slot order."""
-
-    layer: int
-    module: Any
-    ids: Any
-
-
-@dataclass
 class JobRequest:
     """What the Training pane's form asks for."""
 
@@ -125,16 +128,6 @@ class ChatMessage:
     content: str
 
 
-@dataclass
-class MemoryUse:
-    """A memory entry a reply read, with the share of attention it got."""
-
-    table: str
-    id: int
-    weight: float
-    label: str = ""
-
-
 def _count(module: Any) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
@@ -165,6 +158,7 @@ class Engine:
         self._memory_usage: dict[str, list[MemoryUse]] = {}
         self._adapters: dict[str, Any] = {}
         self._featural: dict[str, FeaturalTable] = {}
+        self._associative: dict[str, AssociativeTable] = {}
         self.runs_root = Path(runs_root) if runs_root else None
         self._runner: Any = None
         self._job_losses: dict[str, float] = {}
@@ -241,7 +235,7 @@ class Engine:
                 # Mirror the memory tables before the student becomes visible, so no page is
                 # ever described through a half-registered student.
                 try:
-                    await self._in_store(self._export_featural, loaded)
+                    await self._in_store(self._export_memory, loaded)
                 except MindsetError as exc:
                     self._store_error = str(exc)
             self._models[role] = loaded
@@ -284,38 +278,25 @@ class Engine:
         # means no edit lands halfway through the save.
         return await self._in_store(save)
 
-    def _export_featural(self, loaded: Any) -> None:
-        """Mirror each featural layer's slots into a table, so the Memory pane can page,
-        search and edit them; edits are written back into the live student."""
-        import numpy as np
-
+    def _export_memory(self, loaded: Any) -> None:
+        """Mirror each memory layer (featural slots, associative entries) into a table, so
+        the Memory pane can page, search and edit them; edits are written back into the live
+        student (see :mod:`engine.memory_mirror`)."""
         from engine.model.surgery import memory_layers
 
         store = self._open_store()
         self._featural.clear()
+        self._associative.clear()
         modules: dict[int, Any] = memory_layers(loaded)
-        for layer, module in modules.items():
-            if type(module).__name__ != "FeaturalMemory":
-                continue
-            name = featural_table_name(layer)
-            values = module.values.detach().float().numpy()
-            if module.product is not None:
-                keys = module.product.slot_keys(0).detach().float().numpy()
-            else:
-                keys = module.flat.keys.detach().float().numpy()
-            source = f"{self.student_spec}#layer{layer}"
-            table = store.table(name) if name in store.table_names() else None
-            if table is not None and (len(table) != len(values)
-                                      or table.page(0, 1)[0].provenance != source):
-                store.drop_table(name)
-                table = None
-            if table is None:
-                table = store.create_table(name, keys.shape[1], values.shape[1])
-                slots = np.arange(len(values))
-                table.insert(keys, values, meta=[{"slot": int(i)} for i in slots],
-                             provenance=source)
-            ids, _, _ = table.export_arrays()
-            self._featural[name] = FeaturalTable(layer, module, ids)
+        self._featural.update(mirror_featural(store, modules, self.student_spec))
+        self._associative.update(mirror_associative(store, modules, self.student_spec))
+
+    def _reload_associative(self, table: str, handle: Any) -> None:
+        """After a change to an associative mirror, the live layer reads its entries again
+        (on the store's thread, like every write)."""
+        mirror = self._associative.get(table)
+        if mirror is not None:
+            reload_associative(handle, mirror)
 
     def describe_model(self, role: str = TEACHER) -> ModelNode | None:
         """The structure of a loaded model as a tree with parameter counts."""
@@ -422,6 +403,7 @@ class Engine:
             handle.update(ids, values=new_value, label=label, tags=tags)
             if new_value is not None:
                 self._write_slots(table, _rows_of(handle.get([entry_id])), new_value)
+                self._reload_associative(table, handle)
 
         await self._in_store(update)
 
@@ -440,6 +422,7 @@ class Engine:
             metas = [dict(_field(r, "meta") or {}) for r in rows]
             handle.delete(np.asarray(ids, dtype=np.int64))
             self._write_slots(table, rows, np.zeros_like(values))
+            self._reload_associative(table, handle)
             return DeletedEntries(table, list(ids), keys, values, labels, tags, metas)
 
         return await self._in_store(delete)
@@ -454,6 +437,7 @@ class Engine:
                 meta=deleted.metas,
             )
             self._write_slots(deleted.table, _rows_of(handle.get(ids)), deleted.values)
+            self._reload_associative(deleted.table, handle)
             return [int(i) for i in ids]
 
         return await self._in_store(restore)
@@ -490,11 +474,19 @@ class Engine:
             import numpy as np
 
             handle = self._open_store().table(table)
+            mirror = self._associative.get(table)
+            if mirror is not None and len(handle) >= mirror.module.config.capacity:
+                raise MindsetError(
+                    f"layer {mirror.layer} holds its capacity of "
+                    f"{mirror.module.config.capacity} entries: run eviction (v) or delete "
+                    "entries first"
+                )
             ids = handle.insert(
                 np.asarray(key, dtype=np.float32).reshape(1, -1),
                 np.asarray(value, dtype=np.float32).reshape(1, -1),
                 labels=[label or text],
             )
+            self._reload_associative(table, handle)
             return int(ids[0])
 
         return await self._in_store(insert)
@@ -509,6 +501,7 @@ class Engine:
             if amount is None and handle.capacity is None:
                 amount = max(1, len(handle) // 10) if len(handle) else 0
             evicted = handle.evict(amount)
+            self._reload_associative(table, handle)
             return f"evicted {len(evicted)} entries"
 
         return await self._in_store(evict)
@@ -535,6 +528,7 @@ class Engine:
                 return "nothing to merge"
             distance = float(np.quantile(finite, 0.05))
             groups = handle.recombine(result, distance)
+            self._reload_associative(table, handle)
             merged = sum(len(members) for _, members in groups)
             return f"merged {merged} entries into {len(groups)} (distance {distance:.4g})"
 
@@ -567,7 +561,7 @@ class Engine:
         """A key and a value for ``text``: the hidden state entering the table's layer."""
         loaded = self._models.get(STUDENT) or await self.load_model(TEACHER)
         key_dim, value_dim = await self._in_store(lambda: _table_dims(self._open_store(), table))
-        mirror = self._featural.get(table)
+        mirror = self._featural.get(table) or self._associative.get(table)
         layer = mirror.layer if mirror else _layer_of_table(table)
         return await self._in_models(
             _hidden_vectors, loaded, text, layer, key_dim, value_dim,
@@ -587,10 +581,16 @@ class Engine:
         if not values or any(v is None for v in values):
             return
         mirror = self._featural.get(table)
+        associative = self._associative.get(table)
         if mirror is None and table.endswith(FEATURAL_SUFFIX):
             return  # a student's table whose student is still loading: its projection is unknown
+        if associative is None and table.endswith(ASSOCIATIVE_SUFFIX) and self.student_spec \
+                and STUDENT not in self._models:
+            return  # likewise; without a student it is an ordinary table of that name
         out_proj = getattr(mirror.module, "out_proj", None) if mirror else None
-        if out_proj is None and mirror is None:
+        if associative is not None:
+            out_proj = associative_projection(associative.module)
+        elif out_proj is None and mirror is None:
             out_proj = _output_projection(loaded.model, _layer_of_table(table))
         try:
             tokens = await self._in_models(
@@ -773,7 +773,9 @@ class Engine:
         adapter = await self._adapter(target)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         payload = [{"role": m.role, "content": m.content} for m in messages]
-        tracker = MemoryTracker(self._featural) if target == STUDENT and self._featural else None
+        tracker = None
+        if target == STUDENT and (self._featural or self._associative):
+            tracker = MemoryTracker(self._featural, self._associative)
         try:
             if tracker is not None:
                 tracker.attach()
@@ -819,51 +821,6 @@ class Engine:
 # ----------------------------------------------------------------------- model-side helpers
 
 
-class MemoryTracker:
-    """Sums, over one reply, the weight each featural slot got in its layer's top-k."""
-
-    def __init__(self, tables: dict[str, FeaturalTable]) -> None:
-        self.tables = tables
-        self.totals: dict[str, Any] = {}
-        self.handles: list[Any] = []
-
-    def attach(self) -> None:
-        import torch
-
-        for name, mirror in self.tables.items():
-            self.totals[name] = torch.zeros(mirror.module.num_slots)
-
-            def hook(module: Any, inputs: Any, _output: Any, name: str = name) -> None:
-                with torch.no_grad():
-                    x = inputs[0].reshape(-1, inputs[0].shape[-1])
-                    slots, weights = module.lookup(x)
-                    self.totals[name].index_add_(
-                        0, slots.reshape(-1), weights.abs().reshape(-1).float()
-                    )
-
-            self.handles.append(mirror.module.register_forward_hook(hook))
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def top(self, count: int = 10) -> list[MemoryUse]:
-        """The most used slots across layers, each weight as a share of its layer's total."""
-        uses: list[MemoryUse] = []
-        for name, totals in self.totals.items():
-            total = float(totals.sum())
-            if total <= 0:
-                continue
-            ids = self.tables[name].ids
-            values, slots = totals.topk(min(count, len(totals)))
-            for value, slot in zip(values.tolist(), slots.tolist(), strict=True):
-                entry = int(ids[slot]) if slot < len(ids) else slot
-                uses.append(MemoryUse(name, entry, value / total, f"slot {slot}"))
-        uses.sort(key=lambda use: use.weight, reverse=True)
-        return uses[:count]
-
-
 def short_spec(spec: str) -> str:
     """A model spec for display: built-in names as they are, paths by their last two parts."""
     if "/" not in spec:
@@ -880,13 +837,6 @@ def _module_exists(name: str) -> bool:
         return False
     base = Path(__file__).resolve().parent.joinpath(*parts[1:])
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
-
-
-FEATURAL_SUFFIX = "_featural"
-
-
-def featural_table_name(layer: int) -> str:
-    return f"layer{layer}{FEATURAL_SUFFIX}"
 
 
 # One model load at a time in a process: two threads importing transformers at once can
@@ -989,7 +939,9 @@ def _hidden_vectors(
     featural: Any = None,
 ) -> tuple[Any, Any]:
     """Mean hidden state entering ``layer`` for ``text``, cut or padded to each width; for
-    a featural layer with product keys the key is its query (first head)."""
+    a featural layer with product keys the key is its query (first head); for an
+    associative layer the key is its query and the value its value (first head), what the
+    layer itself would search with and store."""
     import numpy as np
     import torch
 
@@ -1003,7 +955,11 @@ def _hidden_vectors(
     if featural is not None and getattr(featural, "query_proj", None) is not None:
         with torch.no_grad():
             query = featural.query_proj(hidden)[:key_dim]
-    vector = hidden.numpy()
+    value = hidden
+    if featural is not None and getattr(featural, "value_proj", None) is not None:
+        with torch.no_grad():
+            value = featural.value_proj(hidden)[:value_dim]
+    vector = value.detach().numpy()
     key_vector = query.detach().numpy()
 
     def fit(source: Any, width: int) -> Any:

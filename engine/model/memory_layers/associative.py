@@ -38,6 +38,9 @@ class AssociativeMemory(nn.Module):
         nn.init.zeros_(self.out_proj.weight)  # a fresh memory adds nothing until it learns
         nn.init.zeros_(self.out_proj.bias)
         self.cache = EntryCache(c.key_dim, c.value_dim, c.capacity, c.decay)
+        # Opt-in read recorder (memory-use panels): while set, the attention weight each
+        # stored entry gets is summed here, per cache position.
+        self.read_totals: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -67,8 +70,12 @@ class AssociativeMemory(nn.Module):
             cand_keys = torch.cat([cand_keys, returned_keys], dim=1)
             cand_values = torch.cat([cand_values, returned_values], dim=1)
         scores = (query.unsqueeze(1) * cand_keys).sum(-1) / math.sqrt(c.key_dim)
-        mixed = (torch.softmax(scores, dim=-1).unsqueeze(-1) * cand_values).sum(1)
+        weights = torch.softmax(scores, dim=-1)
+        mixed = (weights.unsqueeze(-1) * cand_values).sum(1)
         out = self.out_proj(mixed.view(x.shape[0], c.heads * c.value_dim))
+
+        if positions is not None and self.read_totals is not None:
+            self._record_reads(positions, weights[:, 1:])  # index 0: the token's own entry
 
         if positions is not None and not torch.is_inference_mode_enabled():
             self._after_read(positions)
@@ -78,6 +85,29 @@ class AssociativeMemory(nn.Module):
             if novel.any():
                 self.cache.add(key.detach()[novel], value.detach()[novel])
         return out.view(shape)
+
+    def start_recording(self) -> None:
+        """Sum, from now on, the attention weight each stored entry gets."""
+        self.read_totals = torch.zeros(len(self.cache), dtype=torch.float64)
+
+    def stop_recording(self) -> torch.Tensor:
+        """Stop recording; the summed weight per cache position since the start."""
+        totals, self.read_totals = self.read_totals, None
+        return totals if totals is not None else torch.zeros(0, dtype=torch.float64)
+
+    def _record_reads(self, positions: torch.Tensor, weights: torch.Tensor) -> None:
+        totals = self.read_totals
+        assert totals is not None
+        with torch.no_grad():
+            flat = positions.reshape(-1).cpu()
+            needed = int(flat.max()) + 1 if flat.numel() else 0
+            if needed > totals.shape[0]:  # entries inserted while recording
+                # A normal tensor even under inference mode, so it stays writable after.
+                with torch.inference_mode(False):
+                    totals = torch.cat([totals, torch.zeros(needed - totals.shape[0],
+                                                            dtype=totals.dtype)])
+                self.read_totals = totals
+            totals.index_add_(0, flat, weights.detach().reshape(-1).cpu().to(totals.dtype))
 
     def _after_read(self, positions: torch.Tensor) -> None:
         self.cache.touch(positions)
