@@ -154,6 +154,14 @@ def student_files(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def keep_student_configs(out: Path, label: str, files: dict[str, Any]) -> None:
+    """The student's configs (not its weights) beside the results, to be committed."""
+    directory = out.parent / f"{out.stem}_students" / label
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
 def write_results(path: Path, results: dict[str, Any], started_cpu: float,
                   started_wall: float) -> None:
     results["cpu_seconds"] = {name: run["cpu_seconds"] for name, run in results["runs"].items()}
@@ -235,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"CPU {report['cpu_seconds']:.0f} s", flush=True)
             results["ppl_teacher"] = report["ppl_teacher"]
             if kind == "featural":
+                keep_student_configs(args.out, label, student_files(run_dir))
                 results[f"ppl_ratio_{label}"] = report["ppl_ratio"]
                 results[f"gap_closed_{label}"] = report["gap_closed"]
                 if rate:

@@ -34,3 +34,7 @@ def test_quick_benchmark_writes_every_key(tmp_path: Path) -> None:
     assert set(results["cpu_seconds"]) == {"1_layer_featural", "1_layer_dense", "total"}
     student = results["runs"]["1_layer_featural"]["student"]["mindset_student.json"]
     assert student["layers"] == [2] and student["kind"] == "featural"
+    kept = tmp_path / "distill_quality_students" / "1_layer"
+    assert json.loads((kept / "mindset_student.json").read_text()) == student
+    assert json.loads((kept / "config.json").read_text())["num_hidden_layers"] > 0
+    assert results["complete"] is True
