@@ -43,6 +43,7 @@ PANES: dict[str, tuple[str, str, str]] = {
     "chat": ("Chat", "mindset.widgets.chat_pane", "ChatPane"),
 }
 FIRST_TAB = "memory"
+PANE_WAIT_TRIES = 500  # x 20 ms: how long a palette action waits for its pane to be built
 
 
 def pane_class(tab_id: str) -> type[Widget]:
@@ -252,10 +253,13 @@ class MindsetApp(App[None]):
                 self.set_timer(0.05, lambda: self._focus_pane(tab_id, attempts - 1))
 
     async def _pane(self, tab_id: str) -> Any:
-        """The pane of a tab, once it is mounted."""
-        for _ in range(100):
+        """The pane of a tab, once it is mounted with its children (the hidden tabs' panes
+        are built after the first frame, and a slow machine may still be composing one)."""
+        for _ in range(PANE_WAIT_TRIES):
             with suppress(NoMatches):
-                return self._main(f"#{tab_id}-pane")
+                pane = self._main(f"#{tab_id}-pane")
+                if pane.is_mounted:
+                    return pane
             await asyncio.sleep(0.02)
         return self._main(f"#{tab_id}-pane")
 

@@ -15,7 +15,8 @@ from mindset.app import MindsetApp
 from mindset.config import load_config, read_theme_files, save_theme
 from mindset.screens.help import HelpScreen
 from mindset.widgets.commands import WorkbenchCommands
-from tests.test_tui_support import APP_SIZE, make_app, wait_for
+from mindset.widgets.model_pane import ModelPane
+from tests.test_tui_support import APP_SIZE, make_app, mounted, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,7 +124,9 @@ async def test_missing_model_is_a_notification_not_a_crash(tmp_path: Path) -> No
         message = next(n.message for n in app._notifications if n.severity == "error")
         assert "no-such-model" in message
         await pilot.press("f3")
-        assert "failed" in str(app.query_one("#teacher-tree", Tree).root.label)
+        pane = await mounted(pilot, app, ModelPane)  # built after the first frame
+        await wait_for(pilot, lambda: "failed" in str(
+            pane.query_one("#teacher-tree", Tree).root.label))
         assert "(failed)" in str(app.query_one("#status").render())
 
 
