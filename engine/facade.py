@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -839,17 +838,11 @@ def _module_exists(name: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-# One model load at a time in a process: two threads importing transformers at once can
-# see it half-initialised ("cannot import name ..."), e.g. when a workbench closes during
-# a load and another opens.
-_LOAD_LOCK = threading.Lock()
-
-
 def _load_spec(spec: str) -> Any:
-    with _LOAD_LOCK:
-        from engine.model.loading import load_model
+    # load_model itself lets one build at a time run in a process (MODEL_BUILD_LOCK).
+    from engine.model.loading import load_model
 
-        return load_model(spec)
+    return load_model(spec)
 
 
 def _decoder_layers(model: Any) -> list[Any]:

@@ -95,9 +95,8 @@ def mirror_featural(store: Any, modules: dict[int, Any],
         else:
             keys = module.flat.keys.detach().float().numpy()
         source = _provenance(student_spec, layer)
-        table = store.table(name) if name in store.table_names() else None
-        if table is not None and (len(table) != len(values)
-                                  or table.page(0, 1)[0].provenance != source):
+        table, provenance = _existing_mirror(store, name)
+        if table is not None and (len(table) != len(values) or provenance != source):
             store.drop_table(name)
             table = None
         if table is None:

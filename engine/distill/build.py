@@ -17,6 +17,9 @@ from typing import Any
 from torch import nn
 
 from engine.errors import InputError
+from engine.model.memory_layers.config import FeaturalConfig
+from engine.model.memory_layers.featural import FeaturalMemory
+from engine.model.memory_layers.init_featural import init_flat_from_mlp
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -70,29 +73,9 @@ class DenseMLP(nn.Module):
         return self.down(self.act(self.up(hidden_states)))
 
 
-class PrunedMLP(nn.Module):
-    """The teacher MLP restricted to some of its neurons (every token uses the same ones)."""
-
-    def __init__(self, weights: Any, chosen: Any) -> None:
-        super().__init__()
-        from engine.model.memory_layers.flat_keys import FlatKeys
-
-        self.keys = FlatKeys(weights.keys.shape[1], len(chosen), weights.activation,
-                             weights.gated)
-        self.keys.keys.data.copy_(weights.keys[chosen])
-        self.keys.bias.data.copy_(weights.key_bias[chosen])
-        if self.keys.up is not None and self.keys.up_bias is not None:
-            self.keys.up.data.copy_(weights.up[chosen])
-            self.keys.up_bias.data.copy_(weights.up_bias[chosen])
-        self.values = nn.Parameter(weights.values[chosen].clone())
-        self.out_bias = nn.Parameter(weights.out_bias.clone())
-
-    def forward(self, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        return torch.addmm(self.out_bias, self.keys.weights(x), self.values).view(shape)
+class PrunedMLP(FeaturalMemory):
+    """The teacher MLP restricted to some of its neurons, every token using the same ones: a
+    flat-key memory whose slots are those neurons and which reads every slot (dense)."""
 
 
 DENSE_INITS = ("zero", "mlp")
@@ -128,9 +111,14 @@ def pruned_mlps(teacher: nn.Module, layers: list[int], width: int,
         if width > weights.neurons:
             raise InputError(f"width={width} exceeds the {weights.neurons} neurons of layer "
                              f"{index}'s MLP; give width <= {weights.neurons}")
+        config = FeaturalConfig.from_hparams(
+            hidden_size(teacher), {"keys": "flat", "slots": width, "topk": 0},
+            intermediate_size=weights.neurons, activation=weights.activation,
+            gated=weights.gated)
+        pruned = PrunedMLP(config)
         x = inputs[index][0].float() if index in inputs else None
-        chosen = weights.importance(x).topk(width).indices.sort().values
-        out[index] = PrunedMLP(weights, chosen)
+        init_flat_from_mlp(pruned, weights, x)  # keeps the most important neurons on x
+        out[index] = pruned
     return out
 
 

@@ -44,9 +44,10 @@ class LoadedModel:
 
 
 # Building a model is not thread-safe: tiny models seed and draw from torch's process-wide
-# generator, and transformers swaps torch's init functions process-wide while it builds one.
-# Two builds at once (a workbench load beside a test, an adapter beside the engine) could
-# interleave and produce different weights, so builds in one process take turns.
+# generator, transformers swaps torch's init functions process-wide while it builds one, and
+# two threads importing transformers at once can see it half-initialised ("cannot import
+# name ..."). Two builds at once (a workbench load beside a test, an adapter beside the
+# engine) could interleave and produce different weights, so builds in one process take turns.
 MODEL_BUILD_LOCK = threading.RLock()
 
 
