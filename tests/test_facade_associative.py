@@ -18,6 +18,7 @@ from engine.memory import MemoryStore
 from engine.memory_mirror import associative_table_name
 from engine.model.memory_layers import AssociativeConfig
 from engine.model.memory_layers.associative import AssociativeMemory
+from tests.test_tui_support import student_engine
 
 TABLE = associative_table_name(1)
 ENTRIES = 128 * 2  # one per neuron of tiny-llama's MLP and head
@@ -83,8 +84,7 @@ def most_read_entry(layer: AssociativeMemory, engine: Engine) -> int:
 
 
 async def loaded_engine(student_dir: Path, database: Path, tmp_path: Path) -> Engine:
-    engine = Engine("tiny-llama", student_spec=str(student_dir), database=database,
-                    runs_root=tmp_path / "runs")
+    engine = student_engine(student_dir, database, tmp_path)
     await engine.load_model(STUDENT)
     return engine
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable, Input, Select, Static
 
-from engine.facade import STUDENT, Engine
+from engine.facade import STUDENT
 from engine.memory import MemoryStore
 from mindset.widgets.chat_pane import ChatPane
 from mindset.widgets.memory_pane import MemoryPane
@@ -18,7 +18,7 @@ from tests.test_facade_associative import (
     live_layer,
     make_associative_student,
 )
-from tests.test_tui_support import APP_SIZE, make_app, mounted, wait_for
+from tests.test_tui_support import APP_SIZE, make_app, mounted, student_engine, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,7 @@ def table_ids(database: Path) -> list[int]:
 async def test_memory_pane_shows_and_edits_the_associative_table(student_dir: Path,
                                                                  tmp_path: Path) -> None:
     database = tmp_path / "memory.db"
-    engine = Engine("tiny-llama", student_spec=str(student_dir), database=database,
-                    runs_root=tmp_path / "runs")
+    engine = student_engine(student_dir, database, tmp_path)
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         pane = app.query_one(MemoryPane)
@@ -62,8 +61,7 @@ async def test_memory_pane_shows_and_edits_the_associative_table(student_dir: Pa
 async def test_chat_panel_lists_the_associative_entries_a_reply_used(student_dir: Path,
                                                                      tmp_path: Path) -> None:
     database = tmp_path / "memory.db"
-    engine = Engine("tiny-llama", student_spec=str(student_dir), database=database,
-                    runs_root=tmp_path / "runs")
+    engine = student_engine(student_dir, database, tmp_path)
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         await pilot.press("f5")

@@ -12,7 +12,7 @@ from engine.facade import STUDENT, Engine
 from engine.memory import MemoryStore
 from mindset.screens.entry_edit import EntryEditScreen
 from mindset.widgets.memory_pane import MemoryPane
-from tests.test_tui_support import APP_SIZE, make_app, make_student, wait_for
+from tests.test_tui_support import APP_SIZE, make_app, make_student, student_engine, wait_for
 
 TABLE = "layer1_featural"
 
@@ -40,8 +40,7 @@ def table_size(database: Path) -> int:
 
 async def test_edit_delete_undo_reach_the_database(student_dir: Path, tmp_path: Path) -> None:
     database = tmp_path / "memory.db"
-    engine = Engine("tiny-llama", student_spec=str(student_dir), database=database,
-                    runs_root=tmp_path / "runs")
+    engine = student_engine(student_dir, database, tmp_path)
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         pane = app.query_one(MemoryPane)
@@ -131,8 +130,7 @@ async def test_save_student_keeps_featural_edits(tmp_path: Path) -> None:
 
     original = slots_on_disk()
     database = tmp_path / "memory.db"
-    engine = Engine("tiny-llama", student_spec=str(student_dir), database=database,
-                    runs_root=tmp_path / "runs")
+    engine = student_engine(student_dir, database, tmp_path)
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         pane = app.query_one(MemoryPane)

@@ -33,6 +33,12 @@ def make_student(directory: Path) -> Path:
     return save_student(student, directory, teacher.tokenizer)
 
 
+def student_engine(student_dir: Path, database: Path, tmp_path: Path) -> Engine:
+    """An engine on tiny-llama with the student in ``student_dir`` and a fresh database."""
+    return Engine("tiny-llama", student_spec=str(student_dir), database=database,
+                  runs_root=tmp_path / "runs")
+
+
 def make_app(engine: Engine, *, keymap: dict[str, str] | None = None,
              theme: str | None = None) -> MindsetApp:
     return MindsetApp(engine, config=WorkbenchConfig(theme=theme, keymap=keymap or {}),

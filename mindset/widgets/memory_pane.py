@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from rich.cells import cell_len
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -137,11 +138,16 @@ class MemoryPane(Vertical):
         self.rows = rows
         table = self.query_one("#memory-rows", DataTable)
         cursor = table.cursor_row
-        table.clear(columns=True)  # columns re-fit the new page's content
-        table.add_columns(*COLUMNS)
-        for row in rows:
-            table.add_row(str(row.id), row.label, str(row.access_count), row.last_access,
-                          f"{row.norm:.3f}", " ".join(row.top_tokens), key=str(row.id))
+        cells = [(str(row.id), row.label, str(row.access_count), row.last_access,
+                  f"{row.norm:.3f}", " ".join(row.top_tokens)) for row in rows]
+        table.clear(columns=True)
+        # Columns sized to the page's content here, not when the table next idles: a frame
+        # drawn before that (a busy app) would show the new rows cut to the old widths.
+        for index, label in enumerate(COLUMNS):
+            width = max([cell_len(label)] + [cell_len(cell[index]) for cell in cells])
+            table.add_column(label, width=width)
+        for row, cell in zip(rows, cells, strict=True):
+            table.add_row(*cell, key=str(row.id))
         if rows:
             table.move_cursor(row=min(cursor, len(rows) - 1))
         page = self.query_one("#memory-page", Static)
