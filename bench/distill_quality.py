@@ -138,10 +138,10 @@ def finetune_tokens_per_s(teacher: Any, blocks: Any, *, steps: int, batch_size: 
 
 
 def distill_rate(run_dir: Path) -> float | None:
-    from engine.distill.events import read_events
+    from engine.distill.job_events import StepEvent, read_events
 
-    rates = [e["tokens_per_s"] for e in read_events(run_dir)
-             if e["type"] == "step" and e.get("stage") == "e2e"]
+    rates = [e.tokens_per_s for e in read_events(run_dir)
+             if isinstance(e, StepEvent) and e.stage == "e2e"]
     return statistics.median(rates[1:] or rates) if rates else None
 
 

@@ -63,9 +63,10 @@ def candidates(neurons: int) -> list[tuple[str, str, str, dict[str, Any]]]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from engine.model.anatomy import mlp_io, mlp_size
     from engine.model.loading import load_model
     from engine.model.memory_layers.init_featural import unexplained_variance
-    from engine.model.surgery import convert, memory_layers, mlp_io, teacher_shape
+    from engine.model.surgery import convert, memory_layers
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     split = args.calibration_tokens // window
     calibration, heldout = ids[:split], ids[split:]
     x, y = mlp_io(teacher.model, heldout, [args.layer])[args.layer]
-    _, neurons, _, _ = teacher_shape(teacher.model, teacher.family)
+    neurons = mlp_size(teacher.model)
 
     results = []
     for label, kind, init, hparams in candidates(neurons):

@@ -182,10 +182,10 @@ def start_training(teacher: str, home: Path, steps: int) -> Any:
                            data=[str(corpus)], block_size=128, batch_size=8,
                            heldout_blocks=2, eval_every=steps, checkpoint_every=steps)
     job = runner.start(config)
-    from engine.distill.events import read_events
+    from engine.distill.job_events import latest_steps, read_events
 
     deadline = time.time() + 300
-    while not any(e.get("type") == "step" for e in read_events(job.run_dir)):
+    while not latest_steps(read_events(job.run_dir)):
         if time.time() > deadline or runner.job(job.id).state in ("failed", "crashed"):
             raise RuntimeError(f"the training job did not start: {runner.job(job.id)}")
         time.sleep(0.5)
@@ -193,10 +193,9 @@ def start_training(teacher: str, home: Path, steps: int) -> Any:
 
 
 def steps_done(run_dir: Path) -> int:
-    from engine.distill.events import read_events
+    from engine.distill.job_events import latest_steps, read_events
 
-    return max((int(e["step"]) for e in read_events(run_dir) if e.get("type") == "step"),
-               default=0)
+    return max(latest_steps(read_events(run_dir)), default=0)
 
 
 def percentile(values: list[float], q: float) -> float:

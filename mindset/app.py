@@ -1,7 +1,8 @@
 """The Mindset workbench: a keyboard-driven Textual app over the engine.
 
-The app gets an :class:`engine.facade.Engine` in its constructor and talks to it only through
-the engine's public, awaitable methods. The first frame is drawn before torch or any model is
+The app gets an :class:`engine.facade.Engine` in its constructor and hands each pane the part
+of it the pane needs (see :mod:`mindset.protocols`); everything goes through the engine's
+public, awaitable methods. The first frame is drawn before torch or any model is
 imported: the model loads in a worker while the status bar says so. Only the first tab's pane
 is built before the first frame; the other panes (and their modules) follow right after it.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,12 +20,14 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.css.query import NoMatches
+from textual.message import Message
 from textual.theme import Theme
 from textual.widget import Widget
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from engine.errors import MindsetError
-from engine.facade import STUDENT, TEACHER, Engine, short_spec
+from engine.facade import STUDENT, TEACHER, Engine
+from engine.views import short_spec
 from mindset.config import WorkbenchConfig, load_config, read_theme_files, save_theme
 from mindset.screens.help import HelpScreen, key_label
 from mindset.screens.quick_start import QuickStartScreen
@@ -41,6 +45,13 @@ PANES: dict[str, tuple[str, str, str]] = {
     "model": ("Model", "mindset.widgets.model_pane", "ModelPane"),
     "training": ("Training", "mindset.widgets.training_pane", "TrainingPane"),
     "chat": ("Chat", "mindset.widgets.chat_pane", "ChatPane"),
+}
+# Tab id -> the part of the engine its pane talks to (a protocol of mindset.protocols).
+PANE_APIS: dict[str, Callable[[Engine], object]] = {
+    "memory": lambda engine: engine.memory,
+    "model": lambda engine: engine,
+    "training": lambda engine: engine.jobs,
+    "chat": lambda engine: engine.chat,
 }
 FIRST_TAB = "memory"
 PANE_WAIT_TRIES = 500  # x 20 ms: how long a palette action waits for its pane to be built
@@ -112,8 +123,8 @@ class MindsetApp(App[None]):
         yield Footer()
 
     def _new_pane(self, tab_id: str, cls: type[Widget]) -> Widget:
-        factory: Any = cls  # every pane takes (engine, id=...)
-        pane: Widget = factory(self.engine, id=f"{tab_id}-pane")
+        factory: Any = cls  # every pane takes (its part of the engine, id=...)
+        pane: Widget = factory(PANE_APIS[tab_id](self.engine), id=f"{tab_id}-pane")
         return pane
 
     async def _build_hidden_panes(self) -> None:
@@ -167,7 +178,7 @@ class MindsetApp(App[None]):
         directory = None
         if self.engine.availability()["jobs"].ok:
             try:
-                directory = await self.engine.latest_student()
+                directory = await self.engine.jobs.latest_student()
             except MindsetError:
                 directory = None
         if directory is not None:
@@ -178,6 +189,8 @@ class MindsetApp(App[None]):
     @work(group="student", exit_on_error=False)
     async def adopt_student(self, directory: str) -> None:
         """Load a student (a finished job's) and show it in every pane."""
+        if directory == self.engine.student_spec:
+            return  # already this workbench's student (a followed job reports "done" again)
         try:
             await self.engine.adopt_student(directory)
         except MindsetError as exc:
@@ -218,7 +231,7 @@ class MindsetApp(App[None]):
             return screen.query_one(selector)
         return screen.query_one(selector, expect_type)
 
-    def _post_to_panes(self, message_factory: Any) -> None:
+    def _post_to_panes(self, message_factory: Callable[[], Message]) -> None:
         if not self.screen_stack:
             return
         screen = self.screen_stack[0]

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
 from engine import __version__
 from engine.errors import MindsetError
 from mindset.commands import COMMAND_MODULES
-from mindset.commands.common import positive_int
+from mindset.commands.common import host_name, non_utf8_argument, port_number
 
 EXIT_USAGE = 2
 
@@ -27,8 +28,33 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"mindset: error: {message} (see `mindset --help`)\n")
 
 
+def check_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let go, so a bad address fails here in one line rather
+    than after the browser server has started."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise MindsetError(f"cannot listen on {host}:{port} ({reason}); give --host "
+                           "127.0.0.1 or an address of this machine") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise MindsetError(f"cannot listen on {host}:{port} ({exc.strerror}); pick "
+                               "another --port or --host") from None
+
+
 def cmd_workbench(args: argparse.Namespace) -> int:
+    # Checked from the files alone (no torch): the first frame stays fast, and a spec that
+    # cannot load fails here in one line instead of inside a workbench.
+    from engine.model.model_files import check_model_spec
+
+    check_model_spec(args.model)
     if args.web:
+        check_listen(args.host, args.port)
         from mindset.web import serve_web
 
         serve_web(host=args.host, port=args.port, model_spec=args.model)
@@ -48,8 +74,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mindset {__version__}")
     parser.add_argument("--model", default="default", help="model spec for the workbench")
     parser.add_argument("--web", action="store_true", help="serve the workbench in a browser")
-    parser.add_argument("--host", default="127.0.0.1", help="address for --web")
-    parser.add_argument("--port", type=positive_int, default=8566, help="port for --web")
+    parser.add_argument("--host", type=host_name, default="127.0.0.1", help="address for --web")
+    parser.add_argument("--port", type=port_number, default=8566, help="port for --web")
     parser.set_defaults(handler=cmd_workbench)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND",
                                      parser_class=ArgumentParser)
@@ -70,6 +96,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = non_utf8_argument(args)
+    if problem is not None:
+        parser.error(problem)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -10,13 +10,24 @@ import pytest
 import torch
 
 from engine.distill import events as ev
-from engine.distill.build import build_student, layer_mlps
-from engine.distill.checkpoints import load_checkpoint
+from engine.distill.build import build_student
+from engine.distill.checkpoints import ENTRIES_KEY, load_checkpoint
+from engine.distill.job_events import (
+    DoneEvent,
+    ErrorEvent,
+    EvalEvent,
+    JobEvent,
+    ResumedEvent,
+    StepEvent,
+    latest_steps,
+    read_events,
+)
 from engine.distill.loop import run_distillation
 from engine.distill.objective import NonFiniteLossError
 from engine.distill.report import compare
+from engine.model.anatomy import layer_mlps
 from engine.model.loading import load_model
-from tests.test_distill_support import step_events, teacher_dir, tiny_config
+from tests.test_distill_support import teacher_dir, tiny_config
 
 
 def initial_kl(config_kwargs: dict) -> float:
@@ -51,13 +62,18 @@ def test_a_few_steps_lower_the_kl_and_write_every_output(tmp_path: Path) -> None
     assert "gap closed" in (run_dir / ev.SUMMARY_NAME).read_text()
     assert any((run_dir / ev.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     assert ev.read_state(run_dir)["state"] == "completed"
-    kinds = [e["type"] for e in ev.read_events(run_dir)]
-    assert kinds.count("step") == 12 and "eval" in kinds and kinds[-2] == "done"
-    step = step_events(ev.read_events(run_dir))[12]
-    for key in ("loss", "kl", "tokens_per_s", "eta_s", "lr", "grad_norm", "tokens_seen"):
-        assert key in step
+    events = read_events(run_dir)
+    kinds = [type(e) for e in events]
+    assert kinds.count(StepEvent) == 12 and EvalEvent in kinds and kinds[-2] is DoneEvent
+    step = latest_steps(events)[12]
+    assert step.kl is not None and step.ce is None and step.stage == "e2e"
+    assert step.loss > 0 and step.tokens_per_s > 0 and step.lr > 0 and step.grad_norm > 0
+    assert step.eta_s == 0 and step.tokens_seen == 12 * 4 * 32 and step.version == 1
+    done = events[-2]
+    assert isinstance(done, DoneEvent) and done.ppl_student == pytest.approx(
+        report["ppl_student"]) and done.layers == [1, 2]
     # The student directory loads back and gives the same held-out numbers.
-    from engine.model.student import load_student
+    from engine.model.loading import load_student
 
     loaded = load_student(run_dir / "student")
     teacher = load_model(str(teacher_dir()))
@@ -70,16 +86,16 @@ def test_a_few_steps_lower_the_kl_and_write_every_output(tmp_path: Path) -> None
 
 
 def test_layer_local_stage_fits_the_teacher_mlps(tmp_path: Path) -> None:
-    events: list[dict] = []
+    events: list[JobEvent] = []
     config = tiny_config(local_steps=10, steps=1, schedule="constant", lr=3e-2)
     run_distillation(config, tmp_path / "r", on_event=events.append)
-    local = [e["local"] for e in events if e["type"] == "step" and e["stage"] == "local"]
+    local = [e.local for e in events if isinstance(e, StepEvent) and e.stage == "local"]
     assert len(local) == 10
     assert sum(local[-3:]) < 0.85 * sum(local[:3]), local
 
 
 def test_cancel_then_resume_gives_the_same_run_as_no_interruption(tmp_path: Path) -> None:
-    reference = step_events(_run_events(tmp_path / "reference", tiny_config()))
+    reference = latest_steps(_run_events(tmp_path / "reference", tiny_config()))
 
     run_dir = tmp_path / "interrupted"
     run_dir.mkdir()
@@ -91,18 +107,18 @@ def test_cancel_then_resume_gives_the_same_run_as_no_interruption(tmp_path: Path
     ev.write_control(run_dir, "run")
     report = run_distillation(tiny_config(), run_dir)
     assert report["steps_done"] == 8
-    resumed = step_events(ev.read_events(run_dir))
+    resumed = latest_steps(read_events(run_dir))
     assert sorted(resumed) == sorted(reference) == list(range(1, 9))
     for step, event in reference.items():
-        assert resumed[step]["batch_hash"] == event["batch_hash"], step  # same data order
-        assert resumed[step]["loss"] == pytest.approx(event["loss"], rel=1e-5), step
-    resumes = [e["from_step"] for e in ev.read_events(run_dir) if e["type"] == "resumed"]
+        assert resumed[step].batch_hash == event.batch_hash, step  # same data order
+        assert resumed[step].loss == pytest.approx(event.loss, rel=1e-5), step
+    resumes = [e.from_step for e in read_events(run_dir) if isinstance(e, ResumedEvent)]
     assert resumes == [5]
 
 
-def _run_events(run_dir: Path, config) -> list[dict]:  # type: ignore[no-untyped-def]
+def _run_events(run_dir: Path, config) -> list[JobEvent]:  # type: ignore[no-untyped-def]
     run_distillation(config, run_dir)
-    return ev.read_events(run_dir)
+    return read_events(run_dir)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
@@ -119,7 +135,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: P
     checkpoint = load_checkpoint(run_dir)
     assert checkpoint is not None and checkpoint["step"] == state["last_checkpoint"] >= 1
     assert f"step {checkpoint['step']}" in message
-    assert [e for e in ev.read_events(run_dir) if e["type"] == "error"]
+    assert [e for e in read_events(run_dir) if isinstance(e, ErrorEvent)]
     assert checkpoint["step"] == state["step"] == 2  # the step before the NaN
     weights = checkpoint["weights"]
     assert all(torch.isfinite(t).all() for t in weights.values()), "a NaN was checkpointed"
@@ -143,15 +159,68 @@ def test_data_free_distillation_samples_a_corpus_from_the_teacher(tmp_path: Path
     assert math.isfinite(report["kl_per_token"])
 
 
+ASSOCIATIVE = dict(memory="associative", hparams={"capacity": 512}, steps=4)
+
+
 def test_associative_entries_survive_a_resume(tmp_path: Path) -> None:
-    config = tiny_config(memory="associative", hparams={"capacity": 512}, steps=4)
+    config = tiny_config(**ASSOCIATIVE)
+    reference = latest_steps(_run_events(tmp_path / "reference", config))
     run_dir = tmp_path / "assoc"
     run_dir.mkdir()
     ev.write_control(run_dir, "cancel", at_step=2)
     assert run_distillation(config, run_dir) == {}
     checkpoint = load_checkpoint(run_dir)
-    assert checkpoint is not None and checkpoint["tables"]  # the entries are in the checkpoint
+    assert checkpoint is not None and "tables" not in checkpoint
+    entries = checkpoint[ENTRIES_KEY]  # the memories' own state, as tensors
+    assert sorted(entries) == [1, 2]
+    assert all(len(layer["keys"]) == len(layer["crf"]) > 0 for layer in entries.values())
     ev.write_control(run_dir, "run")
     report = run_distillation(config, run_dir)
     assert report["steps_done"] == 4 and math.isfinite(report["kl_per_token"])
     assert (run_dir / "student" / "memory").is_dir()
+    # Entries and their LRFU statistics came back exactly: the resumed steps are the same.
+    resumed = latest_steps(read_events(run_dir))
+    for step, event in reference.items():
+        assert resumed[step].loss == pytest.approx(event.loss, rel=1e-5), step
+
+
+def test_a_checkpoint_holding_sqlite_tables_still_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before the entries travelled as tensors carried the memories'
+    store files as bytes; they still load."""
+    import tempfile
+
+    from engine.distill.checkpoints import save_checkpoint
+
+    config = tiny_config(**ASSOCIATIVE)
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    ev.write_control(run_dir, "cancel", at_step=2)
+    run_distillation(config, run_dir)
+    state = load_checkpoint(run_dir)
+    assert state is not None
+    saved = state.pop(ENTRIES_KEY)
+    tables: dict[str, bytes] = {}  # what the old checkpoints held: each layer's store files
+    with tempfile.TemporaryDirectory() as temp:
+        root = Path(temp)
+        for layer, memory in _restored_memories(config, run_dir).items():
+            memory.save_tables(root / f"layer{layer}", f"layer{layer}")
+        for path in root.rglob("*"):
+            if path.is_file():
+                tables[str(path.relative_to(root))] = path.read_bytes()
+    state["tables"] = tables
+    save_checkpoint(run_dir, state)
+    for layer, memory in _restored_memories(config, run_dir).items():
+        assert torch.allclose(memory.cache.keys, saved[layer]["keys"])
+    ev.write_control(run_dir, "run")
+    assert run_distillation(config, run_dir)["steps_done"] == 4
+
+
+def _restored_memories(config, run_dir: Path) -> dict:  # type: ignore[no-untyped-def]
+    from engine.distill.loop import Run
+
+    run = Run(config, run_dir)
+    try:
+        run.setup()
+    finally:
+        run.close()
+    return layer_mlps(run.student, run.layers)

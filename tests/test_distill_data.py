@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.distill.config import DistillConfig, parse_layers
+from engine.distill.config import DistillConfig
 from engine.distill.data import BlockOrder, check_text_paths, load_text_data, token_stream
 from engine.distill.objective import kd_loss, lr_factor
 from engine.errors import InputError
@@ -82,15 +82,6 @@ def test_too_little_text_for_a_block(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="needs at least about"):
         load_text_data([str(path)], byte_level_tokenizer(), block_size=64,
                        heldout_fraction=0.1, cache_dir=None)
-
-
-def test_layer_lists() -> None:
-    assert parse_layers("all", 4) == [0, 1, 2, 3]
-    assert parse_layers("3,1-2", 4) == [1, 2, 3]
-    assert parse_layers("-1", 30) == [29]
-    for bad, message in (("7", "unknown layer 7"), ("x", "bad layer list"), ("", "no layers")):
-        with pytest.raises(InputError, match=message):
-            parse_layers(bad, 4)
 
 
 def test_settings_are_validated() -> None:

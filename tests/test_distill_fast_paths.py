@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from engine.distill import events as ev
-from engine.distill.build import layer_mlps
 from engine.distill.checkpoints import load_checkpoint
 from engine.distill.config import DistillConfig
+from engine.distill.job_events import LocalPairsEvent, latest_steps, read_events
 from engine.distill.local_pairs import capture_local_pairs
 from engine.distill.loop import run_distillation
 from engine.distill.partial_forward import (
@@ -20,9 +20,10 @@ from engine.distill.partial_forward import (
     supports_partial_forward,
 )
 from engine.errors import InputError
+from engine.model.anatomy import layer_mlps
 from engine.model.loading import load_model
 from engine.model.surgery import convert
-from tests.test_distill_support import step_events, tiny_config
+from tests.test_distill_support import tiny_config
 
 
 def test_starting_at_a_layer_gives_the_full_forward_logits() -> None:
@@ -65,13 +66,13 @@ def test_local_stage_on_captured_pairs_fits_and_resumes_identically(tmp_path: Pa
                     schedule="constant", lr=3e-2, checkpoint_every=4)
     reference_dir = tmp_path / "reference"
     run_distillation(tiny_config(**settings), reference_dir)
-    reference = step_events(ev.read_events(reference_dir))
-    local = [reference[s]["local"] for s in range(1, 13)]
+    reference = latest_steps(read_events(reference_dir))
+    local = [reference[s].local or 0.0 for s in range(1, 13)]
     assert sum(local[-3:]) < 0.85 * sum(local[:3]), local
-    assert reference[1]["stage"] == "local" and reference[13]["stage"] == "e2e"
-    assert reference[12]["tokens_seen"] == 12 * 64
-    assert [e["tokens"] for e in ev.read_events(reference_dir)
-            if e["type"] == "local_pairs"] == [256]
+    assert reference[1].stage == "local" and reference[13].stage == "e2e"
+    assert reference[12].tokens_seen == 12 * 64
+    assert [e.tokens for e in read_events(reference_dir)
+            if isinstance(e, LocalPairsEvent)] == [256]
 
     run_dir = tmp_path / "interrupted"
     run_dir.mkdir()
@@ -80,10 +81,10 @@ def test_local_stage_on_captured_pairs_fits_and_resumes_identically(tmp_path: Pa
     assert load_checkpoint(run_dir)["step"] == 6  # type: ignore[index]
     ev.write_control(run_dir, "run")
     run_distillation(tiny_config(**settings), run_dir)
-    resumed = step_events(ev.read_events(run_dir))
+    resumed = latest_steps(read_events(run_dir))
     for step, event in reference.items():
-        assert resumed[step]["batch_hash"] == event["batch_hash"], step
-        assert resumed[step]["loss"] == pytest.approx(event["loss"], rel=1e-5), step
+        assert resumed[step].batch_hash == event.batch_hash, step
+        assert resumed[step].loss == pytest.approx(event.loss, rel=1e-5), step
 
 
 def test_local_tokens_must_not_be_negative() -> None:

@@ -48,8 +48,3 @@ def tiny_config(**overrides: Any) -> Any:
     )
     settings.update(overrides)
     return DistillConfig(**settings)
-
-
-def step_events(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """The last logged event of each step (a resumed run logs some steps twice)."""
-    return {int(e["step"]): e for e in events if e["type"] == "step"}

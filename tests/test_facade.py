@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from engine.errors import MindsetError
-from engine.facade import ChatMessage, Engine
+from engine.facade import Engine
 from engine.memory import MemoryStore
+from engine.services.chat import ChatMessage
 
 
 @pytest.fixture
@@ -28,16 +29,16 @@ def store_path(tmp_path: Path) -> Path:
 async def test_pages_edits_and_undo(store_path: Path, tmp_path: Path) -> None:
     engine = Engine("tiny-llama", database=store_path, runs_root=tmp_path / "runs")
     try:
-        assert await engine.table_names() == ["layer2_associative"]
-        page = await engine.table_page("layer2_associative", 10, 20, with_tokens=False)
+        assert await engine.memory.table_names() == ["layer2_associative"]
+        page = await engine.memory.table_page("layer2_associative", 10, 20, with_tokens=False)
         assert [row.label for row in page] == [f"entry {i}" for i in range(10, 30)]
         target = page[0].id
-        await engine.update_entry("layer2_associative", target, label="renamed",
+        await engine.memory.update_entry("layer2_associative", target, label="renamed",
                                   tags=["a", "b"], scale=0.5)
-        deleted = await engine.delete_entries("layer2_associative", [target])
-        assert (await engine.table_stats("layer2_associative"))["rows"] == 99
-        restored = await engine.restore_entries(deleted)
-        assert (await engine.table_stats("layer2_associative"))["rows"] == 100
+        deleted = await engine.memory.delete_entries("layer2_associative", [target])
+        assert (await engine.memory.table_stats("layer2_associative"))["rows"] == 99
+        restored = await engine.memory.restore_entries(deleted)
+        assert (await engine.memory.table_stats("layer2_associative"))["rows"] == 100
         with MemoryStore.open(store_path) as store:
             row = store.table("layer2_associative").get(restored)[0]
             assert row.label == "renamed" and sorted(row.tags) == ["a", "b"]
@@ -51,16 +52,16 @@ async def test_model_side_features(store_path: Path, tmp_path: Path) -> None:
     engine = Engine("tiny-llama", database=store_path, runs_root=tmp_path / "runs")
     try:
         await engine.load_model()
-        page = await engine.table_page("layer2_associative", 0, 3)
+        page = await engine.memory.table_page("layer2_associative", 0, 3)
         assert all(len(row.top_tokens) == 5 for row in page)
-        found = await engine.search_text("layer2_associative", "hello", k=7)
+        found = await engine.memory.search_text("layer2_associative", "hello", k=7)
         assert len(found) == 7
-        new_id = await engine.insert_entry("layer2_associative", text="the sky is blue")
-        rows = await engine.find_entry("layer2_associative", new_id)
+        new_id = await engine.memory.insert_entry("layer2_associative", text="the sky is blue")
+        rows = await engine.memory.find_entry("layer2_associative", new_id)
         assert rows[0].label == "the sky is blue"
-        assert "evicted 10" in await engine.evict("layer2_associative")
-        assert (await engine.table_stats("layer2_associative"))["rows"] == 91
-        pieces = [piece async for piece in engine.stream_chat(
+        assert "evicted 10" in await engine.memory.evict("layer2_associative")
+        assert (await engine.memory.table_stats("layer2_associative"))["rows"] == 91
+        pieces = [piece async for piece in engine.chat.stream_chat(
             "teacher", [ChatMessage("user", "hi")], max_tokens=6)]
         assert pieces and "".join(pieces)
         tree = engine.describe_model()
@@ -78,7 +79,7 @@ async def test_errors_are_one_line_mindset_errors(tmp_path: Path) -> None:
         with pytest.raises(MindsetError, match="missing-model"):
             await engine.load_model()
         with pytest.raises(MindsetError):
-            await engine.table_names()
+            await engine.memory.table_names()
         assert not engine.availability()["memory"].ok
         with pytest.raises(MindsetError, match="student"):
             await engine.load_model("student")

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.facade import STUDENT, ChatMessage, Engine
+from engine.facade import STUDENT, Engine
 from engine.memory import MemoryStore
-from engine.memory_mirror import associative_table_name
 from engine.model.memory_layers import AssociativeConfig
 from engine.model.memory_layers.associative import AssociativeMemory
+from engine.services.chat import ChatMessage
+from engine.services.memory_mirror import associative_table_name
 from tests.test_tui_support import student_engine
 
 TABLE = associative_table_name(1)
@@ -93,13 +94,13 @@ async def test_the_cache_is_mirrored_in_order(student_dir: Path, tmp_path: Path)
     database = tmp_path / "memory.db"
     engine = await loaded_engine(student_dir, database, tmp_path)
     try:
-        assert TABLE in await engine.table_names()
-        assert (await engine.table_stats(TABLE))["rows"] == ENTRIES
+        assert TABLE in await engine.memory.table_names()
+        assert (await engine.memory.table_stats(TABLE))["rows"] == ENTRIES
         layer = live_layer(engine)
         ids, keys, values = mirror_arrays(database)
         np.testing.assert_array_equal(keys, layer.cache.keys.numpy())
         np.testing.assert_array_equal(values, layer.cache.values.numpy())
-        page = await engine.table_page(TABLE, 0, 3)
+        page = await engine.memory.table_page(TABLE, 0, 3)
         assert [row.id for row in page] == ids[:3].tolist()
         # What a value promotes is read through the layer's own output projection.
         assert all(len(row.top_tokens) == 5 for row in page)
@@ -118,7 +119,7 @@ async def test_delete_edit_and_undo_reach_the_live_cache(student_dir: Path,
         target = int(ids[position])
         before = logits(engine)
 
-        deleted = await engine.delete_entries(TABLE, [target])
+        deleted = await engine.memory.delete_entries(TABLE, [target])
         assert len(layer) == ENTRIES - 1
         # The deleted key is gone from the cache, and the reply to the same text changes.
         assert not (layer.cache.keys == torch.from_numpy(keys[position])).all(dim=1).any()
@@ -127,12 +128,12 @@ async def test_delete_edit_and_undo_reach_the_live_cache(student_dir: Path,
         assert target not in remaining.tolist()
         np.testing.assert_array_equal(remaining_keys, layer.cache.keys.numpy())
 
-        restored = await engine.restore_entries(deleted)
+        restored = await engine.memory.restore_entries(deleted)
         assert len(layer) == ENTRIES
         torch.testing.assert_close(logits(engine), before)  # the same entries, read again
 
         edited = restored[0]
-        await engine.update_entry(TABLE, edited, label="edited", scale=3.0)
+        await engine.memory.update_entry(TABLE, edited, label="edited", scale=3.0)
         ids, _, values = mirror_arrays(database)
         at = int(np.flatnonzero(ids == edited)[0])
         np.testing.assert_allclose(layer.cache.values[at].numpy(), values[at])
@@ -147,18 +148,18 @@ async def test_insert_evict_and_recombine_reach_the_live_cache(student_dir: Path
     engine = await loaded_engine(student_dir, database, tmp_path)
     try:
         layer = live_layer(engine)
-        new_id = await engine.insert_entry(TABLE, text="the sky is blue")
+        new_id = await engine.memory.insert_entry(TABLE, text="the sky is blue")
         assert len(layer) == ENTRIES + 1
         ids, keys, _ = mirror_arrays(database)
         assert ids[-1] == new_id
         np.testing.assert_array_equal(layer.cache.keys[-1].numpy(), keys[-1])
         # The new key is the layer's query for that text: searching it finds the entry.
-        found = await engine.search_text(TABLE, "the sky is blue", k=1)
+        found = await engine.memory.search_text(TABLE, "the sky is blue", k=1)
         assert [row.id for row in found] == [new_id]
 
-        assert "evicted 25" in await engine.evict(TABLE)
+        assert "evicted 25" in await engine.memory.evict(TABLE)
         assert len(layer) == ENTRIES + 1 - 25
-        message = await engine.recombine(TABLE)
+        message = await engine.memory.recombine(TABLE)
         assert message.startswith(("merged", "nothing"))
         ids, keys, values = mirror_arrays(database)
         assert len(layer) == len(ids)
@@ -169,16 +170,16 @@ async def test_insert_evict_and_recombine_reach_the_live_cache(student_dir: Path
 
 
 async def test_saved_edits_persist_in_the_student(student_dir: Path, tmp_path: Path) -> None:
-    from engine.model.student import load_student
+    from engine.model.loading import load_student
     from engine.model.surgery import memory_layers
 
     database = tmp_path / "memory.db"
     engine = await loaded_engine(student_dir, database, tmp_path)
     try:
         ids, _, values = mirror_arrays(database)
-        await engine.delete_entries(TABLE, [int(ids[0])])
-        await engine.update_entry(TABLE, int(ids[1]), label="kept", scale=2.0)
-        await engine.save_student()
+        await engine.memory.delete_entries(TABLE, [int(ids[0])])
+        await engine.memory.update_entry(TABLE, int(ids[1]), label="kept", scale=2.0)
+        await engine.memory.save_student()
     finally:
         await engine.close()
 
@@ -193,7 +194,7 @@ async def test_saved_edits_persist_in_the_student(student_dir: Path, tmp_path: P
     engine = await loaded_engine(student_dir, database, tmp_path)
     try:
         assert len(live_layer(engine)) == ENTRIES - 1
-        rows = await engine.find_entry(TABLE, int(ids[1]))
+        rows = await engine.memory.find_entry(TABLE, int(ids[1]))
         assert rows[0].label == "kept"
     finally:
         await engine.close()
@@ -204,7 +205,7 @@ async def test_a_stale_mirror_is_rebuilt(student_dir: Path, tmp_path: Path) -> N
     engine = await loaded_engine(student_dir, database, tmp_path)
     try:
         ids, _, _ = mirror_arrays(database)
-        await engine.delete_entries(TABLE, [int(ids[0])])  # not saved to the student
+        await engine.memory.delete_entries(TABLE, [int(ids[0])])  # not saved to the student
     finally:
         await engine.close()
     engine = await loaded_engine(student_dir, database, tmp_path)
@@ -221,11 +222,11 @@ async def test_a_reply_records_the_entries_it_read(student_dir: Path, tmp_path: 
     database = tmp_path / "memory.db"
     engine = await loaded_engine(student_dir, database, tmp_path)
     try:
-        assert engine.last_memory_usage(STUDENT) is None
-        pieces = [piece async for piece in engine.stream_chat(
+        assert engine.chat.last_memory_usage(STUDENT) is None
+        pieces = [piece async for piece in engine.chat.stream_chat(
             STUDENT, [ChatMessage("user", "hi")], max_tokens=4)]
         assert pieces
-        usage = engine.last_memory_usage(STUDENT)
+        usage = engine.chat.last_memory_usage(STUDENT)
         assert usage
         ids, _, _ = mirror_arrays(database)
         assert {use.table for use in usage} == {TABLE}

@@ -9,11 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from engine.distill import events as ev
 from engine.distill.checkpoints import load_checkpoint
+from engine.distill.job_events import (
+    CheckpointEvent,
+    JobEvent,
+    ResumedEvent,
+    StateEvent,
+    StepEvent,
+    latest_steps,
+    read_events,
+)
 from engine.distill.jobs import JobRunner
 from engine.distill.loop import run_distillation
-from tests.test_distill_support import step_events, tiny_config
+from tests.test_distill_support import tiny_config
 
 BOOT_TIMEOUT = 90.0  # a fresh process imports torch and transformers first
 
@@ -31,7 +39,7 @@ def test_kill_9_then_resume_continues_from_the_checkpoint_with_the_same_data(
     tmp_path: Path,
 ) -> None:
     config = tiny_config(steps=10, checkpoint_every=3)
-    reference = step_events(_events_of_inline_run(tmp_path / "reference", config))
+    reference = latest_steps(_events_of_inline_run(tmp_path / "reference", config))
 
     runner = JobRunner(tmp_path / "runs")
     job = runner.start(config, name="killed")
@@ -39,7 +47,7 @@ def test_kill_9_then_resume_continues_from_the_checkpoint_with_the_same_data(
     wait_for(lambda: runner.job(job.id).state == "paused", what="the job to pause")
     run_dir = job.run_dir
     assert load_checkpoint(run_dir)["step"] == 3  # type: ignore[index]
-    first_attempt = step_events(ev.read_events(run_dir))
+    first_attempt = latest_steps(read_events(run_dir))
     assert max(first_attempt) == 5
 
     os.kill(job.pid, signal.SIGKILL)  # type: ignore[arg-type]
@@ -54,56 +62,57 @@ def test_kill_9_then_resume_continues_from_the_checkpoint_with_the_same_data(
     final = again.wait(job.id, timeout=BOOT_TIMEOUT)
     assert final.state == "completed", (final, (run_dir / "worker.log").read_text()[-2000:])
 
-    events = ev.read_events(run_dir)
-    assert [e["from_step"] for e in events if e["type"] == "resumed"] == [3]
-    resumed = step_events(events)
+    events = read_events(run_dir)
+    assert [e.from_step for e in events if isinstance(e, ResumedEvent)] == [3]
+    resumed = latest_steps(events)
     assert sorted(resumed) == list(range(1, 11))
     for step in (4, 5):  # recomputed after the kill: exactly what the first attempt did
-        assert resumed[step]["batch_hash"] == first_attempt[step]["batch_hash"]
-        assert resumed[step]["loss"] == pytest.approx(first_attempt[step]["loss"], rel=1e-5)
+        assert resumed[step].batch_hash == first_attempt[step].batch_hash
+        assert resumed[step].loss == pytest.approx(first_attempt[step].loss, rel=1e-5)
     for step, event in reference.items():  # and the whole run matches an uninterrupted one
-        assert resumed[step]["batch_hash"] == event["batch_hash"], step
-        assert resumed[step]["loss"] == pytest.approx(event["loss"], rel=1e-4), step
+        assert resumed[step].batch_hash == event.batch_hash, step
+        assert resumed[step].loss == pytest.approx(event.loss, rel=1e-4), step
     assert again.report(job.id)["steps_done"] == 10  # type: ignore[index]
 
 
-def _events_of_inline_run(run_dir: Path, config) -> list[dict]:  # type: ignore[no-untyped-def]
+def _events_of_inline_run(run_dir: Path, config) -> list[JobEvent]:  # type: ignore[no-untyped-def]
     run_distillation(config, run_dir)
-    return ev.read_events(run_dir)
+    return read_events(run_dir)
 
 
 async def test_pause_resume_cancel_and_streamed_events(tmp_path: Path) -> None:
     runner = JobRunner(tmp_path / "runs")
     job = runner.start(tiny_config(steps=100_000, checkpoint_every=50, eval_every=10**6))
-    seen: list[dict] = []
+    seen: list[JobEvent] = []
     paused_at: int | None = None
     cancel_sent = False
     async for event in runner.events(job.id, poll=0.05):
         seen.append(event)
-        if event["type"] == "step" and event["step"] == 3 and paused_at is None:
+        if isinstance(event, StepEvent) and event.step == 3 and paused_at is None:
             runner.pause(job.id)
-        if event["type"] == "state" and event["state"] == "paused" and paused_at is None:
-            paused_at = event["step"]
+        if isinstance(event, StateEvent) and event.state == "paused" and paused_at is None:
+            paused_at = event.step
             info = runner.job(job.id)
             assert info.state == "paused" and info.alive
             await runner.wait_async(job.id, timeout=1.0)  # stays paused: no steps meanwhile
             assert runner.job(job.id).step == paused_at
-            assert max(step_events(ev.read_events(job.run_dir))) == paused_at
+            assert max(latest_steps(read_events(job.run_dir))) == paused_at
             runner.resume(job.id)
-        past_pause = paused_at is not None and event.get("step", 0) >= paused_at + 3
-        if event["type"] == "step" and past_pause and not cancel_sent:
+        past_pause = isinstance(event, StepEvent) and paused_at is not None \
+            and event.step >= paused_at + 3
+        if past_pause and not cancel_sent:
             runner.cancel(job.id)
             cancel_sent = True
     # The iterator ended because the process exited after cancelling.
     final = runner.job(job.id)
     assert final.state == "cancelled" and not final.alive and final.resumable
     assert paused_at is not None and paused_at >= 3
-    states = [e["state"] for e in seen if e["type"] == "state"]
+    states = [e.state for e in seen if isinstance(e, StateEvent)]
     assert states[:2] == ["starting", "running"] and "paused" in states
     assert states[-1] == "cancelled"
     checkpoint = load_checkpoint(job.run_dir)
     assert checkpoint is not None and checkpoint["step"] == final.step > paused_at
-    assert [e for e in seen if e["type"] == "checkpoint"][-1]["step"] == final.step
+    assert [e for e in seen if isinstance(e, CheckpointEvent)][-1].step == final.step
     with pytest.raises(Exception, match="not running"):
         runner.cancel(job.id)
     # Jobs reappear from their run directories in a fresh runner.
@@ -126,8 +135,9 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path: Path) -> N
     # The ranks trained (the weights moved away from the initial student's).
     import torch
 
-    from engine.distill.build import build_student, layer_prefixes
-    from engine.distill.loop import trainable_state, weights_digest
+    from engine.distill.build import build_student
+    from engine.distill.checkpoints import trainable_state, weights_digest
+    from engine.model.anatomy import layer_prefixes
     from engine.model.loading import load_model
 
     teacher = load_model(config.teacher)
@@ -157,7 +167,7 @@ def test_jobs_train_at_a_lower_cpu_priority_than_the_workbench(tmp_path: Path) -
         autogroup = Path(f"/proc/{job.pid}/autogroup")
         if autogroup.exists():  # its own session's CPU share is lowered too
             assert autogroup.read_text().split()[-1] == str(min(19, parent + 10))
-        wait_for(lambda: len(step_events(ev.read_events(job.run_dir))) >= 2,
+        wait_for(lambda: len(latest_steps(read_events(job.run_dir))) >= 2,
                  what="two training steps")
         # Every thread it started meanwhile (torch's included) inherited the priority.
         threads = [int(t) for t in os.listdir(f"/proc/{job.pid}/task")]

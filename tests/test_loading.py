@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine.errors import ModelLoadError
-from engine.model.loading import load_model
+from engine.model.anatomy import num_layers, resolve_layers
+from engine.model.loading import load_model, model_config
 from engine.model.tiny import TINY_VOCAB
 
 
@@ -54,6 +55,17 @@ def test_local_directory_loads_to_identical_outputs(spec: str, tmp_path: Path) -
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.no_grad():
         assert torch.allclose(original.model(ids).logits, reloaded.model(ids).logits)
+
+
+def test_a_spec_config_is_read_without_weights(tmp_path: Path) -> None:
+    assert num_layers(model_config("tiny-gpt2")) == num_layers(model_config("tiny-llama")) == 4
+    load_model("tiny-llama").model.config.save_pretrained(str(tmp_path))  # no weights saved
+    assert resolve_layers("middle", model_config(str(tmp_path))) == [2]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match=r"'bert'.*supported families"):
+        model_config(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="no such path"):
+        model_config(str(tmp_path / "missing"))
 
 
 def test_unknown_spec_names_the_builtins() -> None:

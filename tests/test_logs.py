@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import httpx
 import pytest
 
-from engine.errors import InputError
+from engine.errors import InputError, MindsetError
+from engine.llm import log_schema
 from engine.llm.log import Interaction, InteractionLog
+from engine.llm.log_schema import SCHEMA_VERSION
 from engine.llm.secrets import register_secret
 from engine.llm.server import free_port
 from mindset.cli import run
@@ -110,6 +114,96 @@ def test_cli_on_a_corrupt_log_is_one_line(tmp_path: Path,
     assert run(["logs", "--db", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mindset: error:") and "unreadable" in err and len(err.splitlines()) == 1
+
+
+# The DDL of the log before it was versioned, verbatim: files like this exist on users' disks.
+UNVERSIONED_DDL = """
+CREATE TABLE IF NOT EXISTS interactions (
+    id TEXT PRIMARY KEY,
+    conversation_id TEXT NOT NULL,
+    parent_id TEXT,
+    created_at TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    model TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    messages TEXT,
+    prompt TEXT,
+    params TEXT NOT NULL,
+    response TEXT NOT NULL,
+    finish_reason TEXT,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    latency_s REAL,
+    ttft_s REAL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS interactions_conversation
+    ON interactions (conversation_id, created_at);
+CREATE INDEX IF NOT EXISTS interactions_created ON interactions (created_at);
+CREATE VIRTUAL TABLE IF NOT EXISTS interactions_fts USING fts5(id UNINDEXED, body);
+"""
+
+
+def test_an_unversioned_log_is_migrated_without_losing_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with closing(sqlite3.connect(path)) as db, db:
+        db.executescript(UNVERSIONED_DDL)
+        for n in range(3):
+            db.execute(
+                "INSERT INTO interactions (id, conversation_id, parent_id, created_at, adapter, "
+                "model, kind, messages, params, response, prompt_tokens, completion_tokens) "
+                "VALUES (?, 'conv-old', ?, ?, 'local', 'tiny-llama', 'chat', ?, ?, ?, 2, 3)",
+                (f"old{n}", f"old{n - 1}" if n else None, f"2024-01-01T00:00:0{n}+00:00",
+                 json.dumps([{"role": "user", "content": f"question {n}"}]),
+                 json.dumps({"max_tokens": 8}), f"answer {n}"))
+            db.execute("INSERT INTO interactions_fts (id, body) VALUES (?, ?)",
+                       (f"old{n}", f"question {n}\nanswer {n}"))
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    log = InteractionLog(path)
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert log.count() == 3
+    assert [(i.id, i.parent_id, i.response) for i in log.conversation("conv-old")] == [
+        ("old0", None, "answer 0"), ("old1", "old0", "answer 1"), ("old2", "old1", "answer 2")]
+    assert [i.id for i in log.search("question 1")] == ["old1"]
+    log.record(interaction("new1", "conv-old", "old2", "One more?", "Yes."))
+    assert InteractionLog(path).count() == 4  # a second open finds it current
+
+
+def test_later_steps_apply_in_order_and_all_or_nothing(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "log.sqlite"
+    InteractionLog(path).record(interaction("r1", "conv", None, "hi", "hello"))
+    step = ("ALTER TABLE interactions ADD COLUMN tag TEXT",)
+    monkeypatch.setattr(log_schema, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(log_schema, "MIGRATIONS", (*log_schema.MIGRATIONS,
+                                                   (*step, "SELECT no_such_function()")))
+    with pytest.raises(MindsetError):
+        InteractionLog(path)
+    with closing(sqlite3.connect(path)) as db:  # the failed step left nothing behind
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert "tag" not in [c[1] for c in db.execute("PRAGMA table_info(interactions)")]
+    monkeypatch.setattr(log_schema, "MIGRATIONS", (*log_schema.MIGRATIONS[:1], step))
+    assert InteractionLog(path).count() == 1
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert "tag" in [c[1] for c in db.execute("PRAGMA table_info(interactions)")]
+
+
+def test_a_log_from_a_newer_mindset_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "future.sqlite"
+    InteractionLog(path).record(interaction("f1", "conv", None, "hi", "hello"))
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(MindsetError, match=r"newer version of Mindset.*upgrade Mindset"):
+        InteractionLog(path)
+    assert run(["logs", "--db", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mindset: error: the interaction log") and len(err.splitlines()) == 1
+    with closing(sqlite3.connect(path)) as db:  # left as it was
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert db.execute("SELECT count(*) FROM interactions").fetchone()[0] == 1
 
 
 def test_serve_command_logs_calls_and_never_prints_the_key(tmp_path: Path) -> None:

@@ -6,14 +6,9 @@ import pytest
 import torch
 
 from engine.errors import InputError
+from engine.model.anatomy import decoder_layers, mlp_io
 from engine.model.memory_layers import FeaturalMemory
-from engine.model.surgery import (
-    convert,
-    decoder_layers,
-    memory_layers,
-    mlp_io,
-    student_spec,
-)
+from engine.model.surgery import convert, memory_layers, student_spec
 from engine.model.tiny import tiny_model
 
 NUM_LAYERS = 4

@@ -9,14 +9,15 @@ from pathlib import Path
 
 from textual.widgets import TabbedContent, Tree
 
-from engine.facade import Engine
+from engine.facade import STUDENT, TEACHER, Engine
 from engine.paths import config_path
+from engine.views import ModelNode
 from mindset.app import MindsetApp
 from mindset.config import load_config, read_theme_files, save_theme
 from mindset.screens.help import HelpScreen
 from mindset.widgets.commands import WorkbenchCommands
 from mindset.widgets.model_pane import ModelPane
-from tests.test_tui_support import APP_SIZE, make_app, mounted, wait_for
+from tests.test_tui_support import APP_SIZE, PaneHost, make_app, mounted, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,6 +118,51 @@ async def test_model_tree_shows_layers_heads_and_counts(tmp_path: Path) -> None:
         assert tree.root.data is not None and tree.root.data.params == total
 
 
+class FakeModels:
+    """The Model pane's protocol: a described teacher, no student yet."""
+
+    student_spec: str | None = None
+
+    def __init__(self, tree: ModelNode) -> None:
+        self.tree = tree
+        self.loads: list[str] = []
+
+    def spec_for(self, role: str) -> str | None:
+        return "runs/abc/teacher" if role == TEACHER else None
+
+    def model_error(self, role: str) -> str | None:
+        return None
+
+    def describe_model(self, role: str) -> ModelNode | None:
+        return self.tree if role == TEACHER else None
+
+    async def load_model(self, role: str) -> object:
+        self.loads.append(role)
+        return object()
+
+
+async def test_model_pane_renders_a_given_tree() -> None:
+    """The Model pane draws whatever ModelNode tree its protocol gives, counts made short."""
+    tree = ModelNode("teacher: fake", 1_500_000, "FakeLM", [
+        ModelNode("embeddings", 2048, "vocab 64"),
+        ModelNode("layer 0", 12_345, children=[ModelNode("mlp", 4096, "FeaturalMemory 32 slots")]),
+    ])
+    models = FakeModels(tree)
+    app = PaneHost(ModelPane(models, id="model-pane"))
+    async with app.run_test(size=APP_SIZE) as pilot:
+        teacher = app.query_one("#teacher-tree", Tree)
+        await wait_for(pilot, lambda: len(teacher.root.children) == 2)
+        assert str(teacher.root.label).startswith("teacher: fake  1.5M params")
+        labels = [str(node.label) for node in teacher.root.children]
+        assert labels == ["embeddings  2.0K  vocab 64", "layer 0  12.3K"]
+        assert str(teacher.root.children[1].children[0].label) == (
+            "mlp  4.1K  FeaturalMemory 32 slots")
+        student = app.query_one(f"#{STUDENT}-tree", Tree)
+        assert str(student.root.label) == "student: none yet"
+        await pilot.press("ctrl+l")  # no student to load: a warning, no load
+        assert models.loads == []
+
+
 async def test_missing_model_is_a_notification_not_a_crash(tmp_path: Path) -> None:
     app = make_app(engine_for(tmp_path, spec=str(tmp_path / "no-such-model")))
     async with app.run_test(size=APP_SIZE) as pilot:
@@ -138,34 +184,3 @@ def test_first_frame_needs_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=REPO, check=True)
     assert result.stdout.strip() == "[]"
-
-
-def test_web_serves_the_workbench_page(tmp_path: Path) -> None:
-    """``mindset --web`` answers with the textual-serve page for the workbench."""
-    import socket
-    import time
-
-    import httpx
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mindset.cli", "--web", "--port", str(port), "--model",
-         "tiny-llama"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        assert page.status_code == 200
-        assert "Mindset" in page.text
-    finally:
-        server.terminate()
-        server.wait(timeout=10)

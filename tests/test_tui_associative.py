@@ -72,7 +72,7 @@ async def test_chat_panel_lists_the_associative_entries_a_reply_used(student_dir
         await pilot.press(*"hi", "enter")
         await wait_for(pilot, lambda: not pane.workers and len(pane.conversation.path()) == 2)
         panel = str(app.query_one("#chat-memory", Static).render())
-        usage = engine.last_memory_usage(STUDENT)
+        usage = engine.chat.last_memory_usage(STUDENT)
         assert usage
         ids = set(table_ids(database))
         assert all(use.id in ids for use in usage)

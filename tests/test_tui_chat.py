@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +13,24 @@ from mindset.widgets.chat_pane import ChatPane, MessageBox
 from tests.test_tui_support import APP_SIZE, make_app, mounted, wait_for
 
 
-class CountingEngine(Engine):
-    """The real engine, counting the pieces each reply streams in."""
+def count_pieces(engine: Engine) -> list[int]:
+    """Make the real chat service count the pieces each reply streams in."""
+    pieces: list[int] = []
+    stream = engine.chat.stream_chat
 
-    pieces: list[int]
-
-    async def stream_chat(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def,override]
-        self.pieces.append(0)
-        async for piece in super().stream_chat(*args, **kwargs):
-            self.pieces[-1] += 1
+    async def counting(*args: Any, **kwargs: Any) -> AsyncIterator[str]:
+        pieces.append(0)
+        async for piece in stream(*args, **kwargs):
+            pieces[-1] += 1
             yield piece
+
+    engine.chat.stream_chat = counting  # type: ignore[method-assign]
+    return pieces
 
 
 async def test_streamed_reply_regenerate_and_branches(tmp_path: Path) -> None:
-    engine = CountingEngine("tiny-llama", database=tmp_path / "m.db", runs_root=tmp_path / "r")
-    engine.pieces = []
+    engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=tmp_path / "r")
+    pieces = count_pieces(engine)
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         await pilot.press("f5")
@@ -35,17 +39,17 @@ async def test_streamed_reply_regenerate_and_branches(tmp_path: Path) -> None:
         chat_input = app.query_one("#chat-input", Input)
         assert chat_input.has_focus
         await pilot.press(*"hello", "enter")
-        await wait_for(pilot, lambda: not pane.workers and len(engine.pieces) == 1)
+        await wait_for(pilot, lambda: not pane.workers and len(pieces) == 1)
         path = pane.conversation.path()
         assert [t.role for t in path] == ["user", "assistant"]
         assert path[0].content == "hello"
         reply = path[1].content
-        assert reply and engine.pieces[0] > 1  # many pieces, not one block
+        assert reply and pieces[0] > 1  # many pieces, not one block
         body = app.query(MessageBox).last().query_one(Markdown)
         assert body.source == reply  # the stream wrote the whole reply into the widget
 
         await pilot.press("ctrl+r")
-        await wait_for(pilot, lambda: not pane.workers and len(engine.pieces) == 2)
+        await wait_for(pilot, lambda: not pane.workers and len(pieces) == 2)
         assistant = pane.conversation.path()[1]
         assert assistant.position() == (2, 2)
         await pilot.press("alt+left")
@@ -57,7 +61,7 @@ async def test_streamed_reply_regenerate_and_branches(tmp_path: Path) -> None:
         assert chat_input.value == "hello"
         chat_input.value = "goodbye"
         await pilot.press("enter")
-        await wait_for(pilot, lambda: not pane.workers and len(engine.pieces) == 3)
+        await wait_for(pilot, lambda: not pane.workers and len(pieces) == 3)
         path = pane.conversation.path()
         assert path[0].content == "goodbye" and path[0].position() == (2, 2)
         assert path[1].content

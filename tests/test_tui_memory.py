@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,9 +11,17 @@ from textual.widgets import DataTable, Input
 
 from engine.facade import STUDENT, Engine
 from engine.memory import MemoryStore
+from engine.views import Availability, DeletedEntries, EntryView
 from mindset.screens.entry_edit import EntryEditScreen
 from mindset.widgets.memory_pane import MemoryPane
-from tests.test_tui_support import APP_SIZE, make_app, make_student, student_engine, wait_for
+from tests.test_tui_support import (
+    APP_SIZE,
+    PaneHost,
+    make_app,
+    make_student,
+    student_engine,
+    wait_for,
+)
 
 TABLE = "layer1_featural"
 
@@ -65,7 +74,9 @@ async def test_edit_delete_undo_reach_the_database(student_dir: Path, tmp_path: 
         assert sorted(after.tags) == ["edited", "geo"]
         np.testing.assert_allclose(after.value, 2 * before.value, rtol=1e-6)
         # The live student reads the edited slot too.
-        module = next(iter(engine._featural.values())).module
+        mirror = engine.memory.mirror(TABLE)
+        assert mirror is not None
+        module = mirror.module
         np.testing.assert_allclose(module.values[after.meta["slot"]].detach().numpy(),
                                    after.value, rtol=1e-6)
         await wait_for(pilot, lambda: any(r.label == "capital cities" for r in pane.rows))
@@ -120,7 +131,7 @@ async def test_corrupt_database_is_reported_not_raised(tmp_path: Path) -> None:
 
 
 async def test_save_student_keeps_featural_edits(tmp_path: Path) -> None:
-    from engine.model.student import load_student
+    from engine.model.loading import load_student
     from engine.model.surgery import memory_layers
 
     student_dir = make_student(tmp_path / "student")
@@ -165,3 +176,82 @@ async def test_save_student_without_a_student_says_so(tmp_path: Path) -> None:
         await app.query_one(MemoryPane).run_action("save_student")
         await wait_for(pilot, lambda: any("no student" in n.message
                                           for n in app._notifications))
+
+
+class FakeMemory:
+    """The Memory pane's protocol over a list of rows: what the pane shows is the point."""
+
+    def __init__(self, size: int) -> None:
+        self.rows = [EntryView(i, f"entry {i}", [], i % 3, "never", 1.0, ["tok"])
+                     for i in range(1, size + 1)]
+        self.deleted: list[int] = []
+
+    def availability(self) -> Availability:
+        return Availability(True)
+
+    async def table_names(self) -> list[str]:
+        return ["facts"]
+
+    async def table_stats(self, table: str) -> dict[str, Any]:
+        return {"rows": len(self.rows), "never_accessed": 0, "key_dim": 4, "value_dim": 8}
+
+    async def table_page(self, table: str, offset: int, limit: int) -> list[EntryView]:
+        return self.rows[offset:offset + limit]
+
+    async def find_entry(self, table: str, entry_id: int) -> list[EntryView]:
+        return [row for row in self.rows if row.id == entry_id]
+
+    async def search_text(self, table: str, text: str) -> list[EntryView]:
+        return [row for row in self.rows if text in row.label]
+
+    async def update_entry(self, table: str, entry_id: int, **changes: Any) -> None:
+        raise AssertionError("not edited in this test")
+
+    async def delete_entries(self, table: str, ids: list[int]) -> DeletedEntries:
+        gone = [row for row in self.rows if row.id in ids]
+        self.rows = [row for row in self.rows if row.id not in ids]
+        self.deleted.extend(ids)
+        return DeletedEntries(table, ids, np.zeros((len(ids), 4)), np.zeros((len(ids), 8)),
+                              [row.label for row in gone], [[] for _ in gone])
+
+    async def restore_entries(self, deleted: DeletedEntries) -> list[int]:
+        new_ids = [max(row.id for row in self.rows) + 1]
+        self.rows.append(EntryView(new_ids[0], str(deleted.labels[0]), [], 0, "never", 1.0))
+        return new_ids
+
+    async def insert_entry(self, table: str, *, label: str | None = None,
+                           text: str | None = None) -> int:
+        raise AssertionError("not inserted in this test")
+
+    async def evict(self, table: str) -> str:
+        return "evicted 0 entries"
+
+    async def recombine(self, table: str) -> str:
+        return "nothing to merge"
+
+    async def save_student(self) -> str:
+        return "/nowhere"
+
+
+async def test_pane_pages_and_undoes_against_its_protocol() -> None:
+    """The Memory pane needs only the MemoryAPI: pages, the page line, delete and undo."""
+    memory = FakeMemory(60)
+    app = PaneHost(MemoryPane(memory, id="memory-pane"))
+    async with app.run_test(size=APP_SIZE) as pilot:
+        pane = app.query_one(MemoryPane)
+        page = app.query_one("#memory-page")
+        await wait_for(pilot, lambda: len(pane.rows) == 50)
+        assert pane.table_name == "facts"
+        assert "rows 1-50 of 60" in str(page.render())
+        app.query_one("#memory-rows", DataTable).focus()
+        await pilot.press("n")
+        await wait_for(pilot, lambda: pane.rows and pane.rows[0].id == 51)
+        assert "rows 51-60 of 60" in str(page.render())
+        assert app.query_one("#memory-rows", DataTable).get_row("55")[1] == "entry 55"
+        await pilot.press("p")
+        await wait_for(pilot, lambda: pane.rows[0].id == 1)
+        await pilot.press("down", "x")
+        await wait_for(pilot, lambda: memory.deleted == [2])
+        await wait_for(pilot, lambda: [r.id for r in pane.rows[:2]] == [1, 3])
+        await pilot.press("u")
+        await wait_for(pilot, lambda: len(memory.rows) == 60 and not pane.undo_stack)

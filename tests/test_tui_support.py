@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from textual.app import App, ComposeResult
 from textual.widget import Widget
 
 from engine.facade import Engine
@@ -59,3 +60,15 @@ async def mounted(pilot: Any, app: MindsetApp, pane_type: type[T]) -> T:
     """A pane once it is mounted (the hidden tabs' panes are built after the first frame)."""
     await wait_for(pilot, lambda: any(p.is_mounted for p in app.query(pane_type)))
     return app.query_one(pane_type)
+
+
+class PaneHost(App[None]):
+    """A bare app showing one pane, for tests that drive a pane against a fake of its
+    protocol (mindset.protocols) rather than a real engine."""
+
+    def __init__(self, pane: Widget) -> None:
+        super().__init__()
+        self.pane = pane
+
+    def compose(self) -> ComposeResult:
+        yield self.pane

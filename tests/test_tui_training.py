@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from textual.widgets import Input, ProgressBar
+from textual.widgets import Input, Log, ProgressBar
 
 from engine.facade import Engine
+from engine.services.jobs import (
+    DoneEvent,
+    JobEvent,
+    ResumedEvent,
+    StateEvent,
+    StepEvent,
+    UnknownEvent,
+)
+from engine.views import Availability, JobRequest, JobView
 from mindset.widgets.training_pane import TrainingPane
-from tests.test_tui_support import APP_SIZE, make_app, mounted, wait_for
+from tests.test_tui_support import APP_SIZE, PaneHost, make_app, mounted, wait_for
 
 TINY_JOB = dict(block_size=32, batch_size=2, data_free_blocks=8, heldout_blocks=2)
 
@@ -17,7 +28,7 @@ TINY_JOB = dict(block_size=32, batch_size=2, data_free_blocks=8, heldout_blocks=
 async def test_launch_follow_finish_and_reappear(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=runs)
-    engine.job_overrides = dict(TINY_JOB)
+    engine.jobs.job_overrides = dict(TINY_JOB)
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         await pilot.press("f4")
@@ -64,7 +75,7 @@ async def test_quick_start_offer_launches_and_cancel_stops(tmp_path: Path) -> No
     from mindset.screens.quick_start import QuickStartScreen
 
     engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=tmp_path / "runs")
-    engine.job_overrides = dict(TINY_JOB)
+    engine.jobs.job_overrides = dict(TINY_JOB)
     app = MindsetApp(engine, config=WorkbenchConfig())
     async with app.run_test(size=APP_SIZE) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout=30)
@@ -77,3 +88,74 @@ async def test_quick_start_offer_launches_and_cancel_stops(tmp_path: Path) -> No
         app.query_one("#jobs-table").focus()
         await pilot.press("c")
         await wait_for(pilot, lambda: pane.jobs[0].state == "cancelled", timeout=90)
+
+
+def step(n: int, loss: float) -> StepEvent:
+    return StepEvent(step=n, total_steps=4, stage="e2e", loss=loss, grad_norm=0.5, lr=1e-3,
+                     tokens_per_s=100.0, eta_s=1.0, tokens_seen=64 * n, cpu_seconds=1.0,
+                     batch_hash=n, kl=loss)
+
+
+class FakeJobs:
+    """The job service as the pane sees it (mindset.protocols.JobsAPI): one job whose
+    events are released by the test, to check how the pane shows them."""
+
+    default_teacher = "tiny-llama"
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[JobEvent | None] = asyncio.Queue()
+        self.followed: list[str] = []
+
+    def availability(self) -> Availability:
+        return Availability(True)
+
+    def quick_start_request(self) -> JobRequest:
+        return JobRequest()
+
+    async def list_jobs(self) -> list[JobView]:
+        return [JobView(id="job-1", state="running", step=0, total_steps=4,
+                        teacher="tiny-llama", layers="1", memory="featural")]
+
+    async def launch_job(self, request: JobRequest) -> JobView:
+        raise AssertionError("not launched in this test")
+
+    async def follow_job(self, job_id: str) -> AsyncIterator[JobEvent]:
+        self.followed.append(job_id)
+        while (event := await self.events.get()) is not None:
+            yield event
+
+    async def control_job(self, job_id: str, command: str) -> None:
+        raise AssertionError("not controlled in this test")
+
+
+async def test_the_followed_jobs_events_arrive_as_messages() -> None:
+    jobs = FakeJobs()
+    pane = TrainingPane(jobs, id="training-pane")
+    app = PaneHost(pane)
+
+    def log() -> str:
+        return "\n".join(str(line) for line in app.query_one(Log).lines)
+
+    async with app.run_test(size=APP_SIZE) as pilot:
+        await wait_for(pilot, lambda: jobs.followed == ["job-1"], timeout=10)
+        for event in (StateEvent(state="running", step=0), step(1, 3.0), step(2, 2.5),
+                      ResumedEvent(from_step=1), step(2, 2.25), step(3, 2.0),
+                      UnknownEvent(type="weather", data={"sky": "clear"})):
+            await jobs.events.put(event)
+        await wait_for(pilot, lambda: "weather" in log(), timeout=10)  # the last one
+        # A resume repeats steps: the plot keeps the later loss.
+        assert pane.points == [(1, 3.0), (2, 2.25), (3, 2.0)]
+        bar = app.query_one(ProgressBar)
+        assert (bar.total, bar.progress) == (4, 3)
+        assert "state: running at step 0" in log() and "resumed: from_step 1" in log()
+        assert "weather: sky clear" in log()  # a newer worker's event type, shown as it is
+        await jobs.events.put(DoneEvent(
+            state="completed", teacher="tiny-llama", memory="featural", layers=[1],
+            steps_done=4, total_steps=4, tokens_seen=256, cpu_seconds=1.0, wall_seconds=2.0,
+            world_size=1, data="sampled", trainable_parameters=10, ppl_teacher=10.0,
+            ppl_student=11.0, ppl_zeroed=40.0, ppl_ratio=1.1, gap_closed=0.97,
+            kl_per_token=0.05, top1_agreement=0.9, heldout_tokens=62))
+        await wait_for(pilot, lambda: "done:" in log(), timeout=10)
+        assert bar.progress == 4
+        assert "done: ppl_teacher 10, ppl_student 11, gap_closed 0.97" in log()
+        await jobs.events.put(None)

@@ -17,45 +17,10 @@ from typing import Any
 from torch import nn
 
 from engine.errors import InputError
+from engine.model.anatomy import family_of, hidden_size, layer_mlps, mlp_io, set_mlp
 from engine.model.memory_layers.config import FeaturalConfig
 from engine.model.memory_layers.featural import FeaturalMemory
 from engine.model.memory_layers.init_featural import init_flat_from_mlp
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's transformer blocks (GPT-2: ``transformer.h``, Llama: ``model.layers``)."""
-    for path in ("transformer.h", "model.layers"):
-        module: Any = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise InputError(
-        f"{type(model).__name__} is not a supported architecture; give a GPT-2 or Llama model"
-    )
-
-
-def layer_mlps(model: nn.Module, layers: list[int]) -> dict[int, nn.Module]:
-    """The feed-forward module (or the memory module that replaced it) of each chosen layer."""
-    blocks = decoder_layers(model)
-    out: dict[int, nn.Module] = {}
-    for index in layers:
-        if not 0 <= index < len(blocks):
-            raise InputError(
-                f"unknown layer {index}: the model has {len(blocks)} layers (0..{len(blocks) - 1})"
-            )
-        mlp = blocks[index].mlp
-        assert isinstance(mlp, nn.Module)
-        out[index] = mlp
-    return out
-
-
-def layer_prefixes(model: nn.Module, layers: list[int]) -> list[str]:
-    """State-dict prefixes of the chosen layers' feed-forward modules."""
-    names = {id(module): name for name, module in model.named_modules()}
-    return [names[id(module)] + "." for module in layer_mlps(model, layers).values()]
 
 
 class DenseMLP(nn.Module):
@@ -101,7 +66,6 @@ def pruned_mlps(teacher: nn.Module, layers: list[int], width: int,
     """Each layer's MLP cut to its ``width`` most important neurons (measured on the
     calibration tokens when given, else from the weights)."""
     from engine.model.memory_layers.teacher_mlp import mlp_weights
-    from engine.model.surgery import family_of, mlp_io
 
     family = family_of(teacher)
     inputs = mlp_io(teacher, calibration, layers) if calibration is not None else {}
@@ -122,11 +86,6 @@ def pruned_mlps(teacher: nn.Module, layers: list[int], width: int,
     return out
 
 
-def hidden_size(model: nn.Module) -> int:
-    config: Any = model.config
-    return int(getattr(config, "hidden_size", None) or config.n_embd)
-
-
 def build_student(teacher: nn.Module, layers: list[int], kind: str, hparams: dict[str, Any],
                   *, calibration: Any = None, teacher_spec: str | None = None) -> nn.Module:
     """A student whose only trainable parameters are the replaced layers.
@@ -139,9 +98,8 @@ def build_student(teacher: nn.Module, layers: list[int], kind: str, hparams: dic
         layer_mlps(teacher, layers)  # checks the layer indexes first
         pruned = pruned_mlps(teacher, layers, width, calibration) if init == "mlp" else {}
         student = copy.deepcopy(teacher)
-        blocks = decoder_layers(student)
         for index in layers:
-            blocks[index].mlp = pruned.get(index) or DenseMLP(hidden_size(student), width)
+            set_mlp(student, index, pruned.get(index) or DenseMLP(hidden_size(student), width))
     else:
         from engine.model.surgery import convert
 
@@ -159,13 +117,3 @@ def freeze_all_but(student: nn.Module, layers: list[int]) -> None:
     for module in layer_mlps(student, layers).values():
         for parameter in module.parameters():
             parameter.requires_grad_(True)
-
-
-def zeroed_mlps_hooks(model: nn.Module, layers: list[int]) -> list[Any]:
-    """Forward hooks that make the chosen MLPs output zeros (remove the hooks to undo)."""
-    import torch
-
-    def zero(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        return torch.zeros_like(output)
-
-    return [module.register_forward_hook(zero) for module in layer_mlps(model, layers).values()]

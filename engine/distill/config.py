@@ -1,8 +1,16 @@
-"""The settings of one distillation run, stored as ``config.json`` in its run directory."""
+"""The settings of one distillation run, stored as ``config.json`` in its run directory.
+
+:meth:`DistillConfig.validate` checks the settings alone (types, ranges, finite numbers, the
+memory hyper-parameters' names and types); :meth:`DistillConfig.preflight` adds what the
+teacher's config tells without loading its weights (the layers exist, blocks fit its context,
+the run fits in RAM). Both run before a run directory is created, so a bad setting costs
+milliseconds and leaves nothing behind.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -11,6 +19,9 @@ from engine.errors import InputError
 
 MEMORY_KINDS = ("featural", "associative", "dense")
 SCHEDULES = ("cosine", "linear", "constant")
+MAX_STEPS = 10**9  # more is a typo: at a step per millisecond it would run for 11 days
+MAX_THREADS = 1024
+MAX_SEED = 2**32 - 1  # the block order multiplies the seed; torch seeds are 64-bit
 
 
 @dataclass
@@ -18,7 +29,7 @@ class DistillConfig:
     """Everything a run needs; a resumed run reads it back from its run directory."""
 
     teacher: str = "default"
-    layers: str = "all"  # "all", or indexes and ranges: "3", "1,4,7", "8-10"
+    layers: str = "all"  # a layer spec (engine.model.anatomy): "all", "middle", "1,4,7", "8-10"
     memory: str = "featural"  # featural | associative | dense (compute-matched control)
     hparams: dict[str, Any] = field(default_factory=dict)  # passed to the memory layers
     data: list[str] = field(default_factory=list)  # text files or folders; empty = data-free
@@ -50,6 +61,10 @@ class DistillConfig:
     threads: int = 0  # torch CPU threads per process; 0 = torch's default
 
     def validate(self) -> None:
+        self._check_types()
+        for name in ("teacher", "layers"):
+            if not getattr(self, name).strip():
+                raise InputError(f"{name} is empty; give a value (see `mindset distill --help`)")
         if self.memory not in MEMORY_KINDS:
             raise InputError(
                 f"unknown memory kind {self.memory!r}; give one of {', '.join(MEMORY_KINDS)}"
@@ -70,6 +85,15 @@ class DistillConfig:
         if min(self.local_steps, self.local_tokens, self.warmup_steps, self.threads) < 0:
             raise InputError(
                 "local_steps, local_tokens, warmup_steps and threads must not be negative")
+        for name in ("steps", "local_steps", "warmup_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) > MAX_STEPS:
+                raise InputError(f"{name}={getattr(self, name)} is more than {MAX_STEPS:,}; "
+                                 "give a realistic number of steps")
+        if self.threads > MAX_THREADS:
+            raise InputError(f"threads={self.threads} is more than {MAX_THREADS}; give at most "
+                             "the machine's core count (0 = torch's choice)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed={self.seed} must be within 0..{MAX_SEED}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise InputError(
                 f"heldout_fraction must be between 0 and 1 (got {self.heldout_fraction})"
@@ -80,6 +104,39 @@ class DistillConfig:
             raise InputError(f"value_lr must be positive (got {self.value_lr})")
         if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
             raise InputError("kl_weight and ce_weight must not be negative, and not both zero")
+        if self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise InputError("weight_decay must not be negative and min_lr_ratio must be "
+                             "within 0..1")
+        check_memory_hparams(self.memory, self.hparams)
+
+    def _check_types(self) -> None:
+        """Each field holds its type, numbers finite: a resumed run reads them from JSON, and
+        ``nan`` passes every comparison a range check makes."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            kind = str(item.type)
+            if kind == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind in ("float", "float | None"):
+                ok = (value is None and kind != "float") or (
+                    isinstance(value, int | float) and not isinstance(value, bool)
+                    and math.isfinite(value))
+            elif kind == "str":
+                ok = isinstance(value, str)
+            elif kind.startswith("list"):
+                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            else:
+                ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+            if not ok:
+                raise InputError(f"{item.name}={value!r} must be {TYPE_WORDS.get(kind, kind)}")
+
+    def preflight(self) -> None:
+        """:meth:`validate`, then the checks that need the teacher's config (read without its
+        weights): call it before creating anything for the run."""
+        self.validate()
+        from engine.distill.preflight import check_against_teacher
+
+        check_against_teacher(self)
 
     @property
     def total_steps(self) -> int:
@@ -94,6 +151,9 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
+        if not isinstance(data, dict):
+            raise InputError("a run's config.json must hold a JSON object; is this a run "
+                             "directory?")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -101,7 +161,7 @@ class DistillConfig:
         return cls(**data)
 
     def save(self, path: Path) -> None:
-        from engine.distill.checkpoints import atomic_write_text
+        from engine.distill.atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -111,42 +171,33 @@ class DistillConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InputError(f"{path} does not exist; is this a run directory?") from None
+        except NotADirectoryError:
+            raise InputError(f"{path.parent} is not a directory; give a run directory") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path} is not valid JSON ({exc})") from exc
+            raise InputError(f"{path} is not valid JSON ({' '.join(str(exc).split())})") from exc
         return cls.from_dict(data)
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """Layer indexes from "all", "3", "1,4,7" or "8-10" (negative indexes count from the end)."""
-    text = spec.strip().lower()
-    if text == "all":
-        return list(range(num_layers))
-    chosen: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                cut = part.index("-", 1)
-                low, high = int(part[:cut]), int(part[cut + 1 :])
-                indexes = list(range(low, high + 1))
-                if not indexes:
-                    raise InputError(f"empty layer range {part!r}; write it low-high")
-            else:
-                indexes = [int(part)]
-        except ValueError:
-            raise InputError(
-                f"bad layer list {spec!r}; write 'all', an index, a comma list or a range like 8-10"
-            ) from None
-        for index in indexes:
-            resolved = index + num_layers if index < 0 else index
-            if not 0 <= resolved < num_layers:
-                raise InputError(
-                    f"unknown layer {index}: the teacher has {num_layers} layers "
-                    f"(0..{num_layers - 1})"
-                )
-            chosen.add(resolved)
-    if not chosen:
-        raise InputError(f"no layers in {spec!r}; give 'all' or layer indexes")
-    return sorted(chosen)
+TYPE_WORDS = {"int": "an integer", "float": "a finite number",
+              "float | None": "a finite number (or null)", "str": "a string",
+              "list[str]": "a list of strings", "dict[str, Any]": "an object of settings"}
+
+
+def check_memory_hparams(memory: str, hparams: dict[str, Any]) -> None:
+    """The memory layers' settings: known names, right types (the sizes are checked against
+    the teacher in :mod:`engine.distill.preflight`)."""
+    if memory == "dense":
+        from engine.distill.build import dense_settings
+
+        dense_settings(hparams, 64)
+        return
+    from engine.model.memory_layers.config import check_hparams
+    from engine.model.surgery import INITS
+
+    options = dict(hparams)
+    init = options.pop("init", "mlp")
+    if init not in INITS:
+        raise InputError(f"init={init!r} is not an initialisation; use one of {', '.join(INITS)}")
+    check_hparams(memory, options)

@@ -1,9 +1,7 @@
-"""The run directory's files that other processes read: events, state and control.
+"""The run directory's files that other processes read: their names, state and control.
 
-* ``events.jsonl``: one JSON object per line, appended by the training process (rank 0):
-  ``{"type": "step" | "eval" | "state" | "resumed" | "error" | "done", "time": ..., ...}``.
-  Readers tolerate a torn last line (a process killed mid-write) and repeated steps after a
-  resume (the later line wins).
+* ``events.jsonl``: the job's event stream, written and read by
+  :mod:`engine.distill.job_events` (typed, versioned events) only.
 * ``state.json``: the run's current state, rewritten atomically: ``starting``, ``running``,
   ``paused``, ``cancelled``, ``completed`` or ``failed``, with the pid, step and last error.
 * ``control.json``: written by the job runner, polled by the loop every step:
@@ -21,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.distill.checkpoints import atomic_write_text
+from engine.distill.atomic import atomic_write_text
 
 EVENTS_NAME = "events.jsonl"
 STATE_NAME = "state.json"
@@ -45,75 +43,6 @@ def clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [clean(v) for v in value]
     return value
-
-
-class EventWriter:
-    """Appends events to ``events.jsonl``, one flushed line each."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / EVENTS_NAME
-        # A process killed mid-line leaves a torn last line: start on a fresh one.
-        if self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open("rb") as existing:
-                existing.seek(-1, os.SEEK_END)
-                torn = existing.read(1) != b"\n"
-        else:
-            torn = False
-        self.file = self.path.open("a", encoding="utf-8")
-        if torn:
-            self.file.write("\n")
-
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"type": kind, "time": time.time(), **clean(fields)}
-        self.file.write(json.dumps(event) + "\n")
-        self.file.flush()
-        return event
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def parse_event_lines(chunk: str) -> list[dict[str, Any]]:
-    events = []
-    for line in chunk.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn line from a killed process
-        if isinstance(event, dict):
-            events.append(event)
-    return events
-
-
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / EVENTS_NAME
-    if not path.exists():
-        return []
-    return parse_event_lines(path.read_text(encoding="utf-8", errors="replace"))
-
-
-class EventTail:
-    """Reads the complete lines appended to ``events.jsonl`` since the last call."""
-
-    def __init__(self, run_dir: Path, offset: int = 0) -> None:
-        self.path = run_dir / EVENTS_NAME
-        self.offset = offset
-
-    def poll(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as file:
-                file.seek(self.offset)
-                data = file.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n")
-        if end < 0:
-            return []
-        self.offset += end + 1
-        return parse_event_lines(data[: end + 1].decode("utf-8", errors="replace"))
 
 
 @dataclass

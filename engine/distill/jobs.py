@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.distill import events as ev
-from engine.distill.checkpoints import CHECKPOINT_NAME, atomic_write_text
+from engine.distill.atomic import atomic_write_text
+from engine.distill.checkpoints import CHECKPOINT_NAME
 from engine.distill.config import DistillConfig
+from engine.distill.job_events import EventTail, JobEvent
 from engine.errors import InputError
 from engine.processes import pid_exists
 
@@ -314,22 +316,31 @@ class JobRunner:
             await asyncio.sleep(poll)
 
     async def events(self, job_id: str, *, from_start: bool = True, follow: bool = True,
-                     poll: float = 0.25) -> AsyncIterator[dict[str, Any]]:
-        """The job's events as they are written; ends when the job's process has exited.
+                     poll: float = 0.25) -> AsyncIterator[JobEvent]:
+        """The job's typed events as they are written; ends when the job's process has exited
+        (after what it wrote just before exiting).
 
         ``from_start=False`` skips what was written before the call; ``follow=False`` yields
-        what is there now and stops.
+        what is there now and stops. Every read of the run directory happens in a worker
+        thread, so the caller's event loop (a UI's) never waits on the disk.
         """
-        run_dir = self.run_dir(job_id)
-        path = run_dir / ev.EVENTS_NAME
-        offset = 0 if from_start or not path.exists() else path.stat().st_size
-        tail = ev.EventTail(run_dir, offset)
+        def open_tail() -> EventTail:
+            path = self.run_dir(job_id) / ev.EVENTS_NAME
+            offset = 0 if from_start or not path.exists() else path.stat().st_size
+            return EventTail(path.parent, offset)
+
+        def read(tail: EventTail) -> tuple[bool, list[JobEvent]]:
+            alive = self.job(job_id).alive  # before the read: nothing written is missed
+            return alive, tail.poll()
+
+        tail = await asyncio.to_thread(open_tail)
         while True:
-            alive = self.job(job_id).alive
-            for event in tail.poll():
+            alive, batch = await asyncio.to_thread(read, tail)
+            last = not follow or not alive
+            if last:  # anything written just before the exit
+                batch += await asyncio.to_thread(tail.poll)
+            for event in batch:
                 yield event
-            if not follow or not alive:
-                for event in tail.poll():  # anything written just before the exit
-                    yield event
+            if last:
                 return
             await asyncio.sleep(poll)

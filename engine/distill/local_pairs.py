@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.distill.objective import capture_mlps
+from engine.model.anatomy import capture_mlps
 
 STORAGE_DTYPE = torch.bfloat16
 CAPTURE_BLOCKS_PER_PASS = 4  # blocks per teacher forward while capturing

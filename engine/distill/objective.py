@@ -5,7 +5,8 @@
   the student on the text itself.
 * Layer-local (an optional first stage): each replaced layer's output is matched to the
   teacher's MLP output on the teacher's own MLP input (teacher-forced), captured with forward
-  hooks. The layers train in parallel from one teacher forward pass and do not compound errors.
+  hooks (:func:`engine.model.anatomy.capture_mlps`). The layers train in parallel from one
+  teacher forward pass and do not compound errors.
 * Parameters: the memory value tables get their own learning rate (10x by default, as in
   Memory Layers at Scale); parameters whose gradients are sparse (values read with
   ``embedding_bag(sparse=True)``) are stepped by ``SparseAdam``, the rest by ``AdamW``.
@@ -14,9 +15,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,42 +44,6 @@ def ce_loss(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return F.cross_entropy(
         student_logits[:, :-1].float().reshape(-1, vocab), input_ids[:, 1:].reshape(-1)
     )
-
-
-@dataclass
-class Captured:
-    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-class StopForward(Exception):
-    """Raised by a capture hook once the last wanted layer ran: the rest is not needed."""
-
-
-@contextmanager
-def capture_mlps(mlps: dict[int, nn.Module], *, stop_early: bool = False) -> Iterator[Captured]:
-    """Record each chosen MLP's input and output during the forward passes inside the block.
-
-    With ``stop_early`` the forward pass is cut short (``StopForward``, swallowed here) right
-    after the last chosen MLP, which saves the layers above it in the layer-local stage.
-    """
-    captured = Captured()
-    handles = []
-    last = max(mlps) if mlps else -1
-    for index, module in mlps.items():
-        def hook(_module: nn.Module, inputs: Any, output: Any, index: int = index) -> None:
-            captured.inputs[index] = inputs[0].detach()
-            captured.outputs[index] = output.detach()
-            if stop_early and index == last:
-                raise StopForward
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield captured
-    except StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class LocalMatcher(nn.Module):

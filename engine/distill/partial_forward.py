@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.model.anatomy import decoder_layers, num_layers
+
 
 def supports_partial_forward(model: nn.Module) -> bool:
     inner = getattr(model, "model", None)
@@ -32,8 +34,7 @@ def capture_layer_input(model: nn.Module, start: int) -> Iterator[dict[str, torc
     """Inside the block, each forward of ``model`` records the hidden state entering layer
     ``start`` as ``captured["hidden"]``."""
     captured: dict[str, torch.Tensor] = {}
-    inner: Any = model.model
-    layer: nn.Module = inner.layers[start]
+    layer: nn.Module = decoder_layers(model)[start]
 
     def hook(_module: nn.Module, args: Any, kwargs: Any) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -56,7 +57,7 @@ def logits_from_layer(model: nn.Module, hidden: torch.Tensor, start: int) -> tor
     mask = create_causal_mask(config=inner.config, inputs_embeds=hidden, attention_mask=None,
                               cache=None, position_ids=positions)
     rotary = inner.rotary_emb(hidden, position_ids=positions)
-    for layer in inner.layers[start: inner.config.num_hidden_layers]:
+    for layer in decoder_layers(model)[start: num_layers(model)]:
         out = layer(hidden, attention_mask=mask, position_embeddings=rotary,
                     position_ids=positions, use_cache=False)
         hidden = out[0] if isinstance(out, tuple) else out

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.distill.build import zeroed_mlps_hooks
+from engine.model.anatomy import zeroed_mlps_hooks
 
 
 def next_token_nll(logits: torch.Tensor, blocks: torch.Tensor) -> tuple[float, int]:

@@ -24,6 +24,7 @@ from engine.llm.types import (
     StreamChunk,
     Usage,
     as_messages,
+    check_text,
     new_id,
 )
 
@@ -223,4 +224,4 @@ def _check_prompt(prompt: str) -> str:
 
     if not isinstance(prompt, str):
         raise InputError("the prompt must be a string")
-    return prompt
+    return check_text(prompt, "the prompt", param="prompt")

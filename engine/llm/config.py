@@ -8,7 +8,8 @@ The config file (``engine.paths.config_path()``, TOML)::
     base_url = "http://127.0.0.1:8000/v1"   # any OpenAI-compatible server
     api_key = "..."             # OPENAI_API_KEY takes precedence
 
-Adapter specs, as given to ``--model`` or :func:`build_adapter`:
+Adapter specs, as given to ``--model`` or :func:`build_adapter`, are ``<adapter>:<model>``
+for any adapter in :mod:`engine.llm.registry`; anything else is a local model spec:
 
 * ``default``, ``tiny-llama``, ``tiny-gpt2``, a model or student directory, or
   ``local:<any of those>``: the local adapter;
@@ -18,8 +19,6 @@ Adapter specs, as given to ``--model`` or :func:`build_adapter`:
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,9 @@ from engine.config_file import read_config_file
 from engine.errors import InputError
 from engine.llm.adapter import BaseAdapter
 from engine.llm.log import InteractionLog
-
-ADAPTER_KINDS = ("local", "openai")
-
-
-@dataclass
-class LLMConfig:
-    adapter: str = "local"
-    model: str | None = None
-    base_url: str | None = None
-    api_key: str | None = field(default=None, repr=False)
+from engine.llm.registry import adapter_entry, adapter_names, parse_spec
+from engine.llm.secrets import check_key
+from engine.llm.types import LLMConfig
 
 
 def read_llm_config(path: Path | None = None) -> LLMConfig:
@@ -56,9 +48,12 @@ def read_llm_config(path: Path | None = None) -> LLMConfig:
         if not isinstance(value, str):
             raise InputError(f"{path}: llm.{key} must be a string")
         setattr(config, key, value)
-    if config.adapter not in ADAPTER_KINDS:
+    if config.api_key is not None:  # "" is refused too: a key that is set must be a key
+        check_key(config.api_key, f"{path}: llm.api_key",
+                  hint="leave it out for a server that needs no key")
+    if config.adapter not in adapter_names():
         raise InputError(
-            f"{path}: llm.adapter is {config.adapter!r}; use one of {', '.join(ADAPTER_KINDS)}"
+            f"{path}: llm.adapter is {config.adapter!r}; use one of {', '.join(adapter_names())}"
         )
     return config
 
@@ -73,28 +68,5 @@ def build_adapter(spec: str | None = None, *, config: LLMConfig | None = None,
     """
     config = config or read_llm_config()
     interaction_log = InteractionLog() if log is True else (log or None)
-    kind, model = _parse_spec(spec, config)
-    if kind == "openai":
-        from engine.llm.openai_adapter import OpenAIAdapter
-
-        if not model:
-            raise InputError("no remote model named: give openai:<model> or set model under "
-                             "[llm] in the config file")
-        options.setdefault("base_url", config.base_url or os.environ.get("OPENAI_BASE_URL"))
-        options.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or config.api_key)
-        return OpenAIAdapter(model, log=interaction_log, **options)
-    from engine.llm.local import LocalAdapter
-
-    return LocalAdapter.from_spec(model or "default", log=interaction_log)
-
-
-def _parse_spec(spec: str | None, config: LLMConfig) -> tuple[str, str | None]:
-    if spec is None or not spec.strip():
-        return config.adapter, config.model
-    prefix, sep, rest = spec.partition(":")
-    if sep and prefix in ADAPTER_KINDS:
-        fallback = config.model if prefix == config.adapter else None
-        return prefix, rest or fallback
-    if spec in ADAPTER_KINDS:
-        return spec, config.model if spec == config.adapter else None
-    return "local", spec
+    name, model = parse_spec(spec, config)
+    return adapter_entry(name).factory(model, config=config, log=interaction_log, **options)

@@ -95,7 +95,8 @@ class LocalAdapter(BaseAdapter):
     # Streaming -----------------------------------------------------------------------------
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[StreamChunk, None]:
-        prompt_ids = self.encode(request)
+        # Off the event loop: a long prompt takes seconds to tokenise.
+        prompt_ids = await asyncio.to_thread(self.encode, request)
         request.usage = Usage(prompt_tokens=len(prompt_ids))
         if self._turn is None:
             self._turn = asyncio.Lock()  # FIFO: waiters acquire in arrival order

@@ -3,7 +3,8 @@
 One row per call: adapter, model, messages or prompt, parameters, response, token counts,
 latency, error, and a conversation id plus a parent id so branches of a dialogue are kept.
 Text search uses SQLite's FTS5 (LIKE where FTS5 is missing). Everything stored passes
-through :func:`engine.llm.secrets.redact` first, so API keys never reach the file.
+through :func:`engine.llm.secrets.redact` first, so API keys never reach the file. The
+file's layout is versioned and migrated at open (:mod:`engine.llm.log_schema`).
 """
 
 from __future__ import annotations
@@ -19,35 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import InputError, MindsetError
+from engine.llm.log_schema import FTS_SCHEMA, migrate
 from engine.llm.secrets import redact
 
 LOG_FILE_NAME = "interactions.sqlite"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS interactions (
-    id TEXT PRIMARY KEY,
-    conversation_id TEXT NOT NULL,
-    parent_id TEXT,
-    created_at TEXT NOT NULL,
-    adapter TEXT NOT NULL,
-    model TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    messages TEXT,
-    prompt TEXT,
-    params TEXT NOT NULL,
-    response TEXT NOT NULL,
-    finish_reason TEXT,
-    prompt_tokens INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0,
-    latency_s REAL,
-    ttft_s REAL,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS interactions_conversation
-    ON interactions (conversation_id, created_at);
-CREATE INDEX IF NOT EXISTS interactions_created ON interactions (created_at);
-"""
-_FTS_SCHEMA = "CREATE VIRTUAL TABLE IF NOT EXISTS interactions_fts USING fts5(id UNINDEXED, body)"
 
 
 @dataclass
@@ -95,9 +71,9 @@ class InteractionLog:
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.executescript(_SCHEMA)
+            migrate(db, self.path)
             try:
-                db.execute(_FTS_SCHEMA)
+                db.execute(FTS_SCHEMA)
                 self.has_fts = True
             except sqlite3.OperationalError:
                 self.has_fts = False

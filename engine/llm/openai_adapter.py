@@ -45,7 +45,8 @@ class OpenAIAdapter(BaseAdapter):
                     f"{config_path()}, or give base_url for a server that needs no key"
                 )
             key = "none"  # local servers usually ignore the key, but the client needs one
-        register_secret(key)
+        else:
+            register_secret(key, "the API key (given, OPENAI_API_KEY or api_key under [llm])")
         # The key lives only inside the client; it is never an attribute of the adapter.
         self._client = AsyncOpenAI(api_key=key, base_url=base_url, max_retries=max_retries,
                                    timeout=timeout_s)

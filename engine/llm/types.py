@@ -1,4 +1,5 @@
-"""The values every LLM adapter speaks: messages, sampling parameters, chunks and completions."""
+"""The values every LLM adapter speaks: messages, sampling parameters, chunks and completions,
+and the ``[llm]`` settings adapters are built from."""
 
 from __future__ import annotations
 
@@ -45,10 +46,27 @@ def as_messages(messages: Iterable[MessageLike]) -> list[ChatMessage]:
             )
         if not isinstance(content, str):
             raise InputError(f"message {index} has no text content; give a string")
+        check_text(content, f"message {index}", param=f"messages.{index}.content")
         result.append(ChatMessage(str(role), content))
     if not result:
         raise InputError("no messages given; a chat needs at least one message")
     return result
+
+
+# Below these, sampling divides logits into infinities (a NaN distribution): 1e-45 is
+# refused, not clamped, so that a typo is seen rather than silently made greedy.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 2.0
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 10.0
+
+
+class ParameterError(InputError):
+    """A bad value for one named request parameter (the server reports ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -64,21 +82,32 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> SamplingParams:
-        """Return self, or raise :class:`InputError` naming the bad parameter."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InputError(f"max_tokens must be a whole number >= 1, not {self.max_tokens!r}")
-        if not _finite(self.temperature) or not 0 <= self.temperature <= 2:
-            raise InputError(f"temperature must be between 0 and 2, not {self.temperature!r}")
+        """Return self, or raise :class:`ParameterError` naming the bad parameter."""
+        if not _whole(self.max_tokens) or self.max_tokens < 1:
+            raise ParameterError("max_tokens", "max_tokens must be a whole number >= 1, not "
+                                 f"{self.max_tokens!r}")
+        temperature = self.temperature
+        if not _finite(temperature) or not (
+                temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+            raise ParameterError("temperature", "temperature must be 0 (greedy) or between "
+                                 f"{MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, not "
+                                 f"{temperature!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], not {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InputError(f"top_k must be a whole number >= 0, not {self.top_k!r}")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise InputError(
-                f"repetition_penalty must be > 0, not {self.repetition_penalty!r}"
-            )
+            raise ParameterError("top_p", f"top_p must be in (0, 1], not {self.top_p!r}")
+        if not _whole(self.top_k) or self.top_k < 0:
+            raise ParameterError("top_k", f"top_k must be a whole number >= 0, not "
+                                 f"{self.top_k!r}")
+        penalty = self.repetition_penalty
+        if not _finite(penalty) or not MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY:
+            raise ParameterError("repetition_penalty", "repetition_penalty must be between "
+                                 f"{MIN_REPETITION_PENALTY:g} and {MAX_REPETITION_PENALTY:g} "
+                                 f"(1 means none), not {penalty!r}")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
-            raise InputError("stop takes at most 4 non-empty strings")
+            raise ParameterError("stop", "stop takes at most 4 non-empty strings")
+        for stop in self.stop:
+            check_text(stop, "a stop string", param="stop")
+        if self.seed is not None and not _whole(self.seed):
+            raise ParameterError("seed", f"seed must be a whole number, not {self.seed!r}")
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,7 +115,29 @@ class SamplingParams:
 
 
 def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_text(text: str, what: str, *, param: str | None = None) -> str:
+    """Return ``text``, or raise when it cannot be encoded as UTF-8: a lone surrogate
+    (``"\\ud800"`` in JSON) or an undecodable byte smuggled in by ``surrogateescape``
+    (a command-line argument that is not UTF-8). Tokenizers and SQLite fail on both."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        found = (f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF
+                 else f"a lone surrogate U+{char:04X}")
+        message = f"{what} is not valid UTF-8 text ({found} at character {exc.start})"
+        if param is not None:
+            raise ParameterError(param, message) from None
+        raise InputError(message) from None
+    return text
 
 
 @dataclass
@@ -128,3 +179,17 @@ class Completion:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+# Specs with no adapter prefix, and configs that name none, go to this adapter.
+DEFAULT_ADAPTER = "local"
+
+
+@dataclass
+class LLMConfig:
+    """The ``[llm]`` table of the config file (see :mod:`engine.llm.config`)."""
+
+    adapter: str = DEFAULT_ADAPTER
+    model: str | None = None
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)

@@ -3,12 +3,16 @@
 Every index maps faiss labels to row ids. Exact and IVF-PQ indexes carry row ids directly and
 really remove deleted entries. HNSW graphs cannot drop nodes, so removed entries are masked
 out of every search by a bitmap selector and the graph is rebuilt once a quarter of it is dead.
+
+Slow-to-build indexes can be written to files (``parts``) and loaded back; loading checks the
+file's kind, dimension and row ids against the rows and raises :class:`SavedIndexError` for
+anything it cannot use (``engine.memory.index_files`` then rebuilds from the rows).
 """
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,16 @@ HNSW_MAX_DEAD_FRACTION = 0.25
 IVF_TRAIN_MIN_ROWS = 20_000
 IVF_RETRAIN_GROWTH = 4
 IVF_CANDIDATE_FACTOR = 4  # IVF-PQ returns k * this candidates, re-ranked on exact keys
+
+
+class SavedIndexError(Exception):
+    """A saved index file that cannot be used: unreadable, or not built from these rows.
+
+    ``part``: which of the index's files (see :attr:`AnnIndex.parts`) is at fault."""
+
+    def __init__(self, message: str, part: str = ".faiss") -> None:
+        super().__init__(message)
+        self.part = part
 
 
 def check_kind(kind: str) -> str:
@@ -72,11 +86,20 @@ class AnnIndex:
         return {"kind": self.kind, "ntotal": self.ntotal}
 
     # Saving is only worth it for indexes that are slow to build (HNSW, trained IVF-PQ).
-    def save(self, path: Path) -> bool:
-        return False
+    # ``parts``: the suffixes of the files a saved index of this kind consists of.
+    parts: tuple[str, ...] = ()
 
-    def load(self, path: Path) -> bool:
-        return False
+    def saved_parts(self) -> tuple[str, ...]:
+        """The parts worth saving now (none: this index is quick to rebuild)."""
+        return ()
+
+    def write_part(self, part: str, path: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, paths: dict[str, Path], ids: Int64Array) -> None:
+        """Replace this index by the saved one in ``paths`` (one file per part), which must
+        index exactly ``ids`` (sorted); raises :class:`SavedIndexError` otherwise."""
+        raise SavedIndexError(f"{self.kind} indexes are not saved")
 
 
 class FlatIndex(AnnIndex):
@@ -159,22 +182,33 @@ class HnswIndex(AnnIndex):
             "ef_search": self.ef_search,
         }
 
-    def save(self, path: Path) -> bool:
-        faiss.write_index(self.index, str(path))
-        np.save(path.with_suffix(".slots.npy"), self.slot_ids)
-        return True
+    parts = (".faiss", ".slots.npy")
 
-    def load(self, path: Path) -> bool:
-        slots_path = path.with_suffix(".slots.npy")
-        if not path.exists() or not slots_path.exists():
-            return False
-        index = faiss.read_index(str(path))
-        slot_ids = np.load(slots_path)
-        if index.ntotal != len(slot_ids) or index.d != self.dim:
-            return False
+    def saved_parts(self) -> tuple[str, ...]:
+        return self.parts
+
+    def write_part(self, part: str, path: Path) -> None:
+        if part == ".faiss":
+            faiss.write_index(self.index, str(path))
+        else:
+            with path.open("wb") as file:
+                np.save(file, self.slot_ids, allow_pickle=False)
+
+    def load(self, paths: dict[str, Path], ids: Int64Array) -> None:
+        index = read_faiss(paths[".faiss"], faiss.IndexHNSWFlat, "HNSW", self.dim)
+        try:
+            slot_ids = np.load(paths[".slots.npy"], allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise SavedIndexError(f"numpy cannot read it ({exc})", ".slots.npy") from exc
+        if slot_ids.dtype != np.int64 or slot_ids.ndim != 1:
+            raise SavedIndexError(
+                f"it holds {slot_ids.dtype} {slot_ids.shape}, not int64 slot ids", ".slots.npy"
+            )
+        if len(slot_ids) != index.ntotal:
+            raise SavedIndexError(f"it has {index.ntotal} vectors but {len(slot_ids)} slot ids")
+        check_ids(np.sort(slot_ids[slot_ids >= 0]), ids, ".slots.npy")
         self.index, self.slot_ids = index, slot_ids
         self.dead = int((slot_ids < 0).sum())
-        return True
 
 
 # faiss asks for 39 training points per centroid; its PQ codebooks have 256 centroids.
@@ -263,24 +297,64 @@ class IvfPqIndex(AnnIndex):
         if self.index is not None:
             self.index.nprobe = nprobe
 
-    def save(self, path: Path) -> bool:
-        if self.index is None:
-            return False
-        faiss.write_index(self.index, str(path))
-        return True
+    parts = (".faiss",)
 
-    def load(self, path: Path) -> bool:
-        if not path.exists():
-            return False
-        index: Any = faiss.downcast_index(faiss.read_index(str(path)))
-        if index.d != self.dim:
-            return False
+    def saved_parts(self) -> tuple[str, ...]:
+        return self.parts if self.index is not None else ()
+
+    def write_part(self, part: str, path: Path) -> None:
+        faiss.write_index(self.index, str(path))
+
+    def load(self, paths: dict[str, Path], ids: Int64Array) -> None:
+        index: Any = read_faiss(paths[".faiss"], faiss.IndexIVFPQ, "IVF-PQ", self.dim)
+        if not index.is_trained or index.nlist < 1:
+            raise SavedIndexError("it is an untrained IVF-PQ index")
+        if index.ntotal != len(ids):
+            raise SavedIndexError(f"it has {index.ntotal} vectors for {len(ids)} rows")
+        check_ids(np.sort(_ivf_ids(index)), ids)
         if self.nprobe_override:
             index.nprobe = self.nprobe_override
         self.index, self.exact = index, None
         self.candidate_factor = IVF_CANDIDATE_FACTOR
         self.trained_rows = int(index.ntotal)
-        return True
+
+
+def read_faiss(path: Path, expected: type, label: str, dim: int) -> Any:
+    """Read a faiss index file (never pickle) that must hold a ``label`` index of ``dim``."""
+    try:
+        # read_index returns the concrete class, owning it (downcast_index here would wrap a
+        # temporary that frees the index when it goes).
+        index: Any = faiss.read_index(str(path))
+    except Exception as exc:  # faiss raises RuntimeError with a multi-line C++ message
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        where = re.search(r" at \S+:\d+: (.*)$", text)  # drop faiss's C++ function and file
+        detail = (where[1] if where else text)[:200]
+        raise SavedIndexError(f"faiss cannot read it ({detail})") from exc
+    if not isinstance(index, expected):
+        raise SavedIndexError(f"it holds a faiss {type(index).__name__}, not an {label} index")
+    if index.d != dim:
+        raise SavedIndexError(f"its vectors have dimension {index.d}, this table's {dim}")
+    if index.metric_type != faiss.METRIC_L2:
+        raise SavedIndexError(f"it uses metric {index.metric_type}, not L2")
+    return index
+
+
+def check_ids(saved: Int64Array, ids: Int64Array, part: str = ".faiss") -> None:
+    """The (sorted) row ids a saved index holds must be exactly the table's (sorted) ids."""
+    if len(saved) != len(ids):
+        raise SavedIndexError(f"it holds {len(saved)} entries for {len(ids)} rows", part)
+    if not np.array_equal(saved, ids):
+        raise SavedIndexError("its entries are not the table's row ids", part)
+
+
+def _ivf_ids(index: Any) -> Int64Array:
+    lists = index.invlists
+    chunks = [np.zeros(0, dtype=np.int64)]
+    for number in range(index.nlist):
+        size = lists.list_size(number)
+        if size:
+            chunks.append(faiss.rev_swig_ptr(lists.get_ids(number), size).copy())
+    return np.concatenate(chunks).astype(np.int64)
 
 
 def _pq_subquantizers(dim: int) -> int:
@@ -299,15 +373,3 @@ def make_index(kind: str, dim: int) -> AnnIndex:
     if kind == "hnsw":
         return HnswIndex(dim)
     return IvfPqIndex(dim)
-
-
-def write_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:
-    path.write_text(json.dumps(fingerprint))
-
-
-def read_fingerprint(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

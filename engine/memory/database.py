@@ -36,14 +36,6 @@ def resolve_url(url_or_path: str | Path) -> str:
     )
 
 
-def async_url(sync_url: str) -> str:
-    """The async-driver twin of a resolved sync URL (aiosqlite / psycopg async)."""
-    url = make_url(sync_url)
-    if url.get_backend_name() == "sqlite":
-        return str(url.set(drivername="sqlite+aiosqlite"))
-    return url.render_as_string(hide_password=False)  # psycopg 3 serves both sync and async
-
-
 def sqlite_path(url: str) -> Path | None:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database:

@@ -1,7 +1,4 @@
-"""Browsing rows in SQL: paging and filtering by id range, tags, label text, access counts.
-
-Shared by the synchronous table and the async API: statement builders plus row decoding.
-"""
+"""Browsing rows in SQL: paging and filtering by id range, tags, label text, access counts."""
 
 from __future__ import annotations
 

@@ -97,6 +97,17 @@ def provenance_column(provenance: str | Sequence[str | None] | None, rows: int) 
     return per_row(provenance, rows, "provenance", None, shared=isinstance(provenance, str))
 
 
+def select_rows(value: Any, mask: np.ndarray, name: str) -> Any:
+    """Keep per-row option entries where ``mask`` is set; shared values pass through."""
+    if value is None or isinstance(value, str | dict):
+        return value
+    if name == "tags" and (len(value) == 0 or isinstance(value[0], str)):
+        return value
+    if len(value) != len(mask):
+        raise InputError(f"{name} has {len(value)} entries for {len(mask)} rows")
+    return [item for item, keep in zip(value, mask.tolist(), strict=True) if keep]
+
+
 def empty_result(batch: int, k: int, key_dim: int, value_dim: int) -> QueryResult:
     return QueryResult(
         ids=np.full((batch, k), -1, dtype=np.int64),

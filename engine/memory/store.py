@@ -22,13 +22,12 @@ from engine.memory.database import (
     sqlite_path,
     write_transaction,
 )
+from engine.memory.index_files import remove_saved
 from engine.memory.lrfu import check_lambda
-from engine.memory.schema import MemoryEntry, MemoryTableRow, MemoryTombstone
-from engine.memory.table import MemoryTable, _check_capacity, _check_fraction
+from engine.memory.policy import check_capacity, check_fraction
+from engine.memory.statements import ENTRY, TABLES, TOMBSTONES
+from engine.memory.table import MemoryTable
 
-TABLES = MemoryTableRow.__table__  # type: ignore[attr-defined]
-ENTRY = MemoryEntry.__table__  # type: ignore[attr-defined]
-TOMBSTONES = MemoryTombstone.__table__  # type: ignore[attr-defined]
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_DIM = 65_536
 
@@ -90,9 +89,9 @@ class MemoryStore:
             if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
                 raise InputError(f"{what} must be an integer between 1 and {MAX_DIM}, got {dim!r}")
         check_kind(index)
-        capacity = _check_capacity(capacity)
+        capacity = check_capacity(capacity)
         lrfu_lambda = check_lambda(lrfu_lambda)
-        evict_fraction = _check_fraction(evict_fraction)
+        evict_fraction = check_fraction(evict_fraction)
         with self._lock:
             existing = self._table_row(name)
             if existing is not None:
@@ -164,9 +163,7 @@ class MemoryStore:
             table = self._tables.pop(name, None)
             if table is not None:
                 table._closed = True
-            if self.index_dir is not None:
-                for path in self.index_dir.glob(f"table-{row['id']}.*"):
-                    path.unlink(missing_ok=True)
+            remove_saved(self.index_dir, row["id"])
 
     def flush(self) -> None:
         """Write every table's pending access statistics."""

@@ -8,6 +8,10 @@ Specs:
 * a path to a local Hugging Face causal-LM directory of the GPT-2 or Llama family, or to a
   Mindset student directory;
 * ``tiny-gpt2`` / ``tiny-llama``: tiny randomly initialised models for tests.
+
+Weights are read from safetensors only: a directory holding pickled weights alone
+(``pytorch_model.bin``) is refused, and one holding both loads the safetensors, so loading a
+model never runs code a file brought with it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,22 @@ from typing import Any
 
 from engine.errors import ModelLoadError
 from engine.model import default_model
-from engine.model.tiny import byte_level_tokenizer, tiny_model
+from engine.model.anatomy import num_layers
+from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits
+from engine.model.model_files import (
+    BUILTIN_SPECS,
+    TINY_SPECS,
+    check_spec_text,
+    is_student_dir,
+    model_directory,
+    model_parameters,
+    read_config,
+    safetensors_files,
+)
+from engine.model.tiny import byte_level_tokenizer, tiny_config, tiny_model
 
-SUPPORTED_FAMILIES = ("gpt2", "llama")
-TINY_SPECS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
-BUILTIN_SPECS = ("default", *TINY_SPECS)
+__all__ = ["BUILTIN_SPECS", "TINY_SPECS", "LoadedModel", "load_model", "model_config",
+           "model_directory", "read_model_type"]
 
 
 @dataclass
@@ -40,7 +55,7 @@ class LoadedModel:
 
     @property
     def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        return num_layers(self.model)
 
 
 # Building a model is not thread-safe: tiny models seed and draw from torch's process-wide
@@ -61,6 +76,7 @@ def _load_model(spec: str, *, dtype: Any = None) -> LoadedModel:
     import torch
 
     dtype = dtype or torch.float32
+    check_spec_text(spec)
     if spec in TINY_SPECS:
         family = TINY_SPECS[spec]
         model = tiny_model(family).to(dtype)
@@ -70,54 +86,57 @@ def _load_model(spec: str, *, dtype: Any = None) -> LoadedModel:
         loaded = load_directory(directory, dtype=dtype)
         loaded.spec = "default"
         return loaded
-    path = Path(spec).expanduser()
-    if not path.exists():
-        builtins = ", ".join(BUILTIN_SPECS)
-        hint = "a local model directory" if ("/" in spec or spec.startswith(".")) else "a path"
-        raise ModelLoadError(
-            f"unknown model {spec!r}: not a built-in spec ({builtins}) and no such path; "
-            f"give one of the built-ins or {hint} that exists"
-        )
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is a file; give the Hugging Face model directory holding it")
-    from engine.model.student import is_student_dir, load_student
-
+    path = model_directory(spec)
     if is_student_dir(path):
-        student: LoadedModel = load_student(path, dtype=dtype)
-        return student
+        return load_student(path, dtype=dtype)
     return load_directory(path, dtype=dtype)
 
 
+def model_config(spec: str) -> Any:
+    """The config of the model ``spec`` names, read without loading (or converting) weights:
+    enough for :mod:`engine.model.anatomy` to tell its family, sizes and layers."""
+    check_spec_text(spec)
+    if spec in TINY_SPECS:
+        return tiny_config(TINY_SPECS[spec])
+    if spec == "default":
+        converted = default_model.converted_dir() / "config.json"
+        if converted.is_file():
+            return json.loads(converted.read_text(encoding="utf-8"))
+        from transformers import AutoConfig
+
+        gguf = default_model.gguf_path()
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return read_config(model_directory(spec))
+
+
+def load_student(directory: Path | str, *, dtype: Any = None) -> LoadedModel:
+    """A student directory (see :mod:`engine.model.student`) with its tokenizer."""
+    from engine.model.student import load_student_model, load_tokenizer, read_spec
+
+    directory = Path(directory).expanduser().resolve()
+    model = load_student_model(directory, dtype=dtype)
+    spec = read_spec(directory)
+    tokenizer = load_tokenizer(directory, spec)
+    info = {"student": spec.as_dict()}
+    return LoadedModel(model, tokenizer, str(directory), spec.family, source=directory, info=info)
+
+
 def read_model_type(directory: Path) -> str:
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(
-            f"{directory} has no config.json; give a Hugging Face causal-LM directory "
-            "(config.json, weights and tokenizer files)"
-        )
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(
-            f"{config_file} is not valid JSON ({exc}); re-create the model"
-        ) from exc
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_FAMILIES:
-        raise ModelLoadError(
-            f"{directory} holds a {model_type!r} model; supported families: "
-            f"{', '.join(SUPPORTED_FAMILIES)}"
-        )
-    return str(model_type)
+    """The family of a model directory, its config checked (see :func:`read_config`)."""
+    return str(read_config(directory)["model_type"])
+
+
+def one_line(exc: BaseException) -> str:
+    """A library's exception text on one line (some span a dozen)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def check_weight_files(directory: Path) -> None:
-    """Fail early, with a clear message, on missing or unreadable safetensors files."""
+    """Fail early, with a clear message, on missing, pickled-only or unreadable weights."""
     from safetensors import safe_open
 
-    weights = sorted(directory.glob("*.safetensors"))
-    if not weights and not any(directory.glob("*.bin")):
-        raise ModelLoadError(f"{directory} has no weight files (*.safetensors or *.bin)")
-    for weight_file in weights:
+    for weight_file in safetensors_files(directory):
         try:
             with safe_open(str(weight_file), framework="pt") as handle:
                 keys = list(handle.keys())
@@ -137,12 +156,18 @@ def load_directory(directory: Path, *, dtype: Any = None) -> LoadedModel:
 
     dtype = dtype or torch.float32
     directory = directory.resolve()
-    family = read_model_type(directory)
+    config = read_config(directory)
+    check_fits(model_parameters(config) * BYTES_PER_PARAMETER,
+               f"the model in {directory} ({model_parameters(config):,} parameters)",
+               "check its config.json")
     check_weight_files(directory)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+        # use_safetensors=True: never fall back to a pickled pytorch_model.bin beside them.
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
+                                                     use_safetensors=True)
     except Exception as exc:
-        raise ModelLoadError(f"could not load the model in {directory}: {exc}") from exc
+        raise ModelLoadError(f"could not load the model in {directory} ({one_line(exc)}); "
+                             "re-download or re-convert it") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except Exception as exc:
@@ -151,4 +176,5 @@ def load_directory(directory: Path, *, dtype: Any = None) -> LoadedModel:
             "save the tokenizer beside the model"
         ) from exc
     model.eval()
-    return LoadedModel(model, tokenizer, str(directory), family, source=directory)
+    return LoadedModel(model, tokenizer, str(directory), str(config["model_type"]),
+                       source=directory)

@@ -10,12 +10,16 @@ Layout::
 
 Saving writes into a temporary directory beside the target and renames it into place, so an
 interrupted save never leaves half a student where a good one was.
+
+Loading reads JSON, safetensors (with plain file reads, see below) and the memory store's
+SQLite tables only; nothing in a student directory is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import struct
 import uuid
 from pathlib import Path
@@ -24,7 +28,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.errors import InputError, ModelLoadError
+from engine.errors import InputError, MindsetError, ModelLoadError
+from engine.model.anatomy import decoder_layers, mlp_size, mlp_size_field
+from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits
+from engine.model.model_files import (
+    FAMILIES,
+    STUDENT_FILE,
+    is_student_dir,
+    model_parameters,
+    read_config,
+)
+from engine.model.model_files import STUDENT_WEIGHTS as WEIGHTS_FILE
 from engine.model.surgery import (
     StudentSpec,
     attach_memory_layers,
@@ -33,13 +47,9 @@ from engine.model.surgery import (
     unwrap,
 )
 
-STUDENT_FILE = "mindset_student.json"
-WEIGHTS_FILE = "model.safetensors"
 MEMORY_DIR = "memory"
-
-
-def is_student_dir(path: Path | str) -> bool:
-    return (Path(path) / STUDENT_FILE).is_file()
+__all__ = ["MEMORY_DIR", "STUDENT_FILE", "WEIGHTS_FILE", "is_student_dir", "load_student_model",
+           "read_spec", "save_student"]
 
 
 def save_student(model: Any, directory: Path | str, tokenizer: Any = None) -> Path:
@@ -89,13 +99,33 @@ def save_student(model: Any, directory: Path | str, tokenizer: Any = None) -> Pa
     return final
 
 
+# The types a spec's fields must have; a hand-edited file could hold anything.
+SPEC_TYPES: dict[str, type | tuple[type, ...]] = {
+    "teacher": str, "family": str, "layers": list, "kind": str, "hparams": dict, "init": str,
+    "notes": dict,
+}
+
+
 def read_spec(directory: Path) -> StudentSpec:
+    path = directory / STUDENT_FILE
     try:
-        data = json.loads((directory / STUDENT_FILE).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ModelLoadError(f"{path} is unreadable ({reason}); re-save the student") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object; re-save the student")
+    for name, kind in SPEC_TYPES.items():
+        if name in data and not isinstance(data[name], kind):
+            raise ModelLoadError(f"{path}: {name}={data[name]!r} has the wrong type; re-save "
+                                 "the student")
+    if data.get("family") not in FAMILIES:
+        raise ModelLoadError(f"{path}: family={data.get('family')!r} is not one of "
+                             f"{', '.join(FAMILIES)}; re-save the student")
+    try:
         return StudentSpec.from_dict(data)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
-        raise ModelLoadError(f"{directory / STUDENT_FILE} is unreadable ({exc}); re-save the "
-                             "student") from exc
+    except TypeError as exc:  # a required field is missing
+        raise ModelLoadError(f"{path} is incomplete ({exc}); re-save the student") from exc
 
 
 def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
@@ -108,6 +138,10 @@ def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
     if not is_student_dir(directory):
         raise ModelLoadError(f"{directory} is not a student directory (no {STUDENT_FILE})")
     spec = read_spec(directory)
+    # Sizes checked before transformers builds anything from them.
+    parameters = model_parameters(read_config(directory))
+    check_fits(parameters * BYTES_PER_PARAMETER,
+               f"the student in {directory} ({parameters:,} parameters)", "check its config.json")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(f"{weights} is missing; re-save the student")
@@ -119,7 +153,8 @@ def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
             config = AutoConfig.from_pretrained(str(directory))
             model = build_skeleton(config, spec, AutoModelForCausalLM)
         except Exception as exc:
-            raise ModelLoadError(f"{directory}/config.json cannot be used ({exc})") from exc
+            reason = " ".join(str(exc).split())[:300]
+            raise ModelLoadError(f"{directory}/config.json cannot be used ({reason})") from exc
         try:
             attach_memory_layers(model, spec)
         except InputError as exc:
@@ -135,7 +170,16 @@ def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
     for layer, memory in memory_layers(model).items():
         load_tables = getattr(memory, "load_tables", None)
         if load_tables is not None:
-            load_tables(directory / MEMORY_DIR, f"layer{layer}")
+            try:
+                load_tables(directory / MEMORY_DIR, f"layer{layer}")
+            except MindsetError as exc:
+                raise ModelLoadError(f"the memory of layer {layer} in {directory / MEMORY_DIR} "
+                                     f"does not load ({exc}); re-save the student") from exc
+            except (OSError, ValueError, sqlite3.Error) as exc:
+                raise ModelLoadError(f"the memory of layer {layer} in {directory / MEMORY_DIR} "
+                                     f"does not load ({type(exc).__name__}: "
+                                     f"{' '.join(str(exc).split())}); re-save the student"
+                                     ) from exc
     model.to(dtype or torch.float32)
     model.eval()
     return model
@@ -150,10 +194,8 @@ def build_skeleton(config: Any, spec: StudentSpec, auto_class: Any) -> Any:
     """
     import copy
 
-    from engine.model.surgery import decoder_layers
-
     config = copy.deepcopy(config)
-    width_field = "n_inner" if spec.family == "gpt2" else "intermediate_size"
+    width_field = mlp_size_field(spec.family)
     width = getattr(config, width_field)
     setattr(config, width_field, 1)
     model = auto_class.from_config(config)
@@ -165,26 +207,14 @@ def build_skeleton(config: Any, spec: StudentSpec, auto_class: Any) -> Any:
             continue
         mlp_class = type(block.mlp)
         if spec.family == "gpt2":
-            inner = config.n_inner if config.n_inner is not None else 4 * config.hidden_size
-            block.mlp = mlp_class(inner, config)
+            block.mlp = mlp_class(mlp_size(config), config)
         else:
             block.mlp = mlp_class(config)
     return model
 
 
-def load_student(directory: Path | str, *, dtype: Any = None) -> Any:
-    """A ``LoadedModel`` for a student directory (used by ``engine.model.loading``)."""
-    from engine.model.loading import LoadedModel
-
-    directory = Path(directory).expanduser().resolve()
-    model = load_student_model(directory, dtype=dtype)
-    spec = read_spec(directory)
-    tokenizer = load_tokenizer(directory, spec)
-    info = {"student": spec.as_dict()}
-    return LoadedModel(model, tokenizer, str(directory), spec.family, source=directory, info=info)
-
-
 def load_tokenizer(directory: Path, spec: StudentSpec) -> Any:
+    """The tokenizer saved beside the student (the byte-level one for a tiny teacher)."""
     from transformers import AutoTokenizer
 
     from engine.model.tiny import byte_level_tokenizer
@@ -228,6 +258,8 @@ def _header(handle: object, path: Path) -> tuple[dict[str, dict[str, object]], i
         header = json.loads(handle.read(size))  # type: ignore[attr-defined]
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{path} has a corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        raise ModelLoadError(f"{path} has a corrupt safetensors header (not a tensor table)")
     header.pop("__metadata__", None)
     return header, 8 + size
 
@@ -248,13 +280,19 @@ def read_weights_into(model: nn.Module, path: Path) -> None:
             raise ModelLoadError(f"{path} holds unexpected tensors: {', '.join(unexpected[:5])}")
         for name, meta in header.items():
             target = state[name].data
-            shape: tuple[int, ...] = tuple(meta["shape"])  # type: ignore[arg-type]
-            dtype = DTYPES.get(str(meta["dtype"]))
+            try:
+                shape: tuple[int, ...] = tuple(meta["shape"])  # type: ignore[arg-type]
+                dtype = DTYPES.get(str(meta["dtype"]))
+                offsets: list[int] = list(meta["data_offsets"])  # type: ignore[call-overload]
+                begin, end = (int(offset) for offset in offsets)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelLoadError(f"{path} has a malformed entry for tensor {name} "
+                                     f"({type(exc).__name__})") from exc
             if dtype is None or shape != tuple(target.shape):
                 raise ModelLoadError(f"{path}: tensor {name} is {meta['dtype']} {list(shape)}, "
                                      f"the model expects {list(target.shape)}")
-            offsets: list[int] = list(meta["data_offsets"])  # type: ignore[call-overload]
-            begin, end = offsets
+            if not 0 <= begin <= end:
+                raise ModelLoadError(f"{path} has bad offsets for tensor {name}")
             destination = target if (dtype == target.dtype and target.is_contiguous()) \
                 else torch.empty(shape, dtype=dtype)
             if destination.numel():

@@ -12,8 +12,6 @@ before the model is cloned.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,10 +19,18 @@ import torch
 from torch import nn
 
 from engine.errors import InputError
+from engine.model.anatomy import (
+    family_of,
+    mlp_io,
+    mlp_of,
+    mlp_shape,
+    resolve_layers,
+    set_mlp,
+    unwrap,
+)
 from engine.model.memory_layers.config import AssociativeConfig, FeaturalConfig
 from engine.model.memory_layers.teacher_mlp import MlpWeights, mlp_weights
 
-SUPPORTED_FAMILIES = ("gpt2", "llama")
 KINDS = ("featural", "associative")
 INITS = ("mlp", "data", "random")
 STUDENT_ATTRIBUTE = "mindset_student"
@@ -53,40 +59,7 @@ class StudentSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-# --- model anatomy ---------------------------------------------------------------------------
-
-
-def unwrap(model: Any) -> nn.Module:
-    """Accept a ``LoadedModel`` or a bare Hugging Face model."""
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(model, "tokenizer") and isinstance(inner, nn.Module):
-        return inner
-    if not isinstance(model, nn.Module):
-        raise InputError(f"expected a model, got {type(model).__name__}")
-    return model
-
-
-def family_of(model: Any) -> str:
-    model = unwrap(model)
-    family = getattr(getattr(model, "config", None), "model_type", None)
-    if family not in SUPPORTED_FAMILIES or not hasattr(model, "config"):
-        raise InputError(f"unsupported architecture {family!r}; model surgery supports the "
-                         f"{' and '.join(SUPPORTED_FAMILIES)} families")
-    return str(family)
-
-
-def decoder_layers(model: Any) -> list[nn.Module]:
-    """The decoder blocks, in order (``transformer.h`` for GPT-2, ``model.layers`` for Llama)."""
-    model = unwrap(model)
-    family = family_of(model)
-    blocks = model.transformer.h if family == "gpt2" else model.model.layers  # type: ignore
-    return list(blocks)
-
-
-def mlp_of(model: Any, layer: int) -> nn.Module:
-    """The module in the MLP position of ``layer`` (a memory layer in a student)."""
-    mlp: nn.Module = decoder_layers(model)[layer].mlp  # type: ignore[assignment]
-    return mlp
+# --- a student's parts ----------------------------------------------------------------------
 
 
 def student_spec(model: Any) -> StudentSpec | None:
@@ -103,83 +76,12 @@ def memory_layers(model: Any) -> dict[int, nn.Module]:
     return {layer: mlp_of(model, layer) for layer in spec.layers}
 
 
-@contextmanager
-def capture_mlp_io(model: Any, layers: Iterable[int]) -> Iterator[dict[int, list[torch.Tensor]]]:
-    """Record the input and output of the MLP position of ``layers`` during forwards.
-
-    Yields ``{layer: [input, output]}`` filled in by each forward inside the block (the last
-    forward wins). On the teacher this gives the teacher-forced input of each memory layer and
-    the output it should match; on a student it gives the memory layer's own input and output.
-    Tensors are detached, shaped like the hidden states ([batch, tokens, hidden]).
-    """
-    captured: dict[int, list[torch.Tensor]] = {}
-    handles = []
-    for layer in layers:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any, layer: int = layer) -> None:
-            captured[layer] = [args[0].detach(), output.detach()]
-
-        handles.append(mlp_of(model, layer).register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def mlp_io(model: Any, input_ids: torch.Tensor, layers: Iterable[int]
-           ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """One forward of ``input_ids``; each layer's MLP input and output flattened to [T, hidden]."""
-    layers = list(layers)
-    module = unwrap(model)
-    with capture_mlp_io(module, layers) as captured:
-        module(input_ids=input_ids)
-    return {
-        layer: (captured[layer][0].reshape(-1, captured[layer][0].shape[-1]),
-                captured[layer][1].reshape(-1, captured[layer][1].shape[-1]))
-        for layer in layers
-    }
-
-
 # --- validation ------------------------------------------------------------------------------
-
-
-def resolve_layers(layers: Any, num_layers: int) -> list[int]:
-    """Sorted unique layer indexes; accepts ints, an iterable of ints, or "all"."""
-    if isinstance(layers, str):
-        if layers == "all":
-            return list(range(num_layers))
-        raise InputError(f"layers={layers!r}: give layer indexes or 'all'")
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    try:
-        items = list(layers)
-    except TypeError:
-        raise InputError(f"layers={layers!r}: give layer indexes or 'all'") from None
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise InputError(f"layer index {item!r} is not an integer")
-        if not 0 <= item < num_layers:
-            raise InputError(f"layer index {item} is out of range; this model has {num_layers} "
-                             f"layers (0..{num_layers - 1})")
-    if len(set(items)) != len(items):
-        raise InputError(f"layers {items} repeat an index; give each layer once")
-    return sorted(items)
-
-
-def teacher_shape(model: nn.Module, family: str) -> tuple[int, int, str, bool]:
-    """(hidden size, MLP width, activation name, gated) of the teacher's MLPs."""
-    config: Any = model.config
-    if family == "gpt2":
-        inner = config.n_inner if config.n_inner is not None else 4 * config.hidden_size
-        return int(config.hidden_size), int(inner), str(config.activation_function), False
-    return int(config.hidden_size), int(config.intermediate_size), str(config.hidden_act), True
 
 
 def memory_config(model: nn.Module, kind: str, hparams: dict[str, Any]
                   ) -> FeaturalConfig | AssociativeConfig:
-    family = family_of(model)
-    hidden, inner, activation, gated = teacher_shape(model, family)
+    hidden, inner, activation, gated = mlp_shape(model)
     if kind == "featural":
         config = FeaturalConfig.from_hparams(hidden, hparams, intermediate_size=inner,
                                              activation=activation, gated=gated)
@@ -227,7 +129,7 @@ def convert(
     family = family_of(model)
     if student_spec(model) is not None:
         raise InputError("this model is already a student; convert its teacher instead")
-    chosen = resolve_layers(layers, int(model.config.num_hidden_layers))  # type: ignore
+    chosen = resolve_layers(layers, model)
     config = memory_config(model, kind, hparams)
     if init not in INITS:
         raise InputError(f"init={init!r} is not an initialisation; use one of {', '.join(INITS)}")
@@ -249,7 +151,7 @@ def convert(
         inputs, outputs = io.get(layer, (None, None))
         initialise(memory, init, teacher_mlp, inputs, outputs)
         memory.to(dtype=parameter.dtype, device=parameter.device)
-        decoder_layers(student)[layer].mlp = memory
+        set_mlp(student, layer, memory)
     spec = StudentSpec(teacher=teacher_spec, family=family, layers=chosen, kind=kind,
                        hparams=_public_hparams(config), init=init)
     setattr(student, STUDENT_ATTRIBUTE, spec)
@@ -297,11 +199,11 @@ def attach_memory_layers(model: nn.Module, spec: StudentSpec) -> nn.Module:
     family = family_of(model)
     if family != spec.family:
         raise InputError(f"the student was made from a {spec.family} model, not {family}")
-    chosen = resolve_layers(spec.layers, int(model.config.num_hidden_layers))  # type: ignore
+    chosen = resolve_layers(spec.layers, model)
     config = memory_config(model, spec.kind, dict(spec.hparams))
     parameter = next(model.parameters())
     for layer in chosen:
         memory = build_memory(config).to(dtype=parameter.dtype, device=parameter.device)
-        decoder_layers(model)[layer].mlp = memory
+        set_mlp(model, layer, memory)
     setattr(model, STUDENT_ATTRIBUTE, spec)
     return model

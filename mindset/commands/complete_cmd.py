@@ -7,6 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
+from engine.llm.registry import specs_help
 from mindset.commands.common import positive_int
 
 
@@ -14,28 +15,40 @@ def register(commands: Any) -> None:
     parser = commands.add_parser(
         "complete",
         help="complete a prompt (or answer it as a chat) with any model",
-        description="Streams the reply. The model is a local spec (default, tiny-llama, a "
-        "directory) or openai:<model> for an OpenAI-compatible API (see the [llm] config).",
+        description=f"Streams the reply. Model specs: {specs_help()}.",
     )
     parser.add_argument("prompt", help="the text to complete")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", type=model_spec, default=None,
                         help="model spec (default: the config's [llm] choice, else default)")
     parser.add_argument("--chat", action="store_true",
                         help="send the prompt as a user message with the chat template")
     parser.add_argument("--max-tokens", type=positive_int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="0 for greedy, else 1e-05 to 2 (default 0.7)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="0.01 to 10; 1 means none (default)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=None)
     parser.set_defaults(handler=run)
 
 
+def model_spec(text: str) -> str:
+    """A ``--model`` value: an empty one would silently mean the default model."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a model spec such as tiny-llama")
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     from engine.llm.config import build_adapter
-    from engine.llm.types import SamplingParams
+    from engine.llm.types import SamplingParams, check_text
 
+    # Everything is checked before a model loads (seconds), each failure in one line.
+    check_text(args.prompt, "the prompt")
+    if args.model is not None:
+        check_text(args.model, "--model")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, stop=args.stop,

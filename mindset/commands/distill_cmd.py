@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engine.distill.config import MEMORY_KINDS, SCHEDULES, DistillConfig
 from mindset.commands.common import positive_float, positive_int
 
 
@@ -33,6 +34,7 @@ def hparam(text: str) -> tuple[str, Any]:
 
 
 def register(commands: Any) -> None:
+    defaults = DistillConfig()  # the CLI's defaults are the run settings' own
     parser = commands.add_parser(
         "distill",
         help="train a memory student from a teacher by knowledge distillation",
@@ -41,46 +43,49 @@ def register(commands: Any) -> None:
         "layer-local matching first). Writes checkpoints, events, TensorBoard curves, the "
         "student and a run report into --out. Ctrl-C checkpoints and stops; --resume continues.",
     )
-    parser.add_argument("--teacher", default="default",
+    parser.add_argument("--teacher", default=defaults.teacher,
                         help="default, tiny-gpt2, tiny-llama, or a model directory")
     parser.add_argument("--layers", required=True,
                         help="'all', an index, a list (1,4,7) or a range (8-10)")
-    parser.add_argument("--memory", default="featural",
-                        choices=["featural", "associative", "dense"],
+    parser.add_argument("--memory", default=defaults.memory, choices=MEMORY_KINDS,
                         help="memory kind (dense = the compute-matched MLP control)")
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="a UTF-8 text file or folder (repeatable); none = sample a corpus "
                         "from the teacher (data-free)")
-    parser.add_argument("--steps", type=positive_int, default=1000,
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps,
                         help="end-to-end distillation steps")
-    parser.add_argument("--local-steps", type=non_negative_int, default=0,
+    parser.add_argument("--local-steps", type=non_negative_int, default=defaults.local_steps,
                         help="layer-local matching steps before the end-to-end stage")
-    parser.add_argument("--local-tokens", type=non_negative_int, default=0,
+    parser.add_argument("--local-tokens", type=non_negative_int, default=defaults.local_tokens,
                         help="capture the replaced MLPs' inputs/outputs on this many training "
                         "tokens once and sample the local steps from them (0 = a teacher pass "
                         "per local step)")
-    parser.add_argument("--local-batch-tokens", type=positive_int, default=4096,
+    parser.add_argument("--local-batch-tokens", type=positive_int,
+                        default=defaults.local_batch_tokens,
                         help="token rows per local step when --local-tokens is set")
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory (default: a new one under the data directory)")
     parser.add_argument("--hparam", type=hparam, action="append", default=[],
                         metavar="KEY=VALUE", help="memory layer setting (repeatable), e.g. "
                         "num_subkeys=128, topk=16, init=mlp")
-    parser.add_argument("--block-size", type=positive_int, default=256)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
-    parser.add_argument("--value-lr", type=positive_float, default=None,
+    parser.add_argument("--block-size", type=positive_int, default=defaults.block_size)
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr)
+    parser.add_argument("--value-lr", type=positive_float, default=defaults.value_lr,
                         help="learning rate of memory values (default 10x --lr)")
-    parser.add_argument("--temperature", type=positive_float, default=1.0)
-    parser.add_argument("--ce-weight", type=float, default=0.0,
+    parser.add_argument("--temperature", type=positive_float, default=defaults.temperature)
+    parser.add_argument("--ce-weight", type=float, default=defaults.ce_weight,
                         help="weight of the student's own cross-entropy (default 0)")
-    parser.add_argument("--clip", type=positive_float, default=1.0, help="gradient norm clip")
-    parser.add_argument("--warmup", type=non_negative_int, default=0, help="warm-up steps")
-    parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    parser.add_argument("--eval-every", type=positive_int, default=100)
-    parser.add_argument("--checkpoint-every", type=positive_int, default=100)
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--threads", type=non_negative_int, default=0,
+    parser.add_argument("--clip", type=positive_float, default=defaults.clip_norm,
+                        help="gradient norm clip")
+    parser.add_argument("--warmup", type=non_negative_int, default=defaults.warmup_steps,
+                        help="warm-up steps")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
+    parser.add_argument("--eval-every", type=positive_int, default=defaults.eval_every)
+    parser.add_argument("--checkpoint-every", type=positive_int,
+                        default=defaults.checkpoint_every)
+    parser.add_argument("--seed", type=non_negative_int, default=defaults.seed)
+    parser.add_argument("--threads", type=non_negative_int, default=defaults.threads,
                         help="CPU threads (default: torch's choice)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint")
@@ -90,9 +95,7 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def build_config(args: argparse.Namespace) -> Any:
-    from engine.distill.config import DistillConfig
-
+def build_config(args: argparse.Namespace) -> DistillConfig:
     config = DistillConfig(
         teacher=args.teacher, layers=args.layers, memory=args.memory,
         hparams=dict(args.hparam), data=[str(Path(p).expanduser().resolve()) for p in args.data],
@@ -109,7 +112,6 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from engine.distill.checkpoints import CHECKPOINT_NAME
-    from engine.distill.config import DistillConfig
     from engine.distill.data import check_text_paths
     from engine.distill.events import CONFIG_NAME, SUMMARY_NAME
     from engine.errors import InputError
@@ -156,34 +158,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_with_progress(config: Any, run_dir: Path) -> dict[str, Any]:
+def train_with_progress(config: DistillConfig, run_dir: Path) -> dict[str, Any]:
     """Run in this process with a progress bar, shown once training starts (not on errors)."""
     from tqdm import tqdm
 
+    from engine.distill.job_events import EvalEvent, JobEvent, StateEvent, StepEvent
     from engine.distill.loop import run_distillation
 
     bars: list[Any] = []
 
-    def on_event(event: dict[str, Any]) -> None:
-        kind = event["type"]
-        if kind == "state" and event.get("state") == "running" and not bars:
-            bars.append(tqdm(total=config.total_steps, initial=int(event.get("step", 0)),
+    def on_event(event: JobEvent) -> None:
+        if isinstance(event, StateEvent) and event.state == "running" and not bars:
+            bars.append(tqdm(total=config.total_steps, initial=event.step,
                              unit="step", dynamic_ncols=True, desc="distill"))
         if not bars:
             return
         bar = bars[0]
-        if kind == "step":
-            bar.update(int(event["step"]) - bar.n)
-            postfix = {"stage": event.get("stage")}
-            for key in ("kl", "ce", "local"):
-                if key in event:
-                    postfix[key] = f"{event[key]:.4f}"
-            postfix["tok/s"] = f"{event.get('tokens_per_s', 0):.0f}"
-            postfix["eta"] = f"{event.get('eta_s', 0):.0f}s"
+        if isinstance(event, StepEvent):
+            bar.update(event.step - bar.n)
+            postfix: dict[str, Any] = {"stage": event.stage}
+            for key, value in (("kl", event.kl), ("ce", event.ce), ("local", event.local)):
+                if value is not None:
+                    postfix[key] = f"{value:.4f}"
+            postfix["tok/s"] = f"{event.tokens_per_s:.0f}"
+            postfix["eta"] = f"{event.eta_s:.0f}s"
             bar.set_postfix(postfix, refresh=False)
-        elif kind == "eval":
-            bar.write(f"step {event['step']}: held-out perplexity {event['heldout_ppl']:.4f}")
-        elif kind == "state" and event.get("state") == "paused":
+        elif isinstance(event, EvalEvent):
+            bar.write(f"step {event.step}: held-out perplexity {event.heldout_ppl:.4f}")
+        elif isinstance(event, StateEvent) and event.state == "paused":
             bar.write("paused")
 
     try:

@@ -39,9 +39,24 @@ def add_list_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.llm.log import InteractionLog
+    from engine.errors import InputError
+    from engine.llm.log import InteractionLog, default_log_path
 
-    log = InteractionLog(Path(args.db).expanduser() if args.db else None)
+    # Reading must not create anything: a mistyped --db would otherwise leave an empty
+    # database (and its directories) behind and list nothing, as if the log were empty.
+    path = Path(args.db).expanduser() if args.db else default_log_path()
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; --db takes the log file")
+    if not path.exists():
+        if args.db:
+            raise InputError(f"no interaction log at {path}; check the --db path (leave it "
+                             "out for the data directory's log)")
+        if args.action in (None, "list"):
+            if not args.json:  # --json: no lines at all, as for an empty log
+                print(f"no interactions yet (no log at {path})")
+            return 0
+        raise InputError(f"no interactions yet (no log at {path})")
+    log = InteractionLog(path)
     if args.action == "show":
         print(json.dumps(log.get(args.id).as_dict(), indent=2, ensure_ascii=False))
         return 0

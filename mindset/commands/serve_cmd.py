@@ -7,7 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mindset.commands.common import positive_int
+from engine.llm.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
+from engine.llm.secrets import MIN_KEY_LENGTH
+from mindset.commands.common import positive_float, positive_int
+from mindset.commands.complete_cmd import model_spec
 
 API_KEY_ENV = "MINDSET_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -20,16 +23,26 @@ def register(commands: Any) -> None:
         description="Serve a model at /v1/models, /v1/chat/completions and /v1/completions "
         "(streaming included). Every call is written to the interaction log.",
     )
-    parser.add_argument("--model", default="default",
+    parser.add_argument("--model", type=model_spec, default="default",
                         help="default, tiny-llama, tiny-gpt2, or a model/student directory")
-    parser.add_argument("--name", default=None,
+    parser.add_argument("--name", type=model_spec, default=None,
                         help="model id clients use (default: the spec, or the directory name)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", default=None,
-                        help=f"require this bearer token (or set {API_KEY_ENV}, which keeps it "
-                        "out of the process list)")
+                        help=f"require this bearer token, at least {MIN_KEY_LENGTH} characters, "
+                        f"on every route but /health, /docs included (or set {API_KEY_ENV}, "
+                        "which keeps it out of the process list)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="with no key, also answer requests whose Host is NAME (repeatable); "
+                        "by default only this server's address is, against DNS rebinding")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="larger request bodies get a 413 (default "
+                        f"{DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("--body-timeout", type=positive_float, default=DEFAULT_BODY_TIMEOUT_S,
+                        metavar="SECONDS", help="a body not received in this time gets a 408 "
+                        f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
     parser.add_argument("--no-log", action="store_true", help="do not log interactions")
     parser.set_defaults(handler=run)
 
@@ -49,16 +62,21 @@ def served_name(spec: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from engine.llm.local import LocalAdapter
     from engine.llm.log import InteractionLog
+    from engine.llm.secrets import check_key
     from engine.llm.server import check_port_free, create_app, serve
 
     check_port_free(args.host, args.port)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is not None:  # refused before the model loads, not after
+        check_key(api_key, "--api-key" if args.api_key else API_KEY_ENV)
     log = None if args.no_log else InteractionLog()
     name = args.name or served_name(args.model)
     print(f"loading {args.model} ...", flush=True)
     adapter = LocalAdapter.from_spec(args.model, log=log)
     adapter.model = name
-    app = create_app({name: adapter}, api_key=api_key)
+    app = create_app({name: adapter}, api_key=api_key,
+                     allowed_hosts=[args.host, *args.allow_host],
+                     max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
     where = f"http://{args.host}:{args.port}/v1"
     print(f"serving {name!r} at {where} (API key {'required' if api_key else 'not required'}"
           f"{'' if log is None else f'; log: {log.path}'})", flush=True)

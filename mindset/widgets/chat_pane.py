@@ -11,7 +11,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Input, Markdown, Select, Static
 
 from engine.errors import MindsetError
-from engine.facade import ChatMessage, Engine
+from engine.services.chat import ChatMessage
+from mindset.protocols import ChatAPI
 from mindset.widgets.chat_tree import ChatTree, Turn
 from mindset.widgets.messages import ModelLoaded
 
@@ -45,9 +46,9 @@ class ChatPane(Vertical):
         Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
     ]
 
-    def __init__(self, engine: Engine, *, id: str | None = None) -> None:
+    def __init__(self, chat: ChatAPI, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.engine = engine
+        self.chat = chat
         self.conversation = ChatTree()
         self.editing: Turn | None = None
         self.max_tokens = 128
@@ -56,8 +57,8 @@ class ChatPane(Vertical):
     def compose(self) -> ComposeResult:
         with Horizontal(id="chat-top"):
             yield Select(
-                [(target, target) for target in self.engine.chat_targets()],
-                value=self.engine.chat_targets()[0], allow_blank=False, id="chat-model",
+                [(target, target) for target in self.chat.chat_targets()],
+                value=self.chat.chat_targets()[0], allow_blank=False, id="chat-model",
             )
             yield Static("", id="chat-state")
         with Horizontal(id="chat-main"):
@@ -81,7 +82,7 @@ class ChatPane(Vertical):
     @on(ModelLoaded)
     def _model_loaded(self, message: ModelLoaded) -> None:
         select = self.query_one("#chat-model", Select)
-        targets = self.engine.chat_targets()
+        targets = self.chat.chat_targets()
         current = select.value
         select.set_options([(t, t) for t in targets])
         if current in targets:
@@ -121,7 +122,7 @@ class ChatPane(Vertical):
         state.update(f"[i]{target} is replying…[/i]")
         stream = Markdown.get_stream(body)
         try:
-            async for piece in self.engine.stream_chat(
+            async for piece in self.chat.stream_chat(
                 target, messages, max_tokens=self.max_tokens, temperature=self.temperature
             ):
                 reply.content += piece
@@ -138,7 +139,7 @@ class ChatPane(Vertical):
 
     def _show_memory_usage(self, target: str) -> None:
         panel = self.query_one("#chat-memory", Static)
-        usage = self.engine.last_memory_usage(target)
+        usage = self.chat.last_memory_usage(target)
         if usage is None:
             panel.update("Memory use is shown for student models with memory layers.")
             return

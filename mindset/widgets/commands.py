@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
+from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-if TYPE_CHECKING:
-    from mindset.app import MindsetApp
+
+class CommandHost(Protocol):
+    """What the palette needs from the app (the app module imports this one, not back)."""
+
+    def binding_sections(self) -> list[tuple[str, list[Binding]]]: ...
+
+    def key_for(self, binding: Binding) -> str: ...
+
+    def run_section_action(self, section: str, action: str) -> Awaitable[None]: ...
 
 
 class WorkbenchCommands(Provider):
     """Offers each binding's action of the app and its panes, with its key."""
 
     def _commands(self) -> list[tuple[str, str, Callable[[], Any]]]:
-        app = cast("MindsetApp", self.app)
+        app = cast(CommandHost, self.app)
         commands: list[tuple[str, str, Callable[[], Any]]] = []
         for section, bindings in app.binding_sections():
             for binding in bindings:

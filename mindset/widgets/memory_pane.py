@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from rich.cells import cell_len
@@ -12,7 +13,9 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Select, Static
 
 from engine.errors import MindsetError
-from engine.facade import STUDENT, DeletedEntries, Engine, EntryView
+from engine.facade import STUDENT
+from engine.views import DeletedEntries, EntryView
+from mindset.protocols import MemoryAPI
 from mindset.screens.entry_edit import EntryEdit, EntryEditScreen, EntryInsertScreen, NewEntry
 from mindset.widgets.messages import ModelLoaded
 
@@ -38,9 +41,9 @@ class MemoryPane(Vertical):
         Binding("w", "save_student", "Save student", id="memory.save_student", show=False),
     ]
 
-    def __init__(self, engine: Engine, *, id: str | None = None) -> None:
+    def __init__(self, memory: MemoryAPI, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.engine = engine
+        self.memory = memory
         self.table_name: str | None = None
         self.page_offset = 0
         self.table_size = 0
@@ -66,12 +69,12 @@ class MemoryPane(Vertical):
 
     @work(exclusive=True, group="memory-tables", exit_on_error=False)
     async def load_tables(self) -> None:
-        status = self.engine.availability()["memory"]
+        status = self.memory.availability()
         if not status.ok:
             self._show_missing(status.reason)
             return
         try:
-            names = await self.engine.table_names()
+            names = await self.memory.table_names()
         except MindsetError as exc:
             self._show_missing(str(exc))
             self.notify(str(exc), title="memory database", severity="error", timeout=10)
@@ -106,11 +109,11 @@ class MemoryPane(Vertical):
         if self.table_name is None:
             return
         try:
-            stats = await self.engine.table_stats(self.table_name)
+            stats = await self.memory.table_stats(self.table_name)
             if self.search_results is not None:
                 rows = self.search_results
             else:
-                rows = await self.engine.table_page(self.table_name, self.page_offset, PAGE_SIZE)
+                rows = await self.memory.table_page(self.table_name, self.page_offset, PAGE_SIZE)
         except MindsetError as exc:
             self.notify(str(exc), title="memory", severity="error", timeout=10)
             return
@@ -191,7 +194,7 @@ class MemoryPane(Vertical):
     async def action_save_student(self) -> None:
         """Write the live student, edits included, back to its student directory."""
         try:
-            directory = await self.engine.save_student()
+            directory = await self.memory.save_student()
         except MindsetError as exc:
             self.notify(str(exc), title="student not saved", severity="error", timeout=12)
             return
@@ -212,9 +215,9 @@ class MemoryPane(Vertical):
             return
         try:
             if text.lstrip("#").isdigit():
-                rows = await self.engine.find_entry(self.table_name, int(text.lstrip("#")))
+                rows = await self.memory.find_entry(self.table_name, int(text.lstrip("#")))
             else:
-                rows = await self.engine.search_text(self.table_name, text)
+                rows = await self.memory.search_text(self.table_name, text)
         except MindsetError as exc:
             self.notify(str(exc), title="search failed", severity="error")
             return
@@ -237,7 +240,7 @@ class MemoryPane(Vertical):
     @work(group="memory-write", exit_on_error=False)
     async def apply_edit(self, table_name: str, entry_id: int, edit: EntryEdit) -> None:
         try:
-            await self.engine.update_entry(
+            await self.memory.update_entry(
                 table_name, entry_id, label=edit.label, tags=edit.tags, scale=edit.scale,
                 value=edit.value_numbers, value_text=edit.value_text,
             )
@@ -252,7 +255,7 @@ class MemoryPane(Vertical):
             ids = [row.id for row in self.search_results]
             refreshed: list[EntryView] = []
             for entry_id in ids:
-                refreshed.extend(await self.engine.find_entry(self.table_name, entry_id))
+                refreshed.extend(await self.memory.find_entry(self.table_name, entry_id))
             self.search_results = refreshed
         self.load_page()
 
@@ -262,7 +265,7 @@ class MemoryPane(Vertical):
         if entry is None or self.table_name is None:
             return
         try:
-            deleted = await self.engine.delete_entries(self.table_name, [entry.id])
+            deleted = await self.memory.delete_entries(self.table_name, [entry.id])
         except MindsetError as exc:
             self.notify(str(exc), title="delete failed", severity="error")
             return
@@ -279,7 +282,7 @@ class MemoryPane(Vertical):
             return
         deleted = self.undo_stack.pop()
         try:
-            new_ids = await self.engine.restore_entries(deleted)
+            new_ids = await self.memory.restore_entries(deleted)
         except MindsetError as exc:
             self.undo_stack.append(deleted)
             self.notify(str(exc), title="undo failed", severity="error")
@@ -303,7 +306,7 @@ class MemoryPane(Vertical):
     @work(group="memory-write", exit_on_error=False)
     async def insert_entry(self, table_name: str, new: NewEntry) -> None:
         try:
-            entry_id = await self.engine.insert_entry(table_name, label=new.label, text=new.text)
+            entry_id = await self.memory.insert_entry(table_name, label=new.label, text=new.text)
         except MindsetError as exc:
             self.notify(str(exc), title="insert failed", severity="error", timeout=10)
             return
@@ -312,18 +315,18 @@ class MemoryPane(Vertical):
 
     @work(group="memory-write", exit_on_error=False)
     async def action_evict(self) -> None:
-        await self._policy("eviction", self.engine.evict)
+        await self._policy("eviction", self.memory.evict)
 
     @work(group="memory-write", exit_on_error=False)
     async def action_recombine(self) -> None:
-        await self._policy("recombination", self.engine.recombine)
+        await self._policy("recombination", self.memory.recombine)
 
-    async def _policy(self, name: str, run: object) -> None:
+    async def _policy(self, name: str, run: Callable[[str], Awaitable[str]]) -> None:
         if self.table_name is None:
             self.notify("choose a table first", severity="warning")
             return
         try:
-            result = await run(self.table_name)  # type: ignore[operator]
+            result = await run(self.table_name)
         except (MindsetError, TypeError, ValueError) as exc:
             self.notify(f"{name} failed: {exc}", severity="error", timeout=10)
             return

@@ -12,7 +12,10 @@ from textual.css.query import NoMatches
 from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
 
-from engine.facade import STUDENT, TEACHER, Engine, ModelNode, short_spec
+from engine.errors import MindsetError
+from engine.facade import STUDENT, TEACHER
+from engine.views import ModelNode, short_spec
+from mindset.protocols import ModelsAPI
 from mindset.widgets.messages import ModelLoaded, ModelLoadFailed
 
 
@@ -45,9 +48,9 @@ class ModelPane(Vertical):
         Binding("ctrl+l", "load_student", "Load student", id="model.load_student"),
     ]
 
-    def __init__(self, engine: Engine, *, id: str | None = None) -> None:
+    def __init__(self, models: ModelsAPI, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.engine = engine
+        self.models = models
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -61,7 +64,7 @@ class ModelPane(Vertical):
 
     def on_mount(self) -> None:
         for role in (TEACHER, STUDENT):
-            self._show(role, self.engine.model_error(role))
+            self._show(role, self.models.model_error(role))
 
     def _tree(self, role: str) -> Tree[ModelNode]:
         return self.query_one(f"#{role}-tree", Tree)
@@ -71,10 +74,10 @@ class ModelPane(Vertical):
             tree = self._tree(role)
         except NoMatches:  # not composed yet: on_mount shows the state then
             return
-        description = self.engine.describe_model(role)
+        description = self.models.describe_model(role)
         tree.clear()
         if description is None:
-            spec = self.engine.spec_for(role)
+            spec = self.models.spec_for(role)
             if error:
                 tree.root.set_label(f"{role}: failed to load")
                 tree.root.add_leaf(error)
@@ -109,17 +112,15 @@ class ModelPane(Vertical):
             tree.root.expand()
 
     def action_load_student(self) -> None:
-        if self.engine.student_spec is None:
+        if self.models.student_spec is None:
             self.notify("no student yet: distil one in the Training pane", severity="warning")
             return
         self.app.run_worker(self._load_student(), exclusive=True, group="student",
                             exit_on_error=False)
 
     async def _load_student(self) -> None:
-        from engine.errors import MindsetError
-
         try:
-            await self.engine.load_model(STUDENT)
+            await self.models.load_model(STUDENT)
         except MindsetError as exc:
             self.post_message(ModelLoadFailed(STUDENT, str(exc)))
             self.notify(str(exc), severity="error")

@@ -1,7 +1,10 @@
 """The Training pane: launch distillation jobs, follow one live, control them.
 
 Jobs run in their own processes (the engine's job runner) and write their events to their run
-directories, so they outlive the app and reappear in the list when it opens again.
+directories, so they outlive the app and reappear in the list when it opens again. The pane
+talks to the job service through :class:`mindset.protocols.JobsAPI`; the selected job's typed
+events arrive as :class:`TrainingPane.JobEventArrived` messages, posted by a worker that
+consumes the service's event stream.
 """
 
 from __future__ import annotations
@@ -14,13 +17,27 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.widgets import Button, DataTable, Input, Label, Log, ProgressBar, Select, Static
 from textual_plotext import PlotextPlot
 
 from engine.errors import MindsetError
-from engine.facade import Engine, JobRequest, JobView
+from engine.services.jobs import (
+    DoneEvent,
+    ErrorEvent,
+    EvalEvent,
+    JobEvent,
+    StateEvent,
+    StepEvent,
+    UnknownEvent,
+    event_type,
+)
+from engine.views import JobRequest, JobView
+from mindset.protocols import JobsAPI
 from mindset.widgets.messages import JobsChanged
 
+# The job list is re-read this often: jobs started elsewhere (the CLI, another workbench)
+# and state changes of jobs not being followed show up without a selection.
 REFRESH_SECONDS = 1.0
 PLOT_SECONDS = 0.5  # the loss plot is redrawn at most this often
 MEMORY_KINDS = ("featural", "associative")
@@ -36,13 +53,21 @@ class TrainingPane(Horizontal):
         Binding("g", "control('resume')", "Resume job", id="training.resume"),
     ]
 
-    def __init__(self, engine: Engine, *, id: str | None = None) -> None:
+    class JobEventArrived(Message, bubble=False):
+        """One event of the followed job, from the worker that reads its stream."""
+
+        def __init__(self, job_id: str, event: JobEvent) -> None:
+            super().__init__()
+            self.job_id = job_id
+            self.event = event
+
+    def __init__(self, jobs: JobsAPI, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.engine = engine
+        self.service = jobs
         self.jobs: list[JobView] = []
         self.selected: str | None = None
         self.points: list[tuple[int, float]] = []
-        self.last_event: dict[str, Any] = {}
+        self.last_step: StepEvent | None = None
         self._plot_stale = False
         self._rows: list[tuple[str, ...]] = []
 
@@ -50,7 +75,7 @@ class TrainingPane(Horizontal):
         with VerticalScroll(id="launch-form"):
             yield Static("[b]New distillation job[/b]")
             yield Label("teacher")
-            yield Input(self.engine.model_spec, id="form-teacher")
+            yield Input(self.service.default_teacher, id="form-teacher")
             yield Label("layers (e.g. 15, 8-10, all)")
             yield Input("middle", id="form-layers")
             yield Label("memory kind")
@@ -80,7 +105,7 @@ class TrainingPane(Horizontal):
         plot = self.query_one(PlotextPlot)
         plot.plt.title("loss")
         plot.plt.xlabel("step")
-        status = self.engine.availability()["jobs"]
+        status = self.service.availability()
         if not status.ok:
             self.query_one("#jobs-missing", Static).update(
                 f"[b]Training unavailable:[/b] {status.reason}"
@@ -95,7 +120,7 @@ class TrainingPane(Horizontal):
     @work(exclusive=True, group="jobs-list", exit_on_error=False)
     async def refresh_jobs(self) -> None:
         try:
-            jobs = await self.engine.list_jobs()
+            jobs = await self.service.list_jobs()
         except MindsetError as exc:
             self.query_one("#jobs-missing", Static).update(f"[b]Jobs:[/b] {exc}")
             return
@@ -128,7 +153,7 @@ class TrainingPane(Horizontal):
     def select_job(self, job_id: str) -> None:
         self.selected = job_id
         self.points = []
-        self.last_event = {}
+        self.last_step = None
         self.query_one(Log).clear()
         self._draw_plot()
         self.follow_job(job_id)
@@ -137,51 +162,51 @@ class TrainingPane(Horizontal):
 
     @work(exclusive=True, group="jobs-follow", exit_on_error=False)
     async def follow_job(self, job_id: str) -> None:
-        """Read the selected job's events as they are written, until it ends."""
+        """Post the selected job's events as they are written, until its process ends."""
         try:
-            async for event in self.engine.follow_job(job_id):
+            async for event in self.service.follow_job(job_id):
                 if job_id != self.selected:
                     return
-                self._on_event(event)
+                self.post_message(self.JobEventArrived(job_id, event))
         except MindsetError as exc:
             self.notify(str(exc), title="job events", severity="error")
 
-    def _on_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
+    @on(JobEventArrived)
+    def _job_event(self, message: JobEventArrived) -> None:
+        if message.job_id == self.selected:  # not one queued before another selection
+            self._on_event(message.event)
+
+    def _on_event(self, event: JobEvent) -> None:
         log = self.query_one(Log)
-        if kind == "step":
-            self.last_event = event
-            loss = event.get("loss")
-            if isinstance(loss, int | float) and math.isfinite(loss):
-                step = int(event.get("step", len(self.points)))
-                if self.points and self.points[-1][0] >= step:  # a resume repeats steps
-                    self.points = [p for p in self.points if p[0] < step]
-                self.points.append((step, float(loss)))
+        if isinstance(event, StepEvent):
+            self.last_step = event
+            if math.isfinite(event.loss):
+                if self.points and self.points[-1][0] >= event.step:  # a resume repeats steps
+                    self.points = [p for p in self.points if p[0] < event.step]
+                self.points.append((event.step, event.loss))
                 self._plot_stale = True  # drawn by the timer: a job logs many steps a second
             self._show_progress(event)
-        elif kind == "error":
-            message = event.get("message", "the job failed")
-            log.write_line(f"error: {message}")
-            self.notify(str(message), title=f"job {self.selected} failed", severity="error",
+        elif isinstance(event, ErrorEvent):
+            log.write_line(f"error: {event.message}")
+            self.notify(event.message, title=f"job {self.selected} failed", severity="error",
                         timeout=12)
-        elif kind == "eval":
-            log.write_line(f"step {event.get('step')}: held-out perplexity "
-                           f"{_fmt(event.get('heldout_ppl'))}")
-        elif kind == "done":
-            log.write_line("done: " + ", ".join(
-                f"{k} {_fmt(v)}" for k, v in event.items()
-                if k in ("ppl_student", "ppl_teacher", "gap_closed", "kl_per_token")
-            ))
+        elif isinstance(event, EvalEvent):
+            log.write_line(f"step {event.step}: held-out perplexity {_fmt(event.heldout_ppl)}")
+        elif isinstance(event, DoneEvent):
+            log.write_line(f"done: ppl_teacher {_fmt(event.ppl_teacher)}, ppl_student "
+                           f"{_fmt(event.ppl_student)}, gap_closed {_fmt(event.gap_closed)}, "
+                           f"kl_per_token {_fmt(event.kl_per_token)}")
             bar = self.query_one(ProgressBar)
             if bar.total:
                 bar.update(progress=bar.total)
             self._adopt_student()
-        elif kind == "state":
-            log.write_line(f"state: {event.get('state')} at step {event.get('step')}")
-        elif kind is not None:
-            log.write_line(f"{kind}: " + ", ".join(
-                f"{k} {_fmt(v)}" for k, v in event.items() if k not in ("type", "time")
-            ))
+        elif isinstance(event, StateEvent):
+            log.write_line(f"state: {event.state} at step {event.step}")
+        else:  # resumed, checkpoint, local_pairs, and types newer than this pane
+            fields = (event.data if isinstance(event, UnknownEvent) else
+                      {k: v for k, v in vars(event).items() if k not in ("time", "version")})
+            log.write_line(f"{event_type(event)}: " + ", ".join(
+                f"{k} {_fmt(v)}" for k, v in fields.items()))
 
     def _adopt_student(self) -> None:
         """A finished job's student becomes the workbench's student."""
@@ -189,25 +214,19 @@ class TrainingPane(Horizontal):
         if job is None or not job.run_dir:
             return
         directory = str(Path(job.run_dir) / "student")
-        if Path(directory).is_dir() and directory != self.engine.student_spec:
+        if Path(directory).is_dir():  # the app skips the student it already uses
             adopt = getattr(self.app, "adopt_student", None)
             if adopt is not None:
                 adopt(directory)
 
-    def _show_progress(self, event: dict[str, Any]) -> None:
-        bar = self.query_one(ProgressBar)
-        total = event.get("total_steps")
-        if isinstance(total, int) and total > 0:
-            bar.update(total=total, progress=int(event.get("step", 0)))
-        detail = [f"loss {_fmt(event.get('loss'))}"]
-        if isinstance(event.get("tokens_per_s"), int | float):
-            detail.append(f"{event['tokens_per_s']:.0f} tok/s")
-        if isinstance(event.get("eta_s"), int | float):
-            detail.append(f"eta {event['eta_s']:.0f}s")
+    def _show_progress(self, event: StepEvent) -> None:
+        if event.total_steps > 0:
+            self.query_one(ProgressBar).update(total=event.total_steps, progress=event.step)
+        detail = [f"loss {_fmt(event.loss)}", f"{event.tokens_per_s:.0f} tok/s",
+                  f"eta {event.eta_s:.0f}s"]
         self.query_one("#job-detail", Static).update("  ".join(detail))
-        step = event.get("step")
-        if isinstance(step, int) and (step <= 3 or step % 10 == 0):
-            self.query_one(Log).write_line(f"step {step}: " + "  ".join(detail))
+        if event.step <= 3 or event.step % 10 == 0:
+            self.query_one(Log).write_line(f"step {event.step}: " + "  ".join(detail))
 
     def _draw_stale_plot(self) -> None:
         if self._plot_stale:
@@ -237,7 +256,7 @@ class TrainingPane(Horizontal):
             return None
         memory = self.query_one("#form-memory", Select).value
         return JobRequest(
-            teacher=value("#form-teacher") or self.engine.model_spec,
+            teacher=value("#form-teacher") or self.service.default_teacher,
             layers=value("#form-layers") or "middle",
             memory=str(memory),
             data=value("#form-data") or None,
@@ -253,15 +272,16 @@ class TrainingPane(Horizontal):
 
     def start_quick_start(self) -> None:
         """One layer of the teacher, a few minutes, followed live."""
-        self.launch(self.engine.quick_start_request())
+        self.launch(self.service.quick_start_request())
 
     @work(group="jobs-launch", exit_on_error=False)
     async def launch(self, request: JobRequest) -> None:
-        if not self.engine.availability()["jobs"].ok:
-            self.notify(self.engine.availability()["jobs"].reason, severity="error")
+        status = self.service.availability()
+        if not status.ok:
+            self.notify(status.reason, severity="error")
             return
         try:
-            job = await self.engine.launch_job(request)
+            job = await self.service.launch_job(request)
         except MindsetError as exc:
             self.notify(str(exc), title="job not started", severity="error", timeout=12)
             return
@@ -275,7 +295,7 @@ class TrainingPane(Horizontal):
             self.notify("no job selected", severity="warning")
             return
         try:
-            await self.engine.control_job(self.selected, command)
+            await self.service.control_job(self.selected, command)
         except MindsetError as exc:
             self.notify(str(exc), title=f"{command} failed", severity="error")
             return

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API over local adapters (FastAPI).
 
 Requests for one model take turns in arrival order (the adapter generates one reply at a
-time); a client that disconnects cancels its generation, streamed or not.
+time); a client that disconnects cancels its generation, streamed or not. Prompts are
+tokenised off the event loop, so one huge request never stalls the others; every request
+first passes :class:`engine.llm.server.guard.RequestGuard` (Host, body size, body time).
 """
 
 from __future__ import annotations
@@ -10,19 +12,21 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
 from engine.errors import InputError, MindsetError
+from engine.llm.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from engine.llm.local import ContextLengthError, LocalAdapter
 from engine.llm.secrets import register_secret
+from engine.llm.server.errors import APIError, from_input_error, install_error_handlers
+from engine.llm.server.guard import RequestGuard
 from engine.llm.server.schemas import (
     ChatChoice,
     ChatCompletion,
@@ -41,33 +45,34 @@ from engine.llm.types import ChatMessage, SamplingParams, StreamChunk, Usage
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 500)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 500)
 }
 
 
-class APIError(Exception):
-    """An error to send as an OpenAI-style error object."""
+def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = None,
+               allowed_hosts: Iterable[str] = (),
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
+    """The API serving ``adapters`` by model id.
 
-    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = (
-            status, message, kind, param, code)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
-
-
-def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = None) -> FastAPI:
-    """The API serving ``adapters`` by model id; with ``api_key``, every /v1 route needs it."""
+    With ``api_key``, every route but /health needs it (the docs and schema too); without
+    one, only requests whose Host is this server's address or one of ``allowed_hosts`` are
+    answered (see :mod:`engine.llm.server.guard`).
+    """
     if not adapters:
         raise InputError("the server needs at least one model")
+    if max_body_bytes < 1 or not body_timeout_s > 0:
+        raise InputError("the body limit and the body timeout must be positive")
     register_secret(api_key)
     created = int(time.time())
+    # The stock docs routes cannot take a dependency: they are added below, behind the key.
     app = FastAPI(title="Mindset OpenAI-compatible API", version=__version__,
                   description="Local models behind the OpenAI API: /v1/models, "
-                  "/v1/chat/completions and /v1/completions.")
+                  "/v1/chat/completions and /v1/completions.",
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestGuard, check_host=api_key is None,  # type: ignore[arg-type]
+                       allowed_hosts=tuple(allowed_hosts), max_body_bytes=max_body_bytes,
+                       body_timeout_s=body_timeout_s)
     bearer = HTTPBearer(auto_error=False, description="the key given to `mindset serve`")
 
     async def check_key(
@@ -94,6 +99,18 @@ def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = No
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=auth, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", dependencies=auth, include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
     @app.get("/v1/models", dependencies=auth, response_model=ModelList,
              responses=ERROR_RESPONSES)
     async def list_models() -> ModelList:
@@ -111,7 +128,7 @@ def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = No
         adapter = adapter_for(body.model)
         params = sampling(body, body.max_completion_tokens)
         messages = [m.as_message() for m in body.messages]
-        usage = Usage(prompt_tokens=check_context(adapter, messages=messages))
+        usage = Usage(prompt_tokens=await check_context(adapter, messages=messages))
         if body.stream:
             stream = adapter.stream_chat(messages, params)
             return sse_response(chat_events(stream, body.model, body.include_usage, usage))
@@ -134,7 +151,7 @@ def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = No
             prompt = body.prompt[0]
         else:
             prompt = body.prompt
-        usage = Usage(prompt_tokens=check_context(adapter, prompt=prompt))
+        usage = Usage(prompt_tokens=await check_context(adapter, prompt=prompt))
         if body.stream:
             stream = adapter.stream_complete(prompt, params)
             return sse_response(completion_events(stream, body.model, body.include_usage, usage))
@@ -155,18 +172,20 @@ def sampling(body: ChatCompletionRequest | CompletionRequest,
     try:
         return body.sampling(max_tokens)
     except InputError as exc:
-        raise APIError(400, str(exc)) from None
+        raise from_input_error(exc) from None
 
 
-def check_context(adapter: LocalAdapter, *, messages: list[ChatMessage] | None = None,
-                  prompt: str | None = None) -> int:
+async def check_context(adapter: LocalAdapter, *, messages: list[ChatMessage] | None = None,
+                        prompt: str | None = None) -> int:
+    """The prompt's token count, counted on a worker thread (megabytes take seconds)."""
     try:
-        return adapter.count_prompt_tokens(messages=messages, prompt=prompt)
+        return await asyncio.to_thread(adapter.count_prompt_tokens, messages=messages,
+                                       prompt=prompt)
     except ContextLengthError as exc:
         raise APIError(400, str(exc), param="messages" if messages else "prompt",
                        code="context_length_exceeded") from None
     except InputError as exc:
-        raise APIError(400, str(exc)) from None
+        raise from_input_error(exc) from None
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -267,43 +286,12 @@ async def guarded(stream: AsyncGenerator[StreamChunk, None],
                 usage.prompt_tokens = chunk.usage.prompt_tokens
                 usage.completion_tokens = chunk.usage.completion_tokens
             yield chunk
+    except InputError as exc:
+        yield sse(from_input_error(exc).body())
     except MindsetError as exc:
-        yield sse(APIError(400, str(exc)).body())
+        yield sse(APIError(500, str(exc), kind="server_error").body())
     except Exception as exc:
         yield sse(APIError(500, f"generation failed: {type(exc).__name__}: {exc}",
                            kind="server_error").body())
     finally:
         await stream.aclose()
-
-
-# Errors ----------------------------------------------------------------------------------
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(location) or None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message, param = "the request body is not valid JSON", None
-        elif param:
-            message = f"{param}: {message}"
-        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(),
-                            status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(MindsetError)
-    async def mindset_error(_: Request, exc: MindsetError) -> JSONResponse:
-        status = 400 if isinstance(exc, InputError) else 500
-        kind = "invalid_request_error" if status == 400 else "server_error"
-        return JSONResponse(APIError(status, str(exc), kind=kind).body(), status_code=status)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import socket
 import threading
 import time
@@ -10,17 +12,41 @@ from typing import Any
 from engine.errors import MindsetError
 
 STARTUP_TIMEOUT_S = 30.0
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Fail with a clear message, before loading anything, when the port is taken."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+    """Fail with one clear line, before loading anything, when ``host`` is not an address
+    this machine can listen on or the port is taken."""
+    family = listen_family(host)
+    with socket.socket(family) as probe:
         try:
             probe.bind((host, port))
         except OSError as exc:
+            reason = exc.strerror or str(exc)
             raise MindsetError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port"
+                f"cannot listen on {host}:{port} ({reason}); pick another --host or --port"
             ) from None
+
+
+def listen_family(host: str) -> socket.AddressFamily:
+    """The address family for ``host``; a one-line error when it is no valid address."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    # A name whose last label is a number is meant as an IPv4 address (256.1.1.1, 10.1).
+    if not host or not all(_LABEL.fullmatch(label) for label in labels) \
+            or labels[-1].isdigit():
+        raise MindsetError(f"{host!r} is not a valid address to listen on; pick another "
+                           "--host (an IP address such as 127.0.0.1, or a host name)")
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise MindsetError(f"cannot resolve {host!r} ({exc.strerror or exc}); pick another "
+                           "--host") from None
+    return socket.AddressFamily(infos[0][0])
 
 
 def free_port(host: str = "127.0.0.1") -> int:

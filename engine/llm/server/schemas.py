@@ -6,25 +6,41 @@ and ignored, as llama.cpp and vLLM do; known fields are checked and a bad value 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from engine.llm.types import ChatMessage, SamplingParams
+from engine.llm.types import (
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+    ChatMessage,
+    SamplingParams,
+    check_text,
+)
 
 DEFAULT_MAX_TOKENS = 256
 
 
+def _valid_text(value: str) -> str:
+    """A lone surrogate (``"\\ud800"`` is valid JSON) breaks the tokenizer and the log: 400."""
+    return check_text(value, "the value")
+
+
+# Every string a client sends: one that cannot be encoded as UTF-8 is a 400 naming it.
+Text = Annotated[str, AfterValidator(_valid_text)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] = ""
+    content: Text | list[TextPart] = ""
 
     def as_message(self) -> ChatMessage:
         text = self.content if isinstance(self.content, str) else "".join(
@@ -44,18 +60,21 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
+    temperature: float = Field(default=1.0, ge=0, le=MAX_TEMPERATURE,
+                               description="0 for greedy, else at least 1e-5")
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0, le=10)
-    stop: str | list[str] | None = Field(default=None)
+    repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY,
+                                      le=MAX_REPETITION_PENALTY,
+                                      description="at least 0.01; 1 means none")
+    stop: Text | list[Text] | None = Field(default=None)
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
 
     def sampling(self, max_tokens: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -80,7 +99,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="one prompt; a list must hold exactly one")
+    prompt: Text | list[Text] = Field(description="one prompt; a list must hold exactly one")
 
 
 class UsageOut(BaseModel):

@@ -151,6 +151,15 @@ class AssociativeMemory(nn.Module):
             _, keys, values = store.table(name).export_arrays()
         self.cache.replace(torch.from_numpy(keys.copy()), torch.from_numpy(values.copy()))
 
+    def export_entries(self) -> dict[str, torch.Tensor]:
+        """The entries and their LRFU statistics as tensors, for a training checkpoint (a
+        resumed run reads and evicts exactly as the saved one would have)."""
+        return self.cache.export_entries()
+
+    def load_entries(self, entries: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`export_entries` returned."""
+        self.cache.load_entries(entries)
+
     def fill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Replace the entries (initialisation, tests)."""
         self.cache.replace(keys.float(), values.float())

@@ -6,6 +6,7 @@ conversion with impossible settings fails in milliseconds rather than after clon
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -13,12 +14,36 @@ from engine.errors import InputError
 
 FEATURAL_KEY_KINDS = ("product", "flat")
 SCORE_WEIGHTINGS = ("softmax", "relu")
+# Product-key search enumerates about k ln k candidate pairs per head out of a k x k grid
+# built in Python: a top-k far beyond the papers' 16-32 only costs time, never quality.
+MAX_PRODUCT_TOPK = 1024
+TYPE_WORDS = {"int": "an integer", "float": "a finite number", "bool": "true or false",
+              "str": "a string"}
 
 
 def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name}={value!r} must be a positive integer")
     return value
+
+
+def _check_field_types(config: Any) -> None:
+    """Every field holds its declared type: values come from JSON and the command line,
+    where ``value_dim=1.5``, ``decay=abc`` or ``novelty_threshold=NaN`` are easy to write."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        kind = str(item.type)
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = (isinstance(value, int | float) and not isinstance(value, bool)
+                  and math.isfinite(value))
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise InputError(f"{item.name}={value!r} must be {TYPE_WORDS.get(kind, kind)}")
 
 
 def _reject_unknown(kind: str, hparams: dict[str, Any], allowed: list[str]) -> None:
@@ -28,6 +53,14 @@ def _reject_unknown(kind: str, hparams: dict[str, Any], allowed: list[str]) -> N
             f"unknown {kind} hyper-parameter(s) {', '.join(unknown)}; "
             f"known: {', '.join(sorted(allowed))}"
         )
+
+
+def check_hparams(kind: str, hparams: dict[str, Any]) -> None:
+    """Names and types of ``hparams`` for a ``kind`` memory ("featural" or "associative"),
+    checked before the teacher (and so the hidden size) is known."""
+    cls: Any = FeaturalConfig if kind == "featural" else AssociativeConfig
+    _reject_unknown(kind, hparams, [f.name for f in fields(cls) if f.name != "hidden_size"])
+    _check_field_types(cls(hidden_size=1, **hparams))
 
 
 @dataclass(frozen=True)
@@ -63,7 +96,8 @@ class FeaturalConfig:
         return self.num_subkeys**2 if self.keys == "product" else self.slots
 
     @property
-    def values_dim(self) -> int:
+    def effective_value_dim(self) -> int:
+        """The width of the value table: ``value_dim`` resolved (0 and flat keys: hidden)."""
         if self.keys == "flat":
             return self.hidden_size
         return self.value_dim or self.hidden_size
@@ -99,6 +133,7 @@ class FeaturalConfig:
         return config
 
     def validate(self) -> None:
+        _check_field_types(self)
         _positive("hidden_size", self.hidden_size)
         for name in ("gate", "gated", "sparse"):
             if not isinstance(getattr(self, name), bool):
@@ -111,6 +146,9 @@ class FeaturalConfig:
             if self.query_dim % 2:
                 raise InputError(f"query_dim={self.query_dim} is odd; product keys split the "
                                  "query in two halves, give an even query_dim")
+            if self.topk > MAX_PRODUCT_TOPK:
+                raise InputError(f"topk={self.topk} is more than product keys allow (at most "
+                                 f"{MAX_PRODUCT_TOPK}); give a smaller topk (16-32 is usual)")
             if self.topk > self.num_subkeys:
                 raise InputError(f"topk={self.topk} exceeds num_subkeys={self.num_subkeys}; "
                                  "product-key search takes the top-k of each half, give "
@@ -133,6 +171,9 @@ class FeaturalConfig:
             if self.activation not in ACT2FN:
                 raise InputError(f"activation={self.activation!r} is unknown; use one of "
                                  "relu, gelu, gelu_new, silu")
+        from engine.model.memory_layers.budget import check_layer_fits
+
+        check_layer_fits(self)
 
 
 @dataclass(frozen=True)
@@ -172,6 +213,7 @@ class AssociativeConfig:
         return config
 
     def validate(self) -> None:
+        _check_field_types(self)
         for name in ("hidden_size", "heads", "key_dim", "value_dim", "topk", "capacity"):
             _positive(name, getattr(self, name))
         if self.topk > self.capacity:
@@ -188,3 +230,6 @@ class AssociativeConfig:
             raise InputError(f"decay={self.decay!r} must be in (0, 1]")
         if self.insert not in ("train", "always", "never"):
             raise InputError(f"insert={self.insert!r} must be train, always or never")
+        from engine.model.memory_layers.budget import check_layer_fits
+
+        check_layer_fits(self)

@@ -2,24 +2,40 @@
 
 Training reads and writes this cache on every step; the memory store (SQL rows + ANN index)
 only sees it when the memory is saved or loaded, so no step round-trips SQL. The cache keeps
-LRFU statistics (a combined recency-frequency value per entry that decays every step and grows
-with each read) to choose what to evict, and merges near-duplicate keys that come back
-together in one top-k (usage-weighted means, as the store's recombination does).
+the store's LRFU statistics (a combined recency-frequency value per entry that decays every
+step and grows with each read) to choose what to evict, and merges near-duplicate keys that
+come back together in one top-k, both with the store's own functions (``engine.memory.lrfu``
+and ``engine.memory.recombination``); a cache position plays the part of a row id.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from engine.memory.lrfu import (
+    choose_victims,
+    decayed,
+    eviction_count,
+    hit_counts,
+    lambda_for_decay,
+    record_hits,
+)
+from engine.memory.recombination import MergePlan, group_members, merge_entries, merge_groups
 
 
 class EntryCache:
     def __init__(self, key_dim: int, value_dim: int, capacity: int, decay: float) -> None:
         self.key_dim, self.value_dim = key_dim, value_dim
         self.capacity, self.decay = capacity, decay
+        self.lam = lambda_for_decay(decay)  # the store's LRFU lambda for this per-step decay
+        self.clock = 0  # one tick per step that reads the cache
         self.keys = torch.zeros(0, key_dim)
         self.values = torch.zeros(0, value_dim)
-        self.crf = torch.zeros(0, dtype=torch.float64)  # LRFU score
-        self.hits = torch.zeros(0, dtype=torch.int64)
+        # Statistics per entry, on the CPU: LRFU score as of its last tick, and reads.
+        self.crf = np.zeros(0, dtype=np.float64)
+        self.last_tick = np.zeros(0, dtype=np.int64)
+        self.hits = np.zeros(0, dtype=np.int64)
         self.inserted = 0
         self.evicted = 0
         self.merged = 0
@@ -45,85 +61,113 @@ class EntryCache:
 
     def touch(self, positions: torch.Tensor) -> None:
         """One step passes: every score decays, and each read adds 1 (LRFU)."""
-        self.crf.mul_(self.decay)
-        flat = positions.reshape(-1).cpu()
-        ones = torch.ones(flat.shape[0], dtype=torch.float64)
-        self.crf.index_add_(0, flat, ones)
-        self.hits.index_add_(0, flat, torch.ones_like(flat))
+        self.clock += 1
+        flat = positions.reshape(-1).cpu().numpy().astype(np.int64)
+        where, counts = hit_counts(flat, len(self))
+        record_hits(self.crf, self.last_tick, where, counts, self.clock, self.lam)
+        self.hits[where] += counts
 
     def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         keys = keys.detach().to(self.keys.device, self.keys.dtype)
         values = values.detach().to(self.values.device, self.values.dtype)
         if keys.shape[0] > self.capacity:  # keep the newest that fit
             keys, values = keys[-self.capacity:], values[-self.capacity:]
+        rows = int(keys.shape[0])
         self.keys = torch.cat([self.keys, keys])
         self.values = torch.cat([self.values, values])
-        self.crf = torch.cat([self.crf, torch.ones(keys.shape[0], dtype=torch.float64)])
-        self.hits = torch.cat([self.hits, torch.zeros(keys.shape[0], dtype=torch.int64)])
-        self.inserted += int(keys.shape[0])
-        overflow = len(self) - self.capacity
-        if overflow > 0:
-            self.evict(overflow, protect_last=int(keys.shape[0]))
+        self.crf = np.concatenate([self.crf, np.ones(rows)])
+        self.last_tick = np.concatenate([self.last_tick, np.full(rows, self.clock, np.int64)])
+        self.hits = np.concatenate([self.hits, np.zeros(rows, dtype=np.int64)])
+        self.inserted += rows
+        self.evict(eviction_count(len(self), self.capacity, 0.0), protect_last=rows)
 
     def evict(self, count: int, protect_last: int = 0) -> None:
-        """Drop the ``count`` entries with the lowest LRFU score (the newest are protected)."""
+        """Drop ``count`` entries, lowest LRFU score first; the newest ``protect_last`` go
+        only after all the others (the store's rule for a batch being inserted)."""
         if count <= 0:
             return
-        score = self.crf.clone()
-        if protect_last:
-            score[-protect_last:] = float("inf")
-        drop = score.topk(count, largest=False).indices
-        keep = torch.ones(len(self), dtype=torch.bool)
+        older = len(self) - protect_last
+        drop = choose_victims(
+            self.crf[:older], self.last_tick[:older], np.arange(older, dtype=np.int64),
+            np.arange(older, len(self), dtype=np.int64), count, self.clock, self.lam,
+        )
+        keep = np.ones(len(self), dtype=bool)
         keep[drop] = False
         self._keep(keep)
-        self.evicted += count
+        self.evicted += len(drop)
 
     def recombine(self, positions: torch.Tensor, threshold: float) -> int:
-        """Merge pairs of entries returned in one top-k whose keys are within ``threshold``.
+        """Merge entries returned in one top-k whose keys are within ``threshold`` (squared L2).
 
-        Each merged pair becomes one entry: the hit-weighted mean key and value, the summed
-        score and hits. Returns how many entries were merged away.
+        Linked entries (connected groups) merge into the group's oldest entry (its smallest
+        position) by the store's rule: the hit-weighted mean key and value (weight = hits + 1),
+        the summed score and hits.
+        Returns how many entries were merged away.
         """
         if threshold <= 0 or len(self) < 2:
             return 0
-        rows = positions.reshape(-1, positions.shape[-1]).cpu()
-        keys = self.keys.cpu()
-        gathered = keys[rows]  # [n, k, dk]
-        distance = torch.cdist(gathered.float(), gathered.float()).pow(2)
-        k = rows.shape[1]
-        upper = torch.triu(torch.ones(k, k, dtype=torch.bool), 1)
-        row, first, second = torch.nonzero((distance <= threshold) & upper, as_tuple=True)
-        gone: set[int] = set()
-        keep = torch.ones(len(self), dtype=torch.bool)
-        new_keys, new_values = self.keys.clone(), self.values.clone()
-        for r, a, b in zip(row.tolist(), first.tolist(), second.tolist(), strict=True):
-            kept, merged = int(rows[r, a]), int(rows[r, b])
-            if kept == merged or kept in gone or merged in gone:
-                continue
-            wa, wb = float(self.hits[kept] + 1), float(self.hits[merged] + 1)
-            total = wa + wb
-            new_keys[kept] = (new_keys[kept] * wa + new_keys[merged] * wb) / total
-            new_values[kept] = (new_values[kept] * wa + new_values[merged] * wb) / total
-            self.crf[kept] += self.crf[merged]
-            self.hits[kept] += self.hits[merged]
-            keep[merged] = False
-            gone.add(merged)
-        self.keys, self.values = new_keys, new_values
-        if gone:
-            self._keep(keep)
-            self.merged += len(gone)
-        return len(gone)
+        rows = positions.reshape(-1, positions.shape[-1]).cpu().numpy().astype(np.int64)
+        keys = self.keys.detach().float().cpu().numpy()
+        groups = group_members(merge_groups(rows, keys[rows], threshold))
+        if not groups:
+            return 0
+        plan = MergePlan.of(groups)
+        members = plan.members
+        values = self.values.detach().float().cpu().numpy()
+        crf_now = decayed(self.crf[members], self.last_tick[members], self.clock, self.lam)
+        merged = merge_entries(plan, keys[members], values[members], self.hits[members], crf_now)
+        # Out of place: the cache may hold inference-mode tensors, which refuse in-place edits.
+        device = self.keys.device
+        kept = torch.from_numpy(plan.kept).to(device)
+        self.keys = self.keys.index_copy(
+            0, kept, torch.from_numpy(merged.key).to(device, self.keys.dtype)
+        )
+        self.values = self.values.index_copy(
+            0, kept, torch.from_numpy(merged.value).to(device, self.values.dtype)
+        )
+        self.crf[plan.kept] = merged.crf
+        self.last_tick[plan.kept] = self.clock
+        self.hits[plan.kept] = merged.access_count
+        keep = np.ones(len(self), dtype=bool)
+        keep[plan.gone] = False
+        self._keep(keep)
+        self.merged += len(plan.gone)
+        return len(plan.gone)
 
-    def _keep(self, keep: torch.Tensor) -> None:
-        device_keep = keep.to(self.keys.device)
+    def _keep(self, keep: np.ndarray) -> None:
+        device_keep = torch.from_numpy(keep).to(self.keys.device)
         self.keys = self.keys[device_keep]
         self.values = self.values[device_keep]
         self.crf = self.crf[keep]
+        self.last_tick = self.last_tick[keep]
         self.hits = self.hits[keep]
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Set the whole content (loading, initialisation); statistics start afresh."""
         self.keys = keys.detach().clone().to(self.keys.dtype)
         self.values = values.detach().clone().to(self.values.dtype)
-        self.crf = torch.ones(len(self), dtype=torch.float64)
-        self.hits = torch.zeros(len(self), dtype=torch.int64)
+        self.crf = np.ones(len(self), dtype=np.float64)
+        self.last_tick = np.full(len(self), self.clock, dtype=np.int64)
+        self.hits = np.zeros(len(self), dtype=np.int64)
+
+    def export_entries(self) -> dict[str, torch.Tensor]:
+        """The whole content with its LRFU statistics, clock and counters, as CPU tensors
+        (what a training checkpoint keeps of this cache); :meth:`load_entries` puts it back."""
+        return {
+            "keys": self.keys.detach().cpu().clone(),
+            "values": self.values.detach().cpu().clone(),
+            "crf": torch.from_numpy(self.crf.copy()),
+            "last_tick": torch.from_numpy(self.last_tick.copy()),
+            "hits": torch.from_numpy(self.hits.copy()),
+            "counters": torch.tensor([self.clock, self.inserted, self.evicted, self.merged]),
+        }
+
+    def load_entries(self, entries: dict[str, torch.Tensor]) -> None:
+        """Restore exactly what :meth:`export_entries` returned (statistics included)."""
+        self.keys = entries["keys"].clone()
+        self.values = entries["values"].clone()
+        self.crf = entries["crf"].numpy().astype(np.float64)
+        self.last_tick = entries["last_tick"].numpy().astype(np.int64)
+        self.hits = entries["hits"].numpy().astype(np.int64)
+        self.clock, self.inserted, self.evicted, self.merged = (
+            int(n) for n in entries["counters"])

@@ -32,7 +32,7 @@ class FeaturalMemory(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        hidden, slots, value_dim = config.hidden_size, config.num_slots, config.values_dim
+        hidden, slots, value_dim = config.hidden_size, config.num_slots, config.effective_value_dim
         self.product: ProductKeys | None = None
         self.flat: FlatKeys | None = None
         self.query_proj: nn.Linear | None = None
@@ -119,6 +119,7 @@ class FeaturalMemory(nn.Module):
         c = self.config
         if c.keys == "product":
             return (f"product keys: {c.heads} heads x {c.num_subkeys}^2 = {c.num_slots} slots, "
-                    f"query {c.query_dim}, top-{c.topk}, values {c.values_dim}, gate={c.gate}")
+                    f"query {c.query_dim}, top-{c.topk}, values {c.effective_value_dim}, "
+                    f"gate={c.gate}")
         return (f"flat keys: {c.num_slots} slots, top-{c.effective_topk}, "
                 f"activation {c.activation}, gated={c.gated}")

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine.errors import InputError
 from engine.model.memory_layers.featural import GATE_OPEN, FeaturalMemory
 from engine.model.memory_layers.kmeans import kmeans
 from engine.model.memory_layers.teacher_mlp import MlpWeights
@@ -38,7 +39,8 @@ def init_flat_from_mlp(memory: FeaturalMemory, mlp: MlpWeights,
     assert flat is not None and memory.out_bias is not None
     slots = memory.num_slots
     if slots > mlp.neurons:
-        raise ValueError(f"{slots} slots but the MLP has only {mlp.neurons} neurons")
+        raise InputError(f"slots={slots} exceeds the MLP's {mlp.neurons} neurons; flat keys "
+                         f"copy neurons, give slots <= {mlp.neurons}")
     if slots == mlp.neurons:
         chosen = torch.arange(slots)
     else:
@@ -75,7 +77,7 @@ def _open_gate(memory: FeaturalMemory) -> None:
 def _set_output(memory: FeaturalMemory, outputs: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Set the output projection; return the map from hidden space to value space [hidden, dv]."""
     assert memory.out_proj is not None
-    hidden, value_dim = memory.config.hidden_size, memory.config.values_dim
+    hidden, value_dim = memory.config.hidden_size, memory.config.effective_value_dim
     if value_dim >= hidden:  # the hidden space itself; extra value dimensions start unused
         basis = torch.cat([torch.eye(hidden), torch.zeros(hidden, value_dim - hidden)], dim=1)
     else:  # the value space spans the top principal directions of the outputs
@@ -114,7 +116,7 @@ def init_product_from_neurons(memory: FeaturalMemory, mlp: MlpWeights) -> None:
     projected = (mlp.keys @ basis.t()).view(mlp.neurons, c.heads, c.query_dim)
     _codebooks(memory, projected, spherical=False)
     to_values = _set_output(memory, mlp.values, mlp.out_bias)
-    values = torch.zeros(c.num_slots, c.values_dim)
+    values = torch.zeros(c.num_slots, c.effective_value_dim)
     scores, slots = memory.product.search(memory.query_proj(mlp.keys))
     # Each neuron lands in its best slot of every head; heads' reads are summed, so split it.
     best = slots[:, :, 0]  # [I, heads]

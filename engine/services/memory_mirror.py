@@ -12,14 +12,26 @@ in its modules, so each memory layer gets a mirror table:
 :class:`MemoryTracker` sums, over one reply, the weight each mirrored entry got, for the
 chat's memory-use panel.
 
-Importing this module is cheap: numpy and torch load on first use.
+Importing this module is cheap: numpy, torch and the memory layers load on first use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from engine.views import MemoryUse
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
+
+    from engine.memory import MemoryStore, MemoryTable
+    from engine.model.memory_layers.associative import AssociativeMemory
+    from engine.model.memory_layers.featural import FeaturalMemory
 
 FEATURAL_SUFFIX = "_featural"
 ASSOCIATIVE_SUFFIX = "_associative"
@@ -37,22 +49,12 @@ def associative_table_name(layer: int) -> str:
 
 
 @dataclass
-class MemoryUse:
-    """A memory entry a reply read, with the share of attention it got."""
-
-    table: str
-    id: int
-    weight: float
-    label: str = ""
-
-
-@dataclass
 class FeaturalTable:
     """A featural layer mirrored into a table: which layer, its module, ids in slot order."""
 
     layer: int
-    module: Any
-    ids: Any
+    module: FeaturalMemory
+    ids: np.ndarray
 
 
 @dataclass
@@ -61,15 +63,15 @@ class AssociativeTable:
     position ``i`` of ``module.cache``."""
 
     layer: int
-    module: Any
-    ids: Any
+    module: AssociativeMemory
+    ids: np.ndarray
 
 
 def _provenance(student_spec: str | None, layer: int) -> str:
     return f"{student_spec}{MIRROR_MARK}{layer}"
 
 
-def _existing_mirror(store: Any, name: str) -> tuple[Any, str | None]:
+def _existing_mirror(store: MemoryStore, name: str) -> tuple[MemoryTable | None, str | None]:
     """The table called ``name`` and its first row's provenance (None: no table)."""
     if name not in store.table_names():
         return None, None
@@ -78,21 +80,24 @@ def _existing_mirror(store: Any, name: str) -> tuple[Any, str | None]:
     return table, (first[0].provenance or "") if first else ""
 
 
-def mirror_featural(store: Any, modules: dict[int, Any],
+def mirror_featural(store: MemoryStore, modules: dict[int, nn.Module],
                     student_spec: str | None) -> dict[str, FeaturalTable]:
     """Mirror each featural layer's slots into a table (re-used while it still has the
     slot count and provenance of this student)."""
     import numpy as np
 
+    from engine.model.memory_layers.featural import FeaturalMemory
+
     mirrors: dict[str, FeaturalTable] = {}
     for layer, module in modules.items():
-        if type(module).__name__ != "FeaturalMemory":
+        if not isinstance(module, FeaturalMemory):
             continue
         name = featural_table_name(layer)
         values = module.values.detach().float().numpy()
         if module.product is not None:
             keys = module.product.slot_keys(0).detach().float().numpy()
         else:
+            assert module.flat is not None  # a featural layer has product or flat keys
             keys = module.flat.keys.detach().float().numpy()
         source = _provenance(student_spec, layer)
         table, provenance = _existing_mirror(store, name)
@@ -109,16 +114,18 @@ def mirror_featural(store: Any, modules: dict[int, Any],
     return mirrors
 
 
-def mirror_associative(store: Any, modules: dict[int, Any],
+def mirror_associative(store: MemoryStore, modules: dict[int, nn.Module],
                        student_spec: str | None) -> dict[str, AssociativeTable]:
     """Mirror each associative layer's cache into a table, entry i as the i-th row.
 
     A mirror is re-used (keeping its labels and tags) while it holds exactly the live
     entries, in cache order; otherwise it is rebuilt. A table of that name that is no mirror
     (a user's own) is left alone and the layer is not mirrored."""
+    from engine.model.memory_layers.associative import AssociativeMemory
+
     mirrors: dict[str, AssociativeTable] = {}
     for layer, module in modules.items():
-        if type(module).__name__ != "AssociativeMemory":
+        if not isinstance(module, AssociativeMemory):
             continue
         name = associative_table_name(layer)
         keys = module.cache.keys.detach().float().cpu().numpy()
@@ -143,7 +150,8 @@ def mirror_associative(store: Any, modules: dict[int, Any],
     return mirrors
 
 
-def _holds(table: Any, provenance: str | None, source: str, keys: Any, values: Any) -> bool:
+def _holds(table: MemoryTable, provenance: str | None, source: str, keys: np.ndarray,
+           values: np.ndarray) -> bool:
     """Whether ``table`` is this student's mirror and holds exactly ``keys``/``values``."""
     import numpy as np
 
@@ -155,7 +163,7 @@ def _holds(table: Any, provenance: str | None, source: str, keys: Any, values: A
     return bool(np.array_equal(stored_keys, keys) and np.array_equal(stored_values, values))
 
 
-def reload_associative(table: Any, mirror: AssociativeTable) -> None:
+def reload_associative(table: MemoryTable, mirror: AssociativeTable) -> None:
     """Make the live cache hold the table's entries, in id order (cache position i <->
     ``mirror.ids[i]``). Access statistics of the cache start afresh."""
     import torch
@@ -169,7 +177,7 @@ def reload_associative(table: Any, mirror: AssociativeTable) -> None:
     mirror.ids = ids
 
 
-def associative_projection(module: Any) -> Any:
+def associative_projection(module: AssociativeMemory) -> SimpleNamespace:
     """What one entry's value adds to the residual stream, as an object with ``weight``
     [hidden, value_dim]: the output projection averaged over heads (any head may read any
     entry)."""
@@ -188,8 +196,8 @@ class MemoryTracker:
                  associative: dict[str, AssociativeTable] | None = None) -> None:
         self.tables = tables
         self.associative = associative or {}
-        self.totals: dict[str, Any] = {}
-        self.handles: list[Any] = []
+        self.totals: dict[str, torch.Tensor] = {}
+        self.handles: list[RemovableHandle] = []
 
     def attach(self) -> None:
         import torch
@@ -197,7 +205,8 @@ class MemoryTracker:
         for name, mirror in self.tables.items():
             self.totals[name] = torch.zeros(mirror.module.num_slots)
 
-            def hook(module: Any, inputs: Any, _output: Any, name: str = name) -> None:
+            def hook(module: Any, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor,
+                     name: str = name) -> None:
                 with torch.no_grad():
                     x = inputs[0].reshape(-1, inputs[0].shape[-1])
                     slots, weights = module.lookup(x)
@@ -216,7 +225,7 @@ class MemoryTracker:
         for name, associative in self.associative.items():
             self.totals[name] = associative.module.stop_recording()
 
-    def _ids(self, name: str) -> Any:
+    def _ids(self, name: str) -> np.ndarray | list[int]:
         mirror = self.tables.get(name) or self.associative.get(name)
         return mirror.ids if mirror is not None else []
 

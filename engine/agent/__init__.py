@@ -1,1 +1,0 @@
-"""agent subsystem of the engine."""

@@ -1,0 +1,179 @@
+"""The job service: distillation jobs for front ends (``engine.jobs``).
+
+Jobs run in their own processes (:class:`engine.distill.jobs.JobRunner`) and outlive the
+workbench; this service lists, starts, follows and controls them, with every read of the run
+directories in a worker thread so that a caller's event loop never waits on the disk. It is
+wired by its constructor: the runs root, the workbench's teacher, and how to find a
+teacher's middle layer (the runtime's model loader), never by reaching into the engine.
+
+Importing it is cheap: the job runner (and torch with it) loads on first use. The typed job
+events (:mod:`engine.distill.job_events`) are part of its surface, for front ends to match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.distill.job_events import (
+    CheckpointEvent,
+    DoneEvent,
+    ErrorEvent,
+    EvalEvent,
+    JobEvent,
+    LocalPairsEvent,
+    ResumedEvent,
+    StateEvent,
+    StepEvent,
+    UnknownEvent,
+    event_type,
+)
+from engine.errors import MindsetError
+from engine.runtime import module_exists
+from engine.views import Availability, JobRequest, JobView
+
+if TYPE_CHECKING:
+    from engine.distill.jobs import JobInfo, JobRunner
+
+__all__ = [
+    "QUICK_START_STEPS", "CheckpointEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "JobEvent",
+    "JobService", "LocalPairsEvent", "ResumedEvent", "StateEvent", "StepEvent", "UnknownEvent",
+    "event_type",
+]
+
+# About 4-5 s per step of 4 x 128 tokens on 2 cores for the default model: a few minutes.
+QUICK_START_STEPS = 50
+JOB_POLL_SECONDS = 0.25  # how often a followed job's new events are read
+STUDENT_DIR = "student"  # a run's trained student (engine.distill.loop.STUDENT_DIR)
+STUDENT_MARKER = "mindset_student.json"  # the file that makes a directory a student
+
+
+class JobService:
+    """Distillation jobs under ``runs_root`` (``runs_dir()`` when None)."""
+
+    def __init__(self, runs_root: Path | None, *, default_teacher: str,
+                 middle_layer: Callable[[str], Awaitable[int]]) -> None:
+        """``middle_layer(teacher)``: the index of the teacher's layer at half depth (it may
+        load the teacher; the runtime's loader shares what is loaded already)."""
+        self.runs_root = runs_root
+        self.default_teacher = default_teacher
+        self._middle_layer = middle_layer
+        self._runner: JobRunner | None = None
+        self._losses: dict[str, float] = {}  # the last loss seen per followed job
+        # Extra DistillConfig fields for every job started here (tests shrink blocks).
+        self.job_overrides: dict[str, Any] = {}
+
+    def availability(self) -> Availability:
+        if not module_exists("engine.distill.jobs"):
+            return Availability(False, "the job runner (engine.distill.jobs) is not installed")
+        return Availability(True)
+
+    def _job_runner(self) -> JobRunner:
+        """The runner, built on first use (in a worker thread: it imports torch)."""
+        if self._runner is None:
+            from engine.distill.jobs import JobRunner
+
+            self._runner = JobRunner(self.runs_root)
+        return self._runner
+
+    async def list_jobs(self) -> list[JobView]:
+        """Every job under the runs directory, newest first, as the job list shows it."""
+        jobs = await asyncio.to_thread(lambda: self._job_runner().jobs())
+        return [self._job_view(job) for job in jobs]
+
+    def _job_view(self, job: JobInfo) -> JobView:
+        return JobView(
+            id=job.id, state=job.state, step=job.step, total_steps=job.total_steps,
+            teacher=job.teacher, layers=job.layers, memory=job.memory,
+            loss=self._losses.get(job.id), error=job.error or "", run_dir=str(job.run_dir),
+        )
+
+    def quick_start_request(self) -> JobRequest:
+        """One middle layer of the workbench's model, a few minutes on a laptop."""
+        # Small blocks and few sampled blocks: the teacher writes its own training text
+        # (no data set needed) in a minute or two, then training takes a few minutes.
+        return JobRequest(teacher=self.default_teacher, layers="middle", memory="featural",
+                          data=None, steps=QUICK_START_STEPS, lr=1e-3,
+                          options=dict(block_size=128, batch_size=4, data_free_blocks=16,
+                                       heldout_blocks=2))
+
+    async def launch_job(self, request: JobRequest) -> JobView:
+        """Start a distillation job in its own process; it outlives the workbench."""
+        layers = request.layers.strip()
+        if layers == "middle":
+            layers = str(await self._middle_layer(request.teacher))
+
+        def start() -> JobInfo:
+            from engine.distill.config import DistillConfig
+
+            config = DistillConfig(
+                teacher=request.teacher, layers=layers, memory=request.memory,
+                data=[request.data] if request.data else [], steps=request.steps,
+                lr=request.lr, eval_every=max(10, request.steps // 5),
+                checkpoint_every=max(10, request.steps // 10),
+                **{**request.options, **self.job_overrides},
+            )
+            return self._job_runner().start(config)
+
+        job = await asyncio.to_thread(start)
+        return self._job_view(job)
+
+    async def follow_job(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """The job's events from its start, then as they are written, until it exits."""
+        runner = await asyncio.to_thread(self._job_runner)  # first use imports torch
+        async for event in runner.events(job_id, poll=JOB_POLL_SECONDS):
+            if isinstance(event, StepEvent):
+                self._losses[job_id] = event.loss
+            yield event
+
+    async def control_job(self, job_id: str, command: str) -> None:
+        """``pause``, ``resume`` or ``cancel`` a job."""
+        runner = await asyncio.to_thread(self._job_runner)
+        actions: dict[str, Callable[[str], object]] = {
+            "pause": runner.pause, "resume": runner.resume, "cancel": runner.cancel}
+        if command not in actions:
+            raise MindsetError(f"unknown job command {command!r}; use pause, resume or cancel")
+        await asyncio.to_thread(actions[command], job_id)
+
+    async def job_log_tail(self, job_id: str, lines: int = 20) -> list[str]:
+        """The last lines of the job's process output (errors a worker printed)."""
+        def tail() -> list[str]:
+            from engine.distill.jobs import LOG_NAME
+
+            path = self._job_runner().run_dir(job_id) / LOG_NAME
+            if not path.exists():
+                return []
+            return path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+
+        return await asyncio.to_thread(tail)
+
+    async def latest_student(self) -> str | None:
+        """The student directory of the newest completed job, if any.
+
+        Reads the run directories directly (no torch import), so the workbench can decide at
+        start-up, in a moment, whether to offer the quick start."""
+
+        def find() -> str | None:
+            from engine.distill.events import STATE_NAME
+            from engine.paths import runs_dir
+
+            root = self.runs_root or runs_dir()
+            if not root.is_dir():
+                return None
+            candidates = []
+            for run in root.iterdir():
+                student = run / STUDENT_DIR
+                if not (student / STUDENT_MARKER).is_file():
+                    continue
+                try:
+                    state = json.loads((run / STATE_NAME).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                if isinstance(state, dict) and state.get("state") == "completed":
+                    candidates.append((student.stat().st_mtime, str(student)))
+            return max(candidates)[1] if candidates else None
+
+        return await asyncio.to_thread(find)

@@ -1,0 +1,393 @@
+"""The memory service: the Memory pane's view of the store and of a student's memory layers.
+
+Paging, finding, editing, deleting (with undo), inserting, eviction, recombination and text
+search over the store's tables. Every store call runs on the runtime's store thread. A
+student's memory layers are mirrored into tables when it loads (a hook on the runtime, run
+before the student becomes visible); edits to a mirror reach the live student, and
+:meth:`MemoryService.save_student` writes them back to its student directory.
+
+Importing this module is cheap: numpy, torch and SQLAlchemy load on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import MindsetError
+from engine.runtime import STUDENT, TEACHER, Runtime, module_exists
+from engine.services.memory_mirror import (
+    AssociativeTable,
+    FeaturalTable,
+    MemoryTracker,
+    mirror_associative,
+    mirror_featural,
+    reload_associative,
+)
+from engine.services.memory_rows import entry_view, promoted_tokens, text_vectors
+from engine.views import Availability, DeletedEntries, EntryView
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from engine.memory import MemoryRow, MemoryStore, MemoryTable
+    from engine.model.loading import LoadedModel
+
+
+class MemoryService:
+    """The store and the mirrors of the live student's memory layers."""
+
+    def __init__(self, runtime: Runtime, database: str) -> None:
+        self.runtime = runtime
+        self.database = database
+        self._store: MemoryStore | None = None
+        self._store_error: str | None = None
+        self._featural: dict[str, FeaturalTable] = {}
+        self._associative: dict[str, AssociativeTable] = {}
+        runtime.on_student_loaded(self._student_loaded)
+
+    def availability(self) -> Availability:
+        if not module_exists("engine.memory.store"):
+            return Availability(False, "the memory store (engine.memory) is not installed")
+        if self._store_error:
+            return Availability(False, self._store_error)
+        return Availability(True)
+
+    def mirror(self, table: str) -> FeaturalTable | AssociativeTable | None:
+        """The live memory layer mirrored into ``table``, if it is a mirror."""
+        return self._featural.get(table) or self._associative.get(table)
+
+    def tracker(self) -> MemoryTracker | None:
+        """A recorder of the memory entries one reply of the student reads (None when the
+        student has no mirrored memory layers)."""
+        if not (self._featural or self._associative):
+            return None
+        return MemoryTracker(self._featural, self._associative)
+
+    async def close(self) -> None:
+        if self._store is not None:
+            store, self._store = self._store, None
+            with contextlib.suppress(Exception):
+                await self.runtime.in_store(store.close)
+
+    # ----------------------------------------------------------------------- the student
+
+    async def _student_loaded(self, loaded: LoadedModel) -> None:
+        try:
+            await self.runtime.in_store(self._export_memory, loaded)
+        except MindsetError as exc:
+            self._store_error = str(exc)
+
+    def _export_memory(self, loaded: LoadedModel) -> None:
+        """Mirror each memory layer (featural slots, associative entries) into a table, so
+        the Memory pane can page, search and edit them; edits are written back into the live
+        student (see :mod:`engine.services.memory_mirror`)."""
+        from engine.model.surgery import memory_layers
+
+        store = self._open_store()
+        self._featural.clear()
+        self._associative.clear()
+        modules = memory_layers(loaded)
+        self._featural.update(mirror_featural(store, modules, self.runtime.student_spec))
+        self._associative.update(mirror_associative(store, modules, self.runtime.student_spec))
+
+    async def save_student(self) -> str:
+        """Write the live student, with the memory edits made since it loaded, back to its
+        student directory (atomically: the old directory stays whole until the new one is
+        complete); returns the directory."""
+        loaded = self.runtime.model(STUDENT)
+        if loaded is None:
+            raise MindsetError("no student is loaded; distil one first (Training pane)")
+
+        def save() -> str:
+            from engine.model.student import is_student_dir, save_student
+
+            directory = Path(str(loaded.source or loaded.spec))
+            if not is_student_dir(directory):
+                raise MindsetError(f"the student was not loaded from a student directory "
+                                   f"({directory}); nothing to save it back to")
+            try:
+                return str(save_student(loaded.model, directory, loaded.tokenizer))
+            except OSError as exc:
+                raise MindsetError(f"could not save the student to {directory}: {exc}") from exc
+
+        # The store's thread is the one that writes edits into the live slots: saving there
+        # means no edit lands halfway through the save.
+        return await self.runtime.in_store(save)
+
+    def _reload_associative(self, table: str, handle: MemoryTable) -> None:
+        """After a change to an associative mirror, the live layer reads its entries again
+        (on the store's thread, like every write)."""
+        mirror = self._associative.get(table)
+        if mirror is not None:
+            reload_associative(handle, mirror)
+
+    def _write_slots(self, table: str, rows: list[MemoryRow], values: np.ndarray) -> None:
+        """Copy changed values into the live student's featural layer (slot from meta)."""
+        mirror = self._featural.get(table)
+        if mirror is None:
+            return
+        import torch
+
+        with torch.no_grad():
+            for row, value in zip(rows, values, strict=True):
+                slot = row.meta.get("slot")
+                if isinstance(slot, int):
+                    mirror.module.values[slot] = torch.as_tensor(value, dtype=torch.float32)
+
+    def _refuse_featural(self, table: str, what: str) -> None:
+        if table in self._featural:
+            raise MindsetError(
+                f"{what} applies to associative memory tables; a featural layer has fixed slots"
+            )
+
+    # ----------------------------------------------------------------------------- reads
+
+    def _open_store(self) -> MemoryStore:
+        if self._store is None:
+            try:
+                from engine.memory import MemoryStore
+            except ImportError as exc:
+                raise MindsetError(
+                    "the memory store (engine.memory) is not installed in this build"
+                ) from exc
+            try:
+                self._store = MemoryStore.open(self.database)
+            except MindsetError as exc:
+                self._store_error = str(exc)
+                raise
+            except Exception as exc:
+                self._store_error = (
+                    f"could not open the memory database {self.database}: {exc}; "
+                    "check the path or move the file away to start a new one"
+                )
+                raise MindsetError(self._store_error) from exc
+            self._store_error = None
+        return self._store
+
+    async def table_names(self) -> list[str]:
+        return await self.runtime.in_store(lambda: list(self._open_store().table_names()))
+
+    async def table_stats(self, table: str) -> dict[str, Any]:
+        def stats() -> dict[str, Any]:
+            handle = self._open_store().table(table)
+            result = dict(handle.stats())
+            result.setdefault("size", len(handle))
+            return result
+
+        return await self.runtime.in_store(stats)
+
+    async def table_page(
+        self, table: str, offset: int, limit: int, *, with_tokens: bool = True
+    ) -> list[EntryView]:
+        """One page of entries, read from the database (never the whole table)."""
+        rows = await self.runtime.in_store(
+            lambda: list(self._open_store().table(table).page(offset, limit))
+        )
+        views = [entry_view(row) for row in rows]
+        if with_tokens and views:
+            await self._fill_top_tokens(table, rows, views)
+        return views
+
+    async def find_entry(self, table: str, entry_id: int) -> list[EntryView]:
+        try:
+            rows = await self.runtime.in_store(
+                lambda: self._open_store().table(table).get([entry_id])
+            )
+        except (KeyError, ValueError, MindsetError):
+            return []
+        views = [entry_view(row) for row in rows]
+        await self._fill_top_tokens(table, rows, views)
+        return views
+
+    async def search_text(self, table: str, text: str, k: int = 20) -> list[EntryView]:
+        """The entries nearest to what ``text`` looks like to the memory layer."""
+        query, _ = await self._vectors_for_text(table, text)
+
+        def search() -> list[MemoryRow]:
+            import numpy as np
+
+            handle = self._open_store().table(table)
+            result = handle.query(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
+            found = [int(i) for i in result.ids[0] if int(i) >= 0]
+            return handle.get(found) if found else []
+
+        rows = await self.runtime.in_store(search)
+        views = [entry_view(row) for row in rows]
+        await self._fill_top_tokens(table, rows, views)
+        return views
+
+    async def _vectors_for_text(self, table: str, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """A key and a value for ``text``: the hidden state entering the table's layer."""
+        runtime = self.runtime
+        loaded = runtime.model(STUDENT) or await runtime.load_model(TEACHER)
+
+        def dims() -> tuple[int, int]:
+            handle = self._open_store().table(table)
+            return handle.key_dim, handle.value_dim
+
+        key_dim, value_dim = await runtime.in_store(dims)
+        return await text_vectors(runtime, loaded, table, self.mirror(table), text,
+                                  key_dim, value_dim)
+
+    async def _fill_top_tokens(
+        self, table: str, rows: list[MemoryRow], views: list[EntryView], top: int = 5
+    ) -> None:
+        """What each value promotes through the output embedding, when a model is loaded."""
+        tokens = await promoted_tokens(self.runtime, table, rows, self._featural.get(table),
+                                       self._associative.get(table), top)
+        if tokens is not None:
+            for view, words in zip(views, tokens, strict=True):
+                view.top_tokens = words
+
+    # ---------------------------------------------------------------------------- writes
+
+    async def update_entry(
+        self,
+        table: str,
+        entry_id: int,
+        *,
+        label: str | None = None,
+        tags: list[str] | None = None,
+        scale: float | None = None,
+        value: np.ndarray | list[float] | None = None,
+        value_text: str | None = None,
+    ) -> None:
+        """Change an entry's label, tags, or value (scaled, or replaced by numbers or by the
+        vector the model gives a text) in one write."""
+        if value is None and value_text:
+            _, value = await self._vectors_for_text(table, value_text)
+
+        def update() -> None:
+            import numpy as np
+
+            handle = self._open_store().table(table)
+            new_value = None
+            if value is not None:
+                new_value = np.asarray(value, dtype=np.float32).reshape(1, -1)
+            elif scale is not None and scale != 1.0:
+                row = handle.get([entry_id])[0]
+                new_value = np.asarray(row.value, dtype=np.float32).reshape(1, -1)
+                new_value = new_value * np.float32(scale)
+            ids = np.asarray([entry_id], dtype=np.int64)
+            handle.update(ids, values=new_value, label=label, tags=tags)
+            if new_value is not None:
+                self._write_slots(table, handle.get([entry_id]), new_value)
+                self._reload_associative(table, handle)
+
+        await self.runtime.in_store(update)
+
+    async def delete_entries(self, table: str, ids: list[int]) -> DeletedEntries:
+        """Delete entries and return what is needed to undo it."""
+
+        def delete() -> DeletedEntries:
+            import numpy as np
+
+            handle = self._open_store().table(table)
+            rows = handle.get(ids)
+            keys = np.stack([np.asarray(r.key, dtype=np.float32) for r in rows])
+            values = np.stack([np.asarray(r.value, dtype=np.float32) for r in rows])
+            labels = [r.label for r in rows]
+            tags = [list(r.tags) for r in rows]
+            metas = [dict(r.meta) for r in rows]
+            handle.delete(np.asarray(ids, dtype=np.int64))
+            self._write_slots(table, rows, np.zeros_like(values))
+            self._reload_associative(table, handle)
+            return DeletedEntries(table, list(ids), keys, values, labels, tags, metas)
+
+        return await self.runtime.in_store(delete)
+
+    async def restore_entries(self, deleted: DeletedEntries) -> list[int]:
+        """Undo a delete: the entries come back (with new ids)."""
+
+        def restore() -> list[int]:
+            handle = self._open_store().table(deleted.table)
+            ids = handle.insert(
+                deleted.keys, deleted.values, labels=deleted.labels, tags=deleted.tags,
+                meta=deleted.metas,
+            )
+            self._write_slots(deleted.table, handle.get(ids), deleted.values)
+            self._reload_associative(deleted.table, handle)
+            return [int(i) for i in ids]
+
+        return await self.runtime.in_store(restore)
+
+    async def insert_entry(
+        self, table: str, *, label: str | None = None, key: np.ndarray | None = None,
+        value: np.ndarray | None = None, text: str | None = None,
+    ) -> int:
+        """Insert one entry. Without a key and value, ``text`` run through the model gives them."""
+        if table in self._featural:
+            raise MindsetError(
+                "a featural layer has a fixed number of slots: edit a slot (e) instead of "
+                "inserting one"
+            )
+        if key is None or value is None:
+            if not text:
+                raise MindsetError("give a text (or a key and a value) for the new entry")
+            key, value = await self._vectors_for_text(table, text)
+
+        def insert() -> int:
+            import numpy as np
+
+            handle = self._open_store().table(table)
+            mirror = self._associative.get(table)
+            if mirror is not None and len(handle) >= mirror.module.config.capacity:
+                raise MindsetError(
+                    f"layer {mirror.layer} holds its capacity of "
+                    f"{mirror.module.config.capacity} entries: run eviction (v) or delete "
+                    "entries first"
+                )
+            ids = handle.insert(
+                np.asarray(key, dtype=np.float32).reshape(1, -1),
+                np.asarray(value, dtype=np.float32).reshape(1, -1),
+                labels=[label or text],
+            )
+            self._reload_associative(table, handle)
+            return int(ids[0])
+
+        return await self.runtime.in_store(insert)
+
+    async def evict(self, table: str, count: int | None = None) -> str:
+        """LRFU eviction: down to the table's capacity, or the coldest tenth without one."""
+        self._refuse_featural(table, "eviction")
+
+        def evict() -> str:
+            handle = self._open_store().table(table)
+            amount = count
+            if amount is None and handle.capacity is None:
+                amount = max(1, len(handle) // 10) if len(handle) else 0
+            evicted = handle.evict(amount)
+            self._reload_associative(table, handle)
+            return f"evicted {len(evicted)} entries"
+
+        return await self.runtime.in_store(evict)
+
+    async def recombine(self, table: str, sample: int = 512, k: int = 8) -> str:
+        """Merge near-duplicate entries found among the top-k of a sample of stored keys.
+
+        The merge distance is the 5th percentile of the sample's neighbour distances, so only
+        the closest pairs merge."""
+        self._refuse_featural(table, "recombination")
+
+        def recombine() -> str:
+            import numpy as np
+
+            handle = self._open_store().table(table)
+            rows = handle.page(0, sample)
+            if len(rows) < 2:
+                return "nothing to merge"
+            keys = np.stack([np.asarray(r.key, dtype=np.float32) for r in rows])
+            result = handle.query(keys, min(k, len(handle)), record_access=False)
+            neighbours = result.distances[:, 1:]
+            finite = neighbours[np.isfinite(neighbours)]
+            if finite.size == 0:
+                return "nothing to merge"
+            distance = float(np.quantile(finite, 0.05))
+            groups = handle.recombine(result, distance)
+            self._reload_associative(table, handle)
+            merged = sum(len(members) for _, members in groups)
+            return f"merged {merged} entries into {len(groups)} (distance {distance:.4g})"
+
+        return await self.runtime.in_store(recombine)

@@ -1,0 +1,106 @@
+"""Plain data the engine hands to front ends: what the workbench shows and asks for.
+
+Kept apart from :mod:`engine.facade` so that services, panes and their protocols can name
+these types without importing the engine's wiring; importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass
+class Availability:
+    """Whether an engine part can be used; ``reason`` says why not, and what to do."""
+
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class ModelNode:
+    """One node of a model's structure, for display."""
+
+    label: str
+    params: int = 0
+    detail: str = ""
+    children: list[ModelNode] = field(default_factory=list)
+
+
+@dataclass
+class EntryView:
+    """One memory entry as the workbench shows it."""
+
+    id: int
+    label: str
+    tags: list[str]
+    access_count: int
+    last_access: str
+    norm: float
+    top_tokens: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeletedEntries:
+    """What a delete removed, kept so that it can be undone."""
+
+    table: str
+    ids: list[int]
+    keys: np.ndarray  # float32 (n, key_dim)
+    values: np.ndarray  # float32 (n, value_dim)
+    labels: list[str | None]
+    tags: list[list[str]]
+    metas: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class MemoryUse:
+    """A memory entry a reply read, with the share of attention it got."""
+
+    table: str
+    id: int
+    weight: float
+    label: str = ""
+
+
+@dataclass
+class JobRequest:
+    """What the Training pane's form asks for."""
+
+    teacher: str = "default"
+    layers: str = "middle"  # "middle", an index, a list/range, or "all"
+    memory: str = "featural"
+    data: str | None = None  # a text file or folder; None samples text from the teacher
+    steps: int = 200
+    lr: float = 1e-3
+    # Further DistillConfig fields (block_size, batch_size, data_free_blocks, ...).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobView:
+    """One distillation job as the job list shows it."""
+
+    id: str
+    state: str
+    step: int
+    total_steps: int
+    teacher: str
+    layers: str
+    memory: str
+    loss: float | None = None
+    error: str = ""
+    run_dir: str = ""
+
+
+def short_spec(spec: str) -> str:
+    """A model spec for display: built-in names as they are, paths by their last two parts."""
+    if "/" not in spec:
+        return spec
+    parts = Path(spec).parts
+    return "/".join(parts[-2:])

@@ -1,0 +1,107 @@
+"""What each workbench pane needs from the engine, as small typed protocols.
+
+A pane depends on exactly the calls it makes, not on the whole :class:`engine.facade.Engine`;
+the app passes the engine's services in, and a test can pass a light fake. Importing this
+module is cheap: it names engine types only for type checking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from engine.services.chat import ChatMessage
+    from engine.services.jobs import JobEvent
+    from engine.views import (
+        Availability,
+        DeletedEntries,
+        EntryView,
+        JobRequest,
+        JobView,
+        MemoryUse,
+        ModelNode,
+    )
+
+
+class MemoryAPI(Protocol):
+    """The Memory pane's calls (``engine.memory``)."""
+
+    def availability(self) -> Availability: ...
+
+    async def table_names(self) -> list[str]: ...
+
+    async def table_stats(self, table: str) -> dict[str, Any]: ...
+
+    async def table_page(self, table: str, offset: int, limit: int) -> list[EntryView]: ...
+
+    async def find_entry(self, table: str, entry_id: int) -> list[EntryView]: ...
+
+    async def search_text(self, table: str, text: str) -> list[EntryView]: ...
+
+    async def update_entry(
+        self, table: str, entry_id: int, *, label: str | None = None,
+        tags: list[str] | None = None, scale: float | None = None,
+        value: list[float] | None = None, value_text: str | None = None,
+    ) -> None: ...
+
+    async def delete_entries(self, table: str, ids: list[int]) -> DeletedEntries: ...
+
+    async def restore_entries(self, deleted: DeletedEntries) -> list[int]: ...
+
+    async def insert_entry(
+        self, table: str, *, label: str | None = None, text: str | None = None
+    ) -> int: ...
+
+    async def evict(self, table: str) -> str: ...
+
+    async def recombine(self, table: str) -> str: ...
+
+    async def save_student(self) -> str: ...
+
+
+class ModelsAPI(Protocol):
+    """The Model pane's calls (the engine itself: models are engine-wide)."""
+
+    @property
+    def student_spec(self) -> str | None: ...
+
+    def spec_for(self, role: str) -> str | None: ...
+
+    def model_error(self, role: str) -> str | None: ...
+
+    def describe_model(self, role: str) -> ModelNode | None: ...
+
+    async def load_model(self, role: str) -> object: ...
+
+
+class ChatAPI(Protocol):
+    """The Chat pane's calls (``engine.chat``)."""
+
+    def chat_targets(self) -> list[str]: ...
+
+    def stream_chat(
+        self, target: str, messages: Sequence[ChatMessage], *, max_tokens: int = ...,
+        temperature: float = ...,
+    ) -> AsyncIterator[str]: ...
+
+    def last_memory_usage(self, target: str) -> list[MemoryUse] | None: ...
+
+
+class JobsAPI(Protocol):
+    """The Training pane's calls (``engine.jobs``)."""
+
+    @property
+    def default_teacher(self) -> str: ...
+
+    def availability(self) -> Availability: ...
+
+    def quick_start_request(self) -> JobRequest: ...
+
+    async def list_jobs(self) -> list[JobView]: ...
+
+    async def launch_job(self, request: JobRequest) -> JobView: ...
+
+    def follow_job(self, job_id: str) -> AsyncIterator[JobEvent]: ...
+
+    async def control_job(self, job_id: str, command: str) -> None: ...
