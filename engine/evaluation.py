@@ -13,6 +13,7 @@ from engine.errors import InputError
 
 MIN_WINDOW = 2
 MAX_TOKENS = 100_000_000
+MAX_LOG_PPL = 700.0  # math.exp overflows past about 709: report such a model as inf
 
 
 @dataclass
@@ -101,8 +102,11 @@ def perplexity(
             predicted += len(chunk) - 1
     seconds = time.perf_counter() - start
     nll = total_nll / predicted
+    if not math.isfinite(nll):
+        raise InputError(f"the model's loss is {nll} on this text: its weights hold NaN or "
+                         "infinite values; re-convert or re-train it")
     return EvalResult(
-        ppl=math.exp(nll),
+        ppl=math.exp(nll) if nll < MAX_LOG_PPL else math.inf,
         nll=nll,
         tokens=len(ids),
         predicted=predicted,

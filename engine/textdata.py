@@ -14,6 +14,8 @@ def read_text_file(path: str | Path) -> str:
         raise InputError(f"{file}: no such file; give the path of a UTF-8 text file")
     if file.is_dir():
         raise InputError(f"{file} is a directory; give the path of a UTF-8 text file")
+    if not file.is_file():  # a device or a pipe (/dev/zero) would be read forever
+        raise InputError(f"{file} is not a regular file; give the path of a UTF-8 text file")
     try:
         text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -56,6 +56,8 @@ class DeletedEntries:
     labels: list[str | None]
     tags: list[list[str]]
     metas: list[dict[str, Any]] = field(default_factory=list)
+    # (created, last access, access count) per entry: an undo gives them back.
+    stats: list[tuple[float, float, int]] = field(default_factory=list)
 
 
 @dataclass

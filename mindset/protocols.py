@@ -59,6 +59,8 @@ class MemoryAPI(Protocol):
 
     async def save_student(self) -> str: ...
 
+    def take_warnings(self) -> list[str]: ...
+
 
 class ModelsAPI(Protocol):
     """The Model pane's calls (the engine itself: models are engine-wide)."""

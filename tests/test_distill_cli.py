@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def test_foreground_run_prints_the_report_and_resumes(
 
     assert run(args) == 2  # the directory holds a run: refuse to overwrite it
     assert "add --resume" in capsys.readouterr().err
-    assert run(["distill", "--layers", "1", "--out", str(out), "--resume"]) == 0
+    assert run(["distill", "--out", str(out), "--resume"]) == 0  # its layers: config.json
     assert "gap closed" in capsys.readouterr().out
 
 
@@ -48,3 +49,54 @@ def test_bad_input_is_one_clear_line(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.startswith("mindset: error: ")
+
+
+# -- --out ---------------------------------------------------------------------------------
+
+def distill_args(out: str) -> list[str]:
+    return ["distill", "--teacher", str(teacher_dir()), "--layers", "1", "--steps", "1",
+            "--block-size", "32", "--data", str(text_file()), "--out", out]
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("file", "is a file; give a directory"),
+        ("under-file", "is a file, so no directory can be made"),
+        ("proc", "cannot create anything in /proc"),
+        ("proc-self", "cannot create anything in /proc/self"),
+        ("read-only", "cannot create anything in"),
+    ],
+)
+def test_out_that_cannot_be_a_run_directory_is_one_line_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, message: str
+) -> None:
+    """Checked before any model loads: exit 2, one line, nothing created (with or without
+    --resume or --background)."""
+    (tmp_path / "plain.txt").write_text("not a directory")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if where == "read-only" and os.access(locked, os.W_OK):
+        pytest.skip("root writes through chmod 500; /proc and the file cases cover this")
+    out = {"file": tmp_path / "plain.txt", "under-file": tmp_path / "plain.txt" / "run",
+           "proc": Path("/proc/mindset-run"), "proc-self": Path("/proc/self/mindset/run"),
+           "read-only": locked / "run"}[where]
+    before = listing(tmp_path)
+    for extra in ([], ["--resume"], ["--background"]):
+        assert run([*distill_args(str(out)), *extra]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert line.startswith("mindset: error: --out ") and message in line, line
+    assert listing(tmp_path) == before
+    assert (tmp_path / "plain.txt").read_text() == "not a directory"
+    if where != "file":
+        assert not out.exists()

@@ -200,20 +200,68 @@ async def test_saved_edits_persist_in_the_student(student_dir: Path, tmp_path: P
         await engine.close()
 
 
-async def test_a_stale_mirror_is_rebuilt(student_dir: Path, tmp_path: Path) -> None:
+async def test_an_unsaved_delete_stays_deleted_after_a_relaunch(student_dir: Path,
+                                                                 tmp_path: Path) -> None:
     database = tmp_path / "memory.db"
     engine = await loaded_engine(student_dir, database, tmp_path)
     try:
-        ids, _, _ = mirror_arrays(database)
-        await engine.memory.delete_entries(TABLE, [int(ids[0])])  # not saved to the student
+        await engine.memory.evict(TABLE, 3)  # none of it saved to the student
+        ids, keys, _ = mirror_arrays(database)
+        await engine.memory.delete_entries(TABLE, [int(ids[0])])
+        await engine.memory.update_entry(TABLE, int(ids[1]), label="kept", scale=2.0)
+    finally:
+        await engine.close()
+    before, _, before_values = mirror_arrays(database)
+    engine = await loaded_engine(student_dir, database, tmp_path)
+    try:
+        layer = live_layer(engine)
+        assert len(layer) == ENTRIES - 4  # the delete and the eviction hold
+        after, after_keys, after_values = mirror_arrays(database)
+        np.testing.assert_array_equal(after, before)  # no row rebuilt, no id reassigned
+        np.testing.assert_array_equal(after_values, before_values)
+        np.testing.assert_array_equal(after_keys, layer.cache.keys.numpy())
+        np.testing.assert_array_equal(after_values, layer.cache.values.numpy())
+        assert not (layer.cache.keys == torch.from_numpy(keys[0])).all(dim=1).any()
+        assert (await engine.memory.find_entry(TABLE, int(ids[1])))[0].label == "kept"
+        warnings = " ".join(engine.memory.reconcile_warnings(TABLE))
+        assert "4 entries deleted here are still in the student" in warnings
+        assert "1 edited values not yet saved" in warnings
+        assert TABLE + ".deleted" not in await engine.memory.table_names()
+
+        await engine.memory.save_student()
     finally:
         await engine.close()
     engine = await loaded_engine(student_dir, database, tmp_path)
     try:
+        assert engine.memory.reconcile_warnings() == []
+        assert len(live_layer(engine)) == ENTRIES - 4
+        np.testing.assert_array_equal(mirror_arrays(database)[0], before)
+    finally:
+        await engine.close()
+
+
+async def test_entries_new_in_the_student_get_rows(student_dir: Path, tmp_path: Path) -> None:
+    database = tmp_path / "memory.db"
+    engine = await loaded_engine(student_dir, database, tmp_path)
+    try:
+        ids, keys, values = mirror_arrays(database)
+        await engine.memory.update_entry(TABLE, int(ids[5]), label="mine")
         layer = live_layer(engine)
-        assert len(layer) == ENTRIES
-        _, keys, _ = mirror_arrays(database)
-        np.testing.assert_array_equal(keys, layer.cache.keys.numpy())
+        # The layer inserts an entry at run time (not through the table) and is saved.
+        extra_key, extra_value = torch.randn(1, keys.shape[1]), torch.randn(1, values.shape[1])
+        layer.fill(torch.cat([layer.cache.keys, extra_key]),
+                   torch.cat([layer.cache.values, extra_value]))
+        await engine.memory.save_student()
+    finally:
+        await engine.close()
+    engine = await loaded_engine(student_dir, database, tmp_path)
+    try:
+        after, after_keys, _ = mirror_arrays(database)
+        assert len(after) == ENTRIES + 1 and after[:ENTRIES].tolist() == ids.tolist()
+        np.testing.assert_array_equal(after_keys[-1], extra_key[0].numpy())
+        np.testing.assert_array_equal(after_keys, live_layer(engine).cache.keys.numpy())
+        assert (await engine.memory.find_entry(TABLE, int(ids[5])))[0].label == "mine"
+        assert any("1 entries are new" in w for w in engine.memory.reconcile_warnings(TABLE))
     finally:
         await engine.close()
 

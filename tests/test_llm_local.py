@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 from collections.abc import Iterator
 from contextlib import aclosing
 
@@ -10,10 +12,17 @@ import pytest
 import torch
 
 from engine.errors import InputError
+from engine.llm.adapter import GenerationRequest
 from engine.llm.decoding import IncrementalDecoder, StopMatcher
 from engine.llm.local import ContextLengthError, LocalAdapter
 from engine.llm.log import InteractionLog
-from engine.llm.types import SamplingParams, as_messages
+from engine.llm.types import (
+    MIN_REPETITION_PENALTY,
+    MIN_TEMPERATURE,
+    ParameterError,
+    SamplingParams,
+    as_messages,
+)
 from engine.model.tiny import byte_level_tokenizer
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -89,11 +98,48 @@ async def test_max_tokens_is_clamped_to_the_context(adapter: LocalAdapter) -> No
     SamplingParams(max_tokens=0), SamplingParams(temperature=-1),
     SamplingParams(top_p=0), SamplingParams(top_k=-2), SamplingParams(repetition_penalty=0),
     SamplingParams(stop=[""]), SamplingParams(temperature=float("nan")),
+    SamplingParams(temperature=1e-45), SamplingParams(repetition_penalty=1e-40),
+    SamplingParams(repetition_penalty=float("inf")), SamplingParams(stop=["\ud800"]),
 ])
 async def test_bad_parameters_are_input_errors(adapter: LocalAdapter,
                                                bad: SamplingParams) -> None:
-    with pytest.raises(InputError):
+    with pytest.raises(ParameterError):
         await adapter.complete("Hello", bad)
+
+
+async def test_the_smallest_allowed_values_still_sample(adapter: LocalAdapter) -> None:
+    # At the bounds the logits stay finite: a reply, not a NaN distribution.
+    params = SamplingParams(max_tokens=4, temperature=MIN_TEMPERATURE,
+                            repetition_penalty=MIN_REPETITION_PENALTY, seed=1)
+    reply = await adapter.complete("Hello", params)
+    assert reply.usage.completion_tokens == 4 or reply.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("a\ud800b", "a lone surrogate U+D800 at character 1"),
+    ("caf\udcff", "byte 0xff at character 3"),  # how surrogateescape carries a bad byte
+])
+async def test_text_that_is_not_utf8_is_an_input_error(adapter: LocalAdapter, text: str,
+                                                       found: str) -> None:
+    with pytest.raises(InputError, match=re.escape(found)):
+        await adapter.complete(text, SamplingParams(max_tokens=2))
+    with pytest.raises(InputError, match=re.escape(found)):
+        await adapter.chat([{"role": "user", "content": text}], SamplingParams(max_tokens=2))
+
+
+async def test_prompts_are_tokenised_off_the_event_loop(
+        adapter: LocalAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop_thread = threading.current_thread()
+    seen: list[threading.Thread] = []
+    original = adapter.encode
+
+    def encode(request: GenerationRequest) -> list[int]:
+        seen.append(threading.current_thread())
+        return original(request)
+
+    monkeypatch.setattr(adapter, "encode", encode)
+    await adapter.complete("Hello", SamplingParams(max_tokens=2))
+    assert seen and loop_thread not in seen
 
 
 async def test_bad_messages_are_input_errors(adapter: LocalAdapter) -> None:

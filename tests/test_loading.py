@@ -114,3 +114,119 @@ def test_garbage_safetensors_header_is_reported(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 4096)
     with pytest.raises(ModelLoadError, match="corrupt"):
         load_model(str(tmp_path))
+
+
+# --- configs, pickles and sizes checked before anything is built --------------------------------
+
+
+def saved_tiny(directory: Path, spec: str = "tiny-llama") -> Path:
+    loaded = load_model(spec)
+    loaded.model.save_pretrained(directory)
+    loaded.tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"num_hidden_layers": -3}, r"num_hidden_layers=-3 must be a positive integer"),
+    ({"num_hidden_layers": 0}, r"num_hidden_layers=0 must be"),
+    ({"num_hidden_layers": "4"}, r"num_hidden_layers='4' must be"),
+    ({"num_hidden_layers": True}, r"num_hidden_layers=True must be"),
+    ({"num_hidden_layers": None}, r"num_hidden_layers=None must be"),
+    ({"hidden_size": 2.0}, r"hidden_size=2\.0 must be"),
+    ({"max_position_embeddings": -1}, r"max_position_embeddings=-1"),
+    ({"num_key_value_heads": 3}, r"do not split into num_key_value_heads=3"),
+], ids=["negative", "zero", "string", "bool", "null", "float", "positions", "kv-groups"])
+def test_impossible_config_fields_are_refused_in_one_line(
+    tmp_path: Path, edit: dict[str, object], message: str
+) -> None:
+    directory = saved_tiny(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **edit}))
+    for call in (load_model, model_config):
+        with pytest.raises(ModelLoadError, match=message) as caught:
+            call(str(directory))
+        assert "\n" not in str(caught.value)
+
+
+def test_a_missing_size_is_refused_rather_than_defaulted(tmp_path: Path) -> None:
+    """transformers would build a 32-layer Llama from a config without num_hidden_layers."""
+    directory = saved_tiny(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="lacks num_hidden_layers"):
+        load_model(str(directory))
+
+
+def test_an_empty_spec_is_not_the_current_directory(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(saved_tiny(tmp_path))  # "" would otherwise load this directory
+    for spec in ("", "  "):
+        with pytest.raises(ModelLoadError, match="--model is empty"):
+            load_model(spec)
+        with pytest.raises(ModelLoadError, match="--model is empty"):
+            model_config(spec)
+
+
+def test_pickled_weights_alone_are_refused_and_never_opened(tmp_path: Path) -> None:
+    directory = saved_tiny(tmp_path)
+    (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(str(directory))
+    message = str(caught.value)
+    assert message.startswith(f"{directory} holds only pytorch_model.bin; Mindset loads "
+                              "safetensors only (never pickles): convert it")
+    assert "\n" not in message
+
+
+def test_from_pretrained_is_told_to_use_safetensors(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    seen: list[object] = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("use_safetensors"))
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    load_model(str(saved_tiny(tmp_path)))
+    assert seen == [True]
+
+
+def test_a_model_too_large_for_this_machine_is_refused_before_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.model.memory_layers import budget
+
+    directory = saved_tiny(tmp_path)
+    monkeypatch.setattr(budget, "memory_limit_bytes", lambda: 100_000)  # 100 kB of "RAM"
+    with pytest.raises(ModelLoadError, match=r"needs about 640\.8 KiB, more than this "
+                       r"machine's 97\.7 KiB of RAM"):
+        load_model(str(directory))
+
+
+@pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-llama"])
+def test_the_size_estimate_is_close_to_the_real_parameter_count(spec: str) -> None:
+    from engine.model.model_files import model_parameters
+
+    model = load_model(spec).model
+    actual = sum(p.numel() for p in model.parameters())
+    estimate = model_parameters(model.config.to_dict())
+    assert 0.97 * actual <= estimate <= actual  # norms and biases aside, every matrix counts
+
+
+def test_spec_checks_need_no_torch(tmp_path: Path) -> None:
+    """The workbench checks --model before its first frame, which must not wait for torch."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    directory = saved_tiny(tmp_path)
+    code = ("import sys; from engine.model.model_files import check_model_spec; "
+            f"check_model_spec({str(directory)!r}); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO_ROOT, check=True)
+    assert result.stdout.strip() == "False"

@@ -66,17 +66,109 @@ def test_conversations_keep_their_branches(log: InteractionLog) -> None:
         log.conversation("zzz")
 
 
+OPENAI_SHAPED = "sk-proj-Xy7Qp2Lm9Rt4Vb8Nc1Zd6Hf3Jk5Ws0Ae"
+
+
 def test_registered_secrets_and_key_shapes_are_redacted(tmp_path: Path) -> None:
     log = InteractionLog(tmp_path / "log.sqlite")
-    register_secret("hunter2-secret")
-    log.record(interaction("k1", "c", None, "use hunter2-secret and sk-abcdefghijklmnop1234",
-                           "ok hunter2-secret", error="failed with hunter2-secret"))
+    configured = "hunter2-secret-0b5e1"
+    register_secret(configured)
+    log.record(interaction("k1", "c", None, f"use {configured} and sk-abcdefghijklmnop1234",
+                           f"ok {configured}", error=f"failed with {configured}"))
+    log.record(interaction("k2", "c", None, "Authorization: Bearer 9f8e7d6c5b4a39281706f5e4",
+                           "hf_AbCdEfGh1234IjKlMnOp5678QrStUvWx"))
     stored = log.get("k1")
     assert stored.messages == [{"role": "user", "content": "use [redacted] and [redacted]"}]
     assert stored.response == "ok [redacted]" and stored.error == "failed with [redacted]"
+    other = log.get("k2")
+    assert other.messages == [{"role": "user", "content": "Authorization: Bearer [redacted]"}]
+    assert other.response == "[redacted]"
     for path in tmp_path.iterdir():
         data = path.read_bytes()
-        assert b"hunter2-secret" not in data and b"sk-abcdefghijklmnop1234" not in data
+        assert configured.encode() not in data and b"sk-abcdefghijklmnop1234" not in data
+        assert b"9f8e7d6c5b4a39281706f5e4" not in data
+
+
+@pytest.mark.parametrize("text", [
+    "tell me a secret recipe",
+    "none of the keys are here, and none is redacted",
+    "the sk-learn-style-pipeline-for-beginners guide",  # key-shaped, but plain words
+    "the bearer of exceptionallylongwords brings news",
+    "my password is short",
+    "sk-123",
+])
+def test_plain_words_are_stored_verbatim(tmp_path: Path, text: str) -> None:
+    # "none" is the placeholder key of a keyless remote server: it must not become a secret.
+    from engine.llm.openai_adapter import OpenAIAdapter
+
+    OpenAIAdapter("m", base_url="http://127.0.0.1:9/v1", api_key=None)
+    log = InteractionLog(tmp_path / "log.sqlite")
+    log.record(interaction("p1", "c", None, text, text))
+    stored = log.get("p1")
+    assert stored.messages == [{"role": "user", "content": text}] and stored.response == text
+
+
+def test_a_pasted_key_is_redacted_in_the_db_and_in_mindset_logs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = InteractionLog(tmp_path / "log.sqlite")
+    log.record(interaction("s1", "c", None, f"my key is {OPENAI_SHAPED} ok", "noted"))
+    for path in tmp_path.iterdir():
+        assert OPENAI_SHAPED.encode() not in path.read_bytes()
+    db = str(log.path)
+    for command in (["logs", "--db", db, "show", "s1"], ["logs", "--db", db, "--json"],
+                    ["logs", "--db", db, "--search", "key"], ["logs", "--db", db, "export", "c"]):
+        assert run(command) == 0
+        out = capsys.readouterr().out
+        assert OPENAI_SHAPED not in out
+    assert run(["logs", "--db", db, "show", "s1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["messages"][0]["content"] == "my key is [redacted] ok"
+
+
+@pytest.mark.parametrize("key", ["", "abc", "fifteen-chars-x"])
+def test_short_keys_are_refused_when_configured(key: str, tmp_path: Path) -> None:
+    from engine.llm.config import read_llm_config
+    from engine.llm.openai_adapter import OpenAIAdapter
+
+    if key:
+        with pytest.raises(InputError, match="at least 16"):
+            register_secret(key)
+        with pytest.raises(InputError, match="at least 16"):
+            OpenAIAdapter("m", api_key=key, base_url="http://127.0.0.1:9/v1")
+    else:
+        register_secret(key)  # no key at all is not a key to refuse
+    config = tmp_path / "config.toml"
+    config.write_text(f'[llm]\nadapter = "openai"\napi_key = "{key}"\n')
+    with pytest.raises(InputError, match=r"llm\.api_key is .* at least 16") as caught:
+        read_llm_config(config)
+    assert len(str(caught.value).splitlines()) == 1
+
+
+def test_logs_on_a_missing_db_says_so_and_creates_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no" / "such" / "log.sqlite"
+    for command in (["logs", "--db", str(missing)], ["logs", "--db", str(missing), "show", "x"],
+                    ["logs", "--db", str(missing), "export", "x"]):
+        assert run(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mindset: error: no interaction log at") and str(missing) in err
+        assert len(err.splitlines()) == 1
+    assert not (tmp_path / "no").exists()
+    assert run(["logs", "--db", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_logs_with_no_log_yet_lists_nothing_and_creates_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("MINDSET_HOME", str(home))
+    assert run(["logs"]) == 0
+    assert capsys.readouterr().out.startswith("no interactions yet")
+    assert run(["logs", "--json"]) == 0
+    assert capsys.readouterr().out == ""
+    assert run(["logs", "show", "abc"]) == 2
+    assert not (home / "interactions.sqlite").exists()
 
 
 def test_cli_lists_searches_shows_and_exports(log: InteractionLog, tmp_path: Path,

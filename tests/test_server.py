@@ -160,8 +160,14 @@ async def test_too_long_prompt_is_400_context_length(served: Served) -> None:
     ({"model": MODEL, "messages": HELLO, "max_tokens": 0}, "max_tokens"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"model": MODEL, "messages": HELLO, "n": 3}, "n"),
-    ({"model": MODEL, "messages": HELLO, "stop": ["", "x"]}, None),
+    ({"model": MODEL, "messages": HELLO, "stop": ["", "x"]}, "stop"),
     ({"messages": HELLO}, "model"),
+    ({"model": MODEL, "messages": HELLO, "temperature": 1e-45}, "temperature"),
+    ({"model": MODEL, "messages": HELLO, "temperature": -0.5}, "temperature"),
+    ({"model": MODEL, "messages": HELLO, "repetition_penalty": 1e-40}, "repetition_penalty"),
+    ({"model": MODEL, "messages": HELLO, "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": MODEL, "messages": HELLO, "top_p": 0}, "top_p"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
 ])
 async def test_invalid_bodies_get_400_error_objects(served: Served, body: dict[str, object],
                                                     param: str | None) -> None:
@@ -243,11 +249,11 @@ async def test_concurrent_streams_all_complete_in_turn(served: Served) -> None:
 
 
 async def test_openapi_schema_describes_the_api(served: Served) -> None:
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         schema = (await http.get(f"{served.root}/openapi.json")).json()
     assert {"/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(schema["paths"])
     chat = schema["paths"]["/v1/chat/completions"]["post"]
-    assert "400" in chat["responses"]
+    assert {"400", "401", "413"} <= set(chat["responses"])
 
 
 def test_server_log_never_holds_the_key(served: Served) -> None:

@@ -8,6 +8,7 @@ prompt while others are served, a foreign Host header without a key, the docs wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -144,7 +145,8 @@ def test_tiny_sampling_values_are_400_naming_the_param(open_server: Served, path
 def test_lone_surrogates_are_400(open_server: Served, path: str, raw: bytes,
                                  param: str) -> None:
     error = assert_error(post_raw(open_server, path, raw), 400, param=param)
-    assert "U+D800" in error["message"] or "U+DFFF" in error["message"]
+    # Ours names the character; pydantic's own check (on constrained fields) says "unicode".
+    assert any(word in error["message"] for word in ("U+D800", "U+DFFF", "unicode"))
 
 
 @pytest.mark.parametrize("raw", [
@@ -185,10 +187,8 @@ def test_chunked_body_over_the_limit_is_413(open_server: Served) -> None:
     with socket.create_connection((open_server.server.host, open_server.server.port),
                                   timeout=SOCKET_TIMEOUT_S) as sock:
         sock.sendall(head)
-        try:
+        with contextlib.suppress(OSError):  # it may answer and close before taking it all
             sock.sendall(body)
-        except OSError:
-            pass  # the server may answer and close before taking it all
         received = b""
         while data := sock.recv(65536):
             received += data

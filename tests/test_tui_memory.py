@@ -91,6 +91,41 @@ async def test_edit_delete_undo_reach_the_database(student_dir: Path, tmp_path: 
         await wait_for(pilot, lambda: len(pane.rows) == 32)
 
 
+async def test_a_delete_and_a_label_survive_quitting_and_relaunching(student_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    database = tmp_path / "memory.db"
+    engine = student_engine(student_dir, database, tmp_path)
+    app = make_app(engine)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        pane = app.query_one(MemoryPane)
+        await wait_for(pilot, lambda: len(pane.rows) == 32 and engine.model(STUDENT) is not None)
+        app.query_one("#memory-rows", DataTable).focus()
+        await pilot.press("down")
+        labelled = pane.rows[1].id
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, EntryEditScreen))
+        app.screen.query_one("#edit-label", Input).value = "keep me"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: read_row(database, labelled).label == "keep me")
+        await wait_for(pilot, lambda: any(r.label == "keep me" for r in pane.rows))
+        await pilot.press("down")
+        deleted = pane.rows[2].id
+        await pilot.press("x")  # and no undo: the student is not saved either
+        await wait_for(pilot, lambda: table_size(database) == 31 and len(pane.rows) == 31)
+        ids = [row.id for row in pane.rows]
+    # Quit (the app closes its engine), then launch the workbench again on the same files.
+    engine = student_engine(student_dir, database, tmp_path)
+    app = make_app(engine)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        pane = app.query_one(MemoryPane)
+        await wait_for(pilot, lambda: len(pane.rows) == 31 and engine.model(STUDENT) is not None)
+        assert [row.id for row in pane.rows] == ids  # still gone, no id reassigned
+        assert deleted not in ids
+        assert next(r for r in pane.rows if r.id == labelled).label == "keep me"
+        await wait_for(pilot, lambda: any("stay deleted" in n.message and n.severity == "warning"
+                                          for n in app._notifications))
+
+
 async def test_search_by_id_and_by_text(student_dir: Path, tmp_path: Path) -> None:
     engine = Engine("tiny-llama", student_spec=str(student_dir), database=tmp_path / "m.db",
                     runs_root=tmp_path / "runs")
@@ -231,6 +266,9 @@ class FakeMemory:
 
     async def save_student(self) -> str:
         return "/nowhere"
+
+    def take_warnings(self) -> list[str]:
+        return []
 
 
 async def test_pane_pages_and_undoes_against_its_protocol() -> None:

@@ -54,6 +54,8 @@ def collect_files(paths: list[str]) -> list[Path]:
             if not found:
                 raise InputError(f"{path} is an empty folder; put UTF-8 text files in it")
             files.extend(found)
+        elif not path.is_file():  # a device or a pipe (/dev/zero) would be read forever
+            raise InputError(f"{path} is not a regular file; give UTF-8 text files or folders")
         else:
             files.append(path)
     return files
@@ -108,7 +110,7 @@ def token_stream(paths: list[str], tokenizer: Any, cache_dir: Path | None) -> np
     cache_file = cache_dir / f"{digest.hexdigest()[:32]}.npy" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         try:
-            cached: np.ndarray = np.load(cache_file)
+            cached: np.ndarray = np.load(cache_file, allow_pickle=False)
             return cached
         except (OSError, ValueError):
             cache_file.unlink(missing_ok=True)  # a damaged cache entry: tokenise again

@@ -17,9 +17,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.distill.atomic import atomic_write_text
+from engine.distill.atomic import atomic_write_text, read_json
+
+if TYPE_CHECKING:
+    from engine.distill.config import DistillConfig
 
 EVENTS_NAME = "events.jsonl"
 STATE_NAME = "state.json"
@@ -77,15 +80,17 @@ class ControlReader:
         if stamp != self.stamp:
             self.stamp = stamp
             try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                command = data.get("command", "run")
-                at_step = data.get("at_step")
+                data = read_json(self.path)
+            except (OSError, ValueError):
+                return self.current  # mid-replace or garbage: keep the last good command
+            if isinstance(data, dict):
+                command, at_step = data.get("command", "run"), data.get("at_step")
                 self.current = Control(
-                    command if command in CONTROL_COMMANDS else "run",
-                    int(at_step) if isinstance(at_step, int) else None,
+                    command if isinstance(command, str) and command in CONTROL_COMMANDS
+                    else "run",
+                    at_step if isinstance(at_step, int) and not isinstance(at_step, bool)
+                    else None,
                 )
-            except (OSError, ValueError, AttributeError):
-                pass  # mid-replace or garbage: keep the last good command
         return self.current
 
 
@@ -95,8 +100,51 @@ def write_state(run_dir: Path, state: str, **fields: Any) -> None:
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
+    """The run's ``state.json``; {} when it is missing or unreadable (garbage, a pipe, too
+    large). Its fields are as written: check their types before use."""
     try:
-        data = json.loads((run_dir / STATE_NAME).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+        data = read_json(run_dir / STATE_NAME)
+    except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_report(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``report.json`` (None before the run completes); a damaged one is an
+    :class:`~engine.errors.InputError`."""
+    from engine.errors import InputError
+
+    path = run_dir / REPORT_NAME
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is unreadable ({exc}); the run's report is lost, but its "
+                         "student directory and events remain") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} does not hold a run report (a JSON object)")
+    return data
+
+
+def load_run_config(run_dir: Path) -> DistillConfig:
+    """The run's ``config.json`` as settings (validated), or a one-line
+    :class:`~engine.errors.InputError`: missing, not a file, garbage, wrong settings."""
+    from engine.distill.config import DistillConfig
+    from engine.errors import InputError
+
+    path = run_dir / CONFIG_NAME
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir} is not a directory; give a run directory")
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist; is this a run directory?") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is unreadable ({exc}); is this a run directory?") from None
+    try:
+        config = DistillConfig.from_dict(data)
+        config.validate()
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    return config

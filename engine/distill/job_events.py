@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 import types
 import typing
@@ -22,7 +23,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeAlias
 
 from engine.distill.events import EVENTS_NAME, clean
+from engine.errors import MindsetError
 
+MAX_LINE_BYTES = 1 << 20  # an event is a few hundred bytes; longer lines are skipped
+READ_CHUNK = 8 << 20  # what one poll reads at most
 EVENT_VERSION = 1  # the schema version written now
 LEGACY_VERSION = 0  # what a line without a version reads as
 
@@ -187,13 +191,16 @@ def decode(data: dict[str, Any]) -> JobEvent:
     kind, raw_version, raw_time = data.get("type"), data.get("version"), data.get("time")
     version = (raw_version if isinstance(raw_version, int) and not isinstance(raw_version, bool)
                else LEGACY_VERSION)
-    stamp = float(raw_time) if isinstance(raw_time, int | float) else 0.0
+    try:
+        stamp = float(raw_time) if isinstance(raw_time, int | float) else 0.0
+    except OverflowError:  # an integer too large for a float
+        stamp = 0.0
     cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is not None:
         try:
             event: JobEvent = from_fields(cls, {**data, "version": version, "time": stamp})
             return event
-        except ValueError:
+        except (ValueError, OverflowError):
             pass  # fields this reader cannot read: keep the line as it is
     rest = {k: v for k, v in data.items() if k not in ("type", "version", "time")}
     return UnknownEvent(type=str(kind), data=rest, version=version, time=stamp)
@@ -253,14 +260,20 @@ class EventWriter:
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / EVENTS_NAME
+        flags = (os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0)
+                 | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            handle = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise MindsetError(f"cannot write {self.path} ({exc.strerror}); remove it if it "
+                               "is not the run's event file") from None
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(handle)
+            raise MindsetError(f"{self.path} is not a regular file; remove it and resume")
         # A process killed mid-line leaves a torn last line: start on a fresh one.
-        if self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open("rb") as existing:
-                existing.seek(-1, os.SEEK_END)
-                torn = existing.read(1) != b"\n"
-        else:
-            torn = False
-        self.file = self.path.open("a", encoding="utf-8")
+        torn = info.st_size > 0 and os.pread(handle, 1, info.st_size - 1) != b"\n"
+        self.file = os.fdopen(handle, "a", encoding="utf-8")
         if torn:
             self.file.write("\n")
 
@@ -273,16 +286,17 @@ class EventWriter:
 
 
 def parse_lines(chunk: str) -> list[JobEvent]:
-    """The events of complete lines; torn or non-JSON lines are skipped."""
+    """The events of complete lines; torn, non-JSON (a pickle, binary garbage), too deeply
+    nested and over-long lines are skipped."""
     events: list[JobEvent] = []
     for line in chunk.splitlines():
         line = line.strip()
-        if not line:
+        if not line or len(line) > MAX_LINE_BYTES:
             continue
         try:
             data = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn line from a killed process
+        except (ValueError, RecursionError):
+            continue  # a torn line from a killed process, or not an event at all
         if isinstance(data, dict):
             events.append(decode(data))
     return events
@@ -290,31 +304,54 @@ def parse_lines(chunk: str) -> list[JobEvent]:
 
 def read_events(run_dir: Path) -> list[JobEvent]:
     """Every event written so far (a job's live stream: :meth:`JobRunner.events`)."""
-    path = run_dir / EVENTS_NAME
-    if not path.exists():
-        return []
-    return parse_lines(path.read_text(encoding="utf-8", errors="replace"))
+    tail = EventTail(run_dir)
+    events: list[JobEvent] = []
+    while True:
+        before = tail.offset
+        events += tail.poll()
+        if tail.offset == before:
+            return events
 
 
 class EventTail:
-    """Reads the complete lines appended to ``events.jsonl`` since the last call."""
+    """Reads the complete lines appended to ``events.jsonl`` since the last call.
+
+    Reads at most :data:`READ_CHUNK` bytes a call; a line longer than :data:`MAX_LINE_BYTES`
+    is skipped without being held in memory, and anything but a regular file (a planted
+    FIFO or device) reads as no events."""
 
     def __init__(self, run_dir: Path, offset: int = 0) -> None:
         self.path = run_dir / EVENTS_NAME
         self.offset = offset
+        self.skipping = False  # inside an over-long line: drop it up to its newline
 
     def poll(self) -> list[JobEvent]:
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            with self.path.open("rb") as file:
-                file.seek(self.offset)
-                data = file.read()
-        except FileNotFoundError:
+            handle = os.open(self.path, flags)
+        except OSError:  # missing, or not openable: nothing to read (yet)
             return []
+        with os.fdopen(handle, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                return []
+            file.seek(self.offset)
+            data = file.read(READ_CHUNK)
         end = data.rfind(b"\n")
         if end < 0:
+            if self.skipping or len(data) > MAX_LINE_BYTES:
+                self.offset += len(data)  # an over-long line: skip what is there of it
+                self.skipping = True
             return []
+        start = 0
+        if self.skipping:
+            start = data.find(b"\n") + 1
+            self.skipping = False
         self.offset += end + 1
-        return parse_lines(data[: end + 1].decode("utf-8", errors="replace"))
+        rest = len(data) - (end + 1)
+        if rest > MAX_LINE_BYTES:  # the unfinished last line is already too long: skip it
+            self.offset += rest
+            self.skipping = True
+        return parse_lines(data[start: end + 1].decode("utf-8", errors="replace"))
 
 
 def latest_steps(events: list[JobEvent]) -> dict[int, StepEvent]:

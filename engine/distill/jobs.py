@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.distill import events as ev
-from engine.distill.atomic import atomic_write_text
-from engine.distill.checkpoints import CHECKPOINT_NAME
+from engine.distill.atomic import atomic_write_text, read_json
+from engine.distill.checkpoints import has_checkpoint
 from engine.distill.config import DistillConfig
 from engine.distill.job_events import EventTail, JobEvent
 from engine.errors import InputError
@@ -42,6 +42,7 @@ DEFAULT_NICENESS = 10
 NICENESS_ENV = "MINDSET_JOB_NICENESS"  # overrides the default for every runner
 WORKER_NICENESS_ENV = "MINDSET_WORKER_NICENESS"  # absolute niceness a worker applies
 MAX_NICENESS = 19
+LOG_TAIL_BYTES = 64 * 1024
 
 
 @dataclass
@@ -126,10 +127,28 @@ def lower_priority(pid: int, niceness: int) -> None:
 def last_log_line(path: Path) -> str | None:
     """The last line a dead worker printed (its error, when it died before reporting one)."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-    except FileNotFoundError:
+        with path.open("rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(0, size - LOG_TAIL_BYTES))
+            tail = file.read(LOG_TAIL_BYTES).decode("utf-8", errors="replace")
+    except (OSError, ValueError):
         return None
+    lines = tail.strip().splitlines()
     return lines[-1][-500:] if lines else None
+
+
+def _int(value: Any, default: int = 0) -> int:
+    """A whole number read from a run file, or ``default`` when it holds something else."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _float(value: Any, default: float = 0.0) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            return default
+    return default
 
 
 def job_name(config: DistillConfig) -> str:
@@ -181,7 +200,7 @@ class JobRunner:
     def _launch(self, job_id: str) -> None:
         run_dir = self.run_dir(job_id)
         job = self._job_file(run_dir)
-        processes = int(job.get("processes", 1))
+        processes = max(1, _int(job.get("processes"), 1))
         ev.write_control(run_dir, "run")
         if processes > 1:
             command = [self.python, "-m", "torch.distributed.run", "--standalone",
@@ -208,15 +227,16 @@ class JobRunner:
     # -- reading --------------------------------------------------------------------------
     def run_dir(self, job_id: str) -> Path:
         run_dir = self.root / job_id
-        if "/" in job_id or job_id in ("", ".", "..") or not (run_dir / ev.CONFIG_NAME).exists():
+        if ("/" in job_id or "\0" in job_id or job_id in ("", ".", "..")
+                or not (run_dir / ev.CONFIG_NAME).exists()):
             raise InputError(f"no job {job_id!r} in {self.root}")
         return run_dir
 
     @staticmethod
     def _job_file(run_dir: Path) -> dict[str, Any]:
         try:
-            data = json.loads((run_dir / JOB_NAME).read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
+            data = read_json(run_dir / JOB_NAME)
+        except (OSError, ValueError):  # missing, garbage, a pipe: a job that tells nothing
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -230,27 +250,30 @@ class JobRunner:
         run_dir = self.run_dir(job_id)
         job = self._job_file(run_dir)
         state = ev.read_state(run_dir)
-        pid = job.get("pid")
+        pid = _int(job.get("pid")) or None
         alive = self._alive(job_id, pid)
-        name = state.get("state", "starting")
-        if float(job.get("launched", 0.0)) > float(state.get("updated", 0.0)):
+        name = state.get("state")
+        if not isinstance(name, str) or name not in (*ev.LIVE_STATES, *ev.FINAL_STATES):
+            name = "starting"
+        if _float(job.get("launched")) > _float(state.get("updated")):
             name = "starting"  # relaunched; the process has not reported yet
         if not alive and name in ev.LIVE_STATES:
             name = "crashed"
         try:
-            config = DistillConfig.load(run_dir / ev.CONFIG_NAME)
+            config = ev.load_run_config(run_dir)
             teacher, memory, layers, total = (config.teacher, config.memory, config.layers,
                                               config.total_steps)
         except InputError:
             teacher, memory, layers, total = "?", "?", "?", 0
         error = state.get("error")
+        error = error[:2000] if isinstance(error, str) else None
         if name == "crashed" and not error:
             error = last_log_line(run_dir / LOG_NAME)
         return JobInfo(
-            id=job_id, run_dir=run_dir, state=name, step=int(state.get("step", 0)),
-            total_steps=int(state.get("total_steps", total)), pid=pid, alive=alive,
+            id=job_id, run_dir=run_dir, state=name, step=_int(state.get("step")),
+            total_steps=_int(state.get("total_steps"), total), pid=pid, alive=alive,
             error=error, teacher=teacher, memory=memory, layers=layers,
-            created=float(job.get("created", 0.0)), updated=float(state.get("updated", 0.0)),
+            created=_float(job.get("created")), updated=_float(state.get("updated")),
         )
 
     def jobs(self) -> list[JobInfo]:
@@ -260,12 +283,9 @@ class JobRunner:
         return sorted(found, key=lambda job: job.created, reverse=True)
 
     def report(self, job_id: str) -> dict[str, Any] | None:
-        """The run report of a completed job (None before it completes)."""
-        path = self.run_dir(job_id) / ev.REPORT_NAME
-        if not path.exists():
-            return None
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        return data
+        """The run report of a completed job (None before it completes; a damaged one is an
+        InputError)."""
+        return ev.read_report(self.run_dir(job_id))
 
     # -- control --------------------------------------------------------------------------
     def pause(self, job_id: str, *, at_step: int | None = None) -> None:
@@ -294,7 +314,7 @@ class JobRunner:
         ev.write_control(job.run_dir, "cancel")
 
     def has_checkpoint(self, job_id: str) -> bool:
-        return (self.run_dir(job_id) / CHECKPOINT_NAME).exists()
+        return has_checkpoint(self.run_dir(job_id))
 
     # -- waiting and watching -------------------------------------------------------------
     def wait(self, job_id: str, timeout: float | None = None, *, poll: float = 0.2) -> JobInfo:

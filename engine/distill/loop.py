@@ -28,10 +28,11 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.distill import events as ev
-from engine.distill.atomic import atomic_write, atomic_write_text
+from engine.distill.atomic import atomic_write, atomic_write_text, read_regular
 from engine.distill.build import build_student
 from engine.distill.checkpoints import (
     ENTRIES_KEY,
+    check_checkpoint,
     load_checkpoint,
     memory_entries,
     restore_memory_entries,
@@ -67,7 +68,8 @@ from engine.distill.telemetry import EventCallback, Telemetry
 from engine.errors import MindsetError
 from engine.model.anatomy import layer_mlps, layer_prefixes, resolve_layers
 
-DATA_FREE_NAME = "data_free.pt"
+DATA_FREE_NAME = "data_free.safetensors"
+MAX_DATA_FREE_BYTES = 1 << 34
 CALIBRATION_BLOCKS = 16  # training blocks that feed init="data"
 STUDENT_DIR = "student"
 
@@ -85,13 +87,33 @@ def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistCo
         sampled = data_free(teacher.model, teacher.tokenizer, blocks=config.data_free_blocks,
                             heldout_blocks=config.heldout_blocks, block_size=config.block_size,
                             seed=config.seed)
-        atomic_write(path, lambda f: torch.save({"train": sampled.train,
-                                                 "heldout": sampled.heldout}, f))
+        from safetensors.torch import save
+
+        blocks = {"train": sampled.train.cpu().contiguous(),
+                  "heldout": sampled.heldout.cpu().contiguous()}
+        atomic_write(path, lambda f: f.write(save(blocks)))
     if ctx.enabled:
         dist.barrier()
-    saved = torch.load(path, map_location="cpu")
-    return TokenData(train=saved["train"], heldout=saved["heldout"],
-                     source="sampled from the teacher")
+    train, heldout = load_data_free(path)
+    return TokenData(train=train, heldout=heldout, source="sampled from the teacher")
+
+
+def load_data_free(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training and held-out blocks a data-free run sampled (safetensors, never pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        saved = load(read_regular(path, MAX_DATA_FREE_BYTES))
+        train, heldout = saved["train"], saved["heldout"]
+    except (OSError, SafetensorError, KeyError, ValueError) as exc:
+        raise MindsetError(f"{path} is unreadable ({exc}); delete it to sample the corpus "
+                           "again") from None
+    for blocks in (train, heldout):
+        if blocks.dtype != torch.int64 or blocks.dim() != 2:
+            raise MindsetError(f"{path} does not hold token blocks; delete it to sample the "
+                               "corpus again")
+    return train, heldout
 
 
 class Run:
@@ -126,6 +148,8 @@ class Run:
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
         config, ctx = self.config, self.ctx
+        if self.resume:
+            check_checkpoint(self.run_dir)  # a legacy or damaged one: refused before any load
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if ctx.is_main:
             config.save(self.run_dir / ev.CONFIG_NAME)
@@ -211,10 +235,18 @@ class Run:
                 f"the checkpoint in {self.run_dir} does not match this run's student "
                 "(different layers or memory); start a new run directory"
             )
-        self.student.load_state_dict(state["weights"], strict=False)
-        restore_memory_entries(layer_mlps(self.student, self.layers), state)
-        self.optimizers.load_state_dict(state["optimizers"])
-        restore_rng_state(state["rng"])
+        try:
+            self.student.load_state_dict(state["weights"], strict=False)
+            restore_memory_entries(layer_mlps(self.student, self.layers), state[ENTRIES_KEY])
+            self.optimizers.load_state_dict(state["optimizers"])
+            restore_rng_state(state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError,
+                OverflowError) as exc:
+            raise MindsetError(
+                f"the checkpoint in {self.run_dir} does not fit this run's student "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); start a new "
+                "run directory"
+            ) from None
         self.step = self.last_checkpoint = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.cpu_before = float(state["cpu_seconds"])

@@ -9,13 +9,23 @@ cannot possibly fit, such as ``num_subkeys=1000000`` on thirty layers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from engine.errors import InputError
 from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits, format_bytes
 
-if TYPE_CHECKING:
-    from engine.distill.config import DistillConfig
+
+class RunSettings(Protocol):
+    """The settings of a ``DistillConfig`` these checks read (``DistillConfig.preflight`` calls
+    them, so this module cannot import it back)."""
+
+    teacher: str
+    layers: str
+    memory: str
+    hparams: dict[str, Any]
+    block_size: int
+    batch_size: int
+    local_tokens: int
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
@@ -33,7 +43,7 @@ def teacher_context(config: dict[str, Any]) -> int | None:
     return None
 
 
-def memory_layer_bytes(run: DistillConfig, teacher: dict[str, Any]) -> int:
+def memory_layer_bytes(run: RunSettings, teacher: dict[str, Any]) -> int:
     """Bytes of one replaced layer, its settings checked against the teacher's shapes."""
     from engine.model.anatomy import mlp_shape
 
@@ -49,19 +59,19 @@ def memory_layer_bytes(run: DistillConfig, teacher: dict[str, Any]) -> int:
         check_fits(parameters * BYTES_PER_PARAMETER, f"one dense layer of width {width}",
                    "give a smaller width")
         return parameters * BYTES_PER_PARAMETER
-    from engine.model.memory_layers.budget import layer_bytes
     from engine.model.surgery import memory_config
 
     options = {k: v for k, v in run.hparams.items() if k != "init"}
-    return layer_bytes(memory_config(teacher, run.memory, options))  # type: ignore[arg-type]
+    return memory_config(teacher, run.memory, options).memory_bytes()  # type: ignore[arg-type]
 
 
-def check_against_teacher(run: DistillConfig) -> None:
+def check_against_teacher(run: RunSettings) -> None:
     """Refuse ``run`` when its teacher's config shows it cannot work (see the module doc)."""
     from engine.model.anatomy import hidden_size, resolve_layers
     from engine.model.loading import model_config
     from engine.model.model_files import (
         BUILTIN_SPECS,
+        check_model_spec,
         check_spec_text,
         is_student_dir,
         model_parameters,
@@ -70,6 +80,7 @@ def check_against_teacher(run: DistillConfig) -> None:
     check_spec_text(run.teacher, "--teacher")
     if run.teacher not in BUILTIN_SPECS and is_student_dir(run.teacher):
         raise InputError(f"{run.teacher} is a student; distill from its teacher instead")
+    check_model_spec(run.teacher, "--teacher")  # config and weight files, none read yet
     teacher = _as_dict(model_config(run.teacher))
     layers = resolve_layers(run.layers, teacher)
     context = teacher_context(teacher)

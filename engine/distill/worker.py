@@ -39,13 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     args = parser.parse_args(argv)
 
-    from engine.distill.config import DistillConfig
-    from engine.distill.events import CONFIG_NAME
+    from engine.distill.events import load_run_config
     from engine.distill.loop import run_distillation
     from engine.errors import MindsetError
 
     try:
-        config = DistillConfig.load(args.run_dir / CONFIG_NAME)
+        config = load_run_config(args.run_dir)
         run_distillation(config, args.run_dir, resume=not args.fresh)
     except MindsetError as exc:
         print(f"mindset: error: {exc}", file=sys.stderr)

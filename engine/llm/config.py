@@ -67,6 +67,10 @@ def build_adapter(spec: str | None = None, *, config: LLMConfig | None = None,
     ``options`` go to the adapter (``api_key``, ``base_url``, ``max_retries``...).
     """
     config = config or read_llm_config()
-    interaction_log = InteractionLog() if log is True else (log or None)
     name, model = parse_spec(spec, config)
-    return adapter_entry(name).factory(model, config=config, log=interaction_log, **options)
+    given_log = None if log is True else (log or None)
+    adapter = adapter_entry(name).factory(model, config=config, log=given_log, **options)
+    if log is True:
+        # Opened only once the adapter exists: a spec that fails to load leaves no new file.
+        adapter.log = InteractionLog()
+    return adapter

@@ -319,7 +319,7 @@ class IvfPqIndex(AnnIndex):
         self.trained_rows = int(index.ntotal)
 
 
-def read_faiss(path: Path, expected: type, label: str, dim: int) -> Any:
+def read_faiss(path: Path, expected: type[Any], label: str, dim: int) -> Any:
     """Read a faiss index file (never pickle) that must hold a ``label`` index of ``dim``."""
     try:
         # read_index returns the concrete class, owning it (downcast_index here would wrap a

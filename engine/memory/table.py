@@ -16,11 +16,12 @@ from itertools import repeat
 from typing import Any
 
 import numpy as np
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection
 
 from engine.errors import InputError
 from engine.memory import statements as sql
-from engine.memory.database import write_transaction
+from engine.memory.database import read_transaction, write_transaction
 from engine.memory.lrfu import check_lambda
 from engine.memory.policy import (
     check_capacity,
@@ -33,6 +34,7 @@ from engine.memory.reader import TableReader
 from engine.memory.recombination import MergePlan
 from engine.memory.records import (
     QueryResult,
+    decode_meta,
     label_column,
     meta_column,
     provenance_column,
@@ -211,6 +213,89 @@ class MemoryTable(TableReader):
             self._mirror.forget(id_rows)
             self._mirror.version = version
             self.counters["deleted"] += len(id_rows)
+
+    def restore(
+        self,
+        ids: object,
+        keys: object,
+        values: object,
+        *,
+        stats: Sequence[tuple[float, float, int]] | None = None,
+        **options: Any,
+    ) -> None:
+        """Put deleted entries back under their old ids (the undo of a delete).
+
+        ``options`` are :meth:`insert`'s (meta, labels, tags, provenance); ``stats`` gives
+        each row's (created, last access, access count) back. The ids must be ones this store
+        handed out and no table holds now; nothing is evicted (over capacity is an error)."""
+        with self._lock:
+            self._check_open()
+            id_rows = as_ids(ids)
+            key_rows = as_matrix(keys, self.key_dim, "keys")
+            value_rows = as_matrix(values, self.value_dim, "values")
+            rows = len(id_rows)
+            if len(key_rows) != rows or len(value_rows) != rows:
+                raise InputError(f"got {rows} ids, {len(key_rows)} keys, {len(value_rows)} values")
+            if len(np.unique(id_rows)) != rows:
+                raise InputError("restored ids must not repeat")
+            if stats is not None and len(stats) != rows:
+                raise InputError(f"got {len(stats)} stats for {rows} rows")
+            columns = (
+                label_column(options.get("labels"), rows),
+                tags_column(options.get("tags"), rows),
+                meta_column(options.get("meta"), rows),
+                provenance_column(options.get("provenance"), rows),
+            )
+            if not rows:
+                return
+            if self.capacity is not None and len(self) + rows > self.capacity:
+                raise InputError(f"table {self.name!r} has no room for {rows} restored rows")
+            now, tick = time.time(), self.clock
+            with self._write() as (conn, version):
+                self._check_restorable(conn, id_rows)
+                sql.insert_entries(conn, self.table_id, version, id_rows, key_rows, value_rows,
+                                   now=now, tick=tick, options=columns)
+                if stats is not None:
+                    sql.update_entries(conn, ("created", "last_access", "access_count"),
+                                       [(*s, version, i)
+                                        for s, i in zip(stats, id_rows.tolist(), strict=True)])
+                # A later delete of the same id leaves a tombstone again; the restored row's
+                # newer version already tells other processes it is back.
+                gone = sql.TOMBSTONES.c.id.in_(id_rows.tolist())
+                conn.execute(delete(sql.TOMBSTONES).where(gone))
+            chunk = new_rows(id_rows, key_rows, value_rows, now, tick)
+            if stats is not None:
+                created, last_access, counts = zip(*stats, strict=True)
+                chunk["created"] = np.asarray(created, dtype=np.float64)
+                chunk["last_access"] = np.asarray(last_access, dtype=np.float64)
+                chunk["access_count"] = np.asarray(counts, dtype=np.int64)
+            self._mirror.append([chunk])
+            self.index.add(id_rows, key_rows)
+            self._mirror.version = version
+            self.counters["inserted"] += rows
+
+    def _check_restorable(self, conn: Connection, ids: Int64Array) -> None:
+        issued = conn.execute(select(sql.INFO.c.next_entry_id)).scalar_one()
+        if int(ids.min()) < 1 or int(ids.max()) >= issued:
+            raise InputError(f"ids {ids[:5].tolist()} were never handed out by this store")
+        taken = conn.execute(select(sql.ENTRY.c.id).where(sql.ENTRY.c.id.in_(ids.tolist())))
+        present = taken.scalars().all()
+        if present:
+            raise InputError(f"ids {list(present)[:5]} are in use; they cannot be restored")
+
+    def metas(self) -> tuple[Int64Array, list[dict[str, Any]]]:
+        """Every row's id and meta, in id order (no vectors: cheap to read for all rows)."""
+        with self._lock:
+            self._check_open()
+            with read_transaction(self._engine) as conn:
+                found = conn.execute(
+                    select(sql.ENTRY.c.id, sql.ENTRY.c.meta)
+                    .where(sql.ENTRY.c.table_id == self.table_id)
+                    .order_by(sql.ENTRY.c.id)
+                ).all()
+            return np.asarray([r[0] for r in found], dtype=np.int64), [
+                decode_meta(r[1]) for r in found
+            ]
 
     # ------------------------------------------------------------------------ policies
     @property

@@ -4,22 +4,25 @@ The one place that knows where GPT-2 and Llama keep their blocks (``transformer.
 ``model.layers``), what their configs call the hidden and MLP sizes, and how a layer spec
 ("all", "3", "1,5,9", "8-10", "-1", "middle") becomes indexes. Everything here reads a model,
 a Hugging Face config, a ``config.json`` dict or a path to one: sizes and layer specs resolve
-without loading any weight. Importing it costs torch only (never transformers).
+without loading any weight. Importing it costs nothing heavy: torch loads only when a
+model is handed in (so file-only checks before the workbench's first frame can use it too).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, cast
 
 from engine.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 SUPPORTED_FAMILIES = ("gpt2", "llama")
 LAYER_PATHS = {"gpt2": ("transformer", "h"), "llama": ("model", "layers")}
@@ -29,12 +32,19 @@ GATED = {"gpt2": False, "llama": True}  # Llama's MLP is SwiGLU (gate * up), GPT
 # --- the model and its config ----------------------------------------------------------------
 
 
+def _is_module(value: Any, kind: str = "Module") -> bool:
+    """``isinstance(value, torch.nn.<kind>)`` without importing torch: a model can only
+    exist once torch has been imported."""
+    loaded = sys.modules.get("torch")
+    return loaded is not None and isinstance(value, getattr(loaded.nn, kind))
+
+
 def unwrap(model: Any) -> nn.Module:
     """Accept a ``LoadedModel`` (anything with ``.model`` and ``.tokenizer``) or a bare model."""
     inner = getattr(model, "model", None)
-    if inner is not None and hasattr(model, "tokenizer") and isinstance(inner, nn.Module):
+    if inner is not None and hasattr(model, "tokenizer") and _is_module(inner):
         return inner
-    if not isinstance(model, nn.Module):
+    if not _is_module(model):
         raise InputError(f"expected a model, got {type(model).__name__}")
     return model
 
@@ -52,7 +62,7 @@ def config_of(source: Any) -> Any:
         return data
     if isinstance(source, dict):
         return source
-    if isinstance(source, nn.Module) or hasattr(source, "tokenizer"):
+    if _is_module(source) or hasattr(source, "tokenizer"):
         config = getattr(unwrap(source), "config", None)
         if config is None:
             raise InputError(f"{type(source).__name__} has no config; give a Hugging Face model")
@@ -133,7 +143,7 @@ def decoder_layers(model: Any) -> nn.ModuleList:
         node: Any = module
         for part in path:
             node = getattr(node, part, None)
-        if isinstance(node, nn.ModuleList):
+        if _is_module(node, "ModuleList"):
             return node
     raise InputError(
         f"{type(module).__name__} is not a supported architecture; give a GPT-2 or Llama model"
@@ -143,8 +153,8 @@ def decoder_layers(model: Any) -> nn.ModuleList:
 def mlp_of(model: Any, layer: int) -> nn.Module:
     """The module in the MLP position of ``layer`` (a memory layer in a student)."""
     mlp = decoder_layers(model)[layer].mlp
-    assert isinstance(mlp, nn.Module)
-    return mlp
+    assert _is_module(mlp)
+    return cast("nn.Module", mlp)
 
 
 def set_mlp(model: Any, layer: int, module: nn.Module) -> None:
@@ -214,7 +224,6 @@ def capture_mlps(mlps: dict[int, nn.Module], *, stop_early: bool = False) -> Ite
             handle.remove()
 
 
-@torch.no_grad()
 def mlp_io(model: Any, input_ids: torch.Tensor, layers: Iterable[int]
            ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """One forward of ``input_ids``; each layer's MLP input and output flattened to [T, hidden].
@@ -222,9 +231,11 @@ def mlp_io(model: Any, input_ids: torch.Tensor, layers: Iterable[int]
     On a teacher this is the teacher-forced input of a memory layer and the output it should
     match; on a student, the memory layer's own input and output.
     """
+    import torch
+
     module = unwrap(model)
     chosen = list(layers)
-    with capture_mlps(layer_mlps(module, chosen)) as captured:
+    with torch.no_grad(), capture_mlps(layer_mlps(module, chosen)) as captured:
         module(input_ids=input_ids)
     return {
         layer: (captured.inputs[layer].reshape(-1, captured.inputs[layer].shape[-1]),
@@ -235,6 +246,8 @@ def mlp_io(model: Any, input_ids: torch.Tensor, layers: Iterable[int]
 
 def zeroed_mlps_hooks(model: Any, layers: Iterable[int]) -> list[Any]:
     """Forward hooks that make the chosen MLPs output zeros (remove the hooks to undo)."""
+
+    import torch
 
     def zero(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         return torch.zeros_like(output)
@@ -282,24 +295,27 @@ def _parse_spec(spec: str, count: int) -> list[int]:
     if text == "all":
         return list(range(count))
     chosen: set[int] = set()
-    for part in (piece.strip() for piece in text.split(",")):
+    parts = [piece.strip() for piece in text.split(",")]
+    if not any(parts):
+        raise InputError(f"no layers in {spec!r}; give 'all' or layer indexes")
+    for part in parts:
         if not part:  # "1,,2" or "3,": a slip, not a request for fewer layers
             raise InputError(f"bad layer list {spec!r} (an empty item); {LAYER_SPEC_HELP}")
         try:
             if part == "middle":
-                indexes = [count // 2]
+                low = high = count // 2
             elif "-" in part[1:]:
                 cut = part.index("-", 1)
                 low, high = int(part[:cut]), int(part[cut + 1:])
-                for end in (low, high):  # before listing: "0-999999999999" would fill RAM
-                    if not -count <= end < count:
-                        raise InputError(f"unknown layer {end}: the teacher has {count} "
-                                         f"layers (0..{count - 1})")
-                indexes = list(range(low, high + 1))
             else:
-                indexes = [int(part)]
+                low = high = int(part)
         except ValueError:
             raise InputError(f"bad layer list {spec!r}; {LAYER_SPEC_HELP}") from None
+        for end in (low, high):  # before listing: "0-999999999999" would fill RAM
+            if not -count <= end < count:
+                raise InputError(
+                    f"unknown layer {end}: the teacher has {count} layers (0..{count - 1})")
+        indexes = list(range(low, high + 1))
         if not indexes:  # outside the try: InputError is a ValueError too
             raise InputError(f"empty layer range {part!r}; write it low-high")
         for index in indexes:
@@ -309,6 +325,4 @@ def _parse_spec(spec: str, count: int) -> list[int]:
                     f"unknown layer {index}: the teacher has {count} layers (0..{count - 1})"
                 )
             chosen.add(resolved)
-    if not chosen:
-        raise InputError(f"no layers in {spec!r}; give 'all' or layer indexes")
     return sorted(chosen)

@@ -159,7 +159,7 @@ def load_directory(directory: Path, *, dtype: Any = None) -> LoadedModel:
     config = read_config(directory)
     check_fits(model_parameters(config) * BYTES_PER_PARAMETER,
                f"the model in {directory} ({model_parameters(config):,} parameters)",
-               "check its config.json")
+               "check its config.json", ModelLoadError)
     check_weight_files(directory)
     try:
         # use_safetensors=True: never fall back to a pickled pytorch_model.bin beside them.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ModelLoadError
+from engine.model import anatomy
 
 TINY_SPECS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
 BUILTIN_SPECS = ("default", *TINY_SPECS)
@@ -30,7 +31,8 @@ OPTIONAL_FIELDS = {
     "gpt2": ("n_positions", "n_inner"),
     "llama": ("num_key_value_heads", "max_position_embeddings", "head_dim"),
 }
-FAMILIES = tuple(REQUIRED_FIELDS)
+FAMILIES = anatomy.SUPPORTED_FAMILIES
+assert set(REQUIRED_FIELDS) == set(FAMILIES), "a supported family needs its required fields"
 # Files torch.load or pickle would read; Mindset never does.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 CONVERT_HINT = ("convert it once where you trust the file, e.g. AutoModelForCausalLM."
@@ -142,21 +144,20 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 def model_parameters(config: dict[str, Any]) -> int:
     """About how many parameters a checked config builds (embeddings, attention, MLPs)."""
-    family = config["model_type"]
+    family = anatomy.family_of(config)
+    layers, hidden, inner = (anatomy.num_layers(config), anatomy.hidden_size(config),
+                             anatomy.mlp_size(config))
+    vocab = config["vocab_size"]
     if family == "gpt2":
-        layers, hidden, vocab = config["n_layer"], config["n_embd"], config["vocab_size"]
-        inner = config.get("n_inner") or 4 * hidden
         positions = config.get("n_positions") or 1024
         per_layer = 4 * hidden * hidden + 2 * hidden * inner
         embeddings = (vocab + positions) * hidden
     else:
-        layers, hidden, vocab = (config["num_hidden_layers"], config["hidden_size"],
-                                 config["vocab_size"])
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or hidden // heads
         kv_heads = config.get("num_key_value_heads") or heads
         per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-        per_layer += 3 * hidden * config["intermediate_size"]
+        per_layer += 3 * hidden * inner
         embeddings = vocab * hidden
     tied = config.get("tie_word_embeddings", family == "gpt2")
     return int(layers * per_layer + embeddings * (1 if tied else 2))

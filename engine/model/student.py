@@ -141,7 +141,8 @@ def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
     # Sizes checked before transformers builds anything from them.
     parameters = model_parameters(read_config(directory))
     check_fits(parameters * BYTES_PER_PARAMETER,
-               f"the student in {directory} ({parameters:,} parameters)", "check its config.json")
+               f"the student in {directory} ({parameters:,} parameters)",
+               "check its config.json", ModelLoadError)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(f"{weights} is missing; re-save the student")

@@ -13,7 +13,6 @@ events (:mod:`engine.distill.job_events`) are part of its surface, for front end
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,7 +156,7 @@ class JobService:
         start-up, in a moment, whether to offer the quick start."""
 
         def find() -> str | None:
-            from engine.distill.events import STATE_NAME
+            from engine.distill.events import read_state
             from engine.paths import runs_dir
 
             root = self.runs_root or runs_dir()
@@ -168,11 +167,8 @@ class JobService:
                 student = run / STUDENT_DIR
                 if not (student / STUDENT_MARKER).is_file():
                     continue
-                try:
-                    state = json.loads((run / STATE_NAME).read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    continue
-                if isinstance(state, dict) and state.get("state") == "completed":
+                state = read_state(run)  # {} for garbage, a pipe, a huge file
+                if state.get("state") == "completed":
                     candidates.append((student.stat().st_mtime, str(student)))
             return max(candidates)[1] if candidates else None
 

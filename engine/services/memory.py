@@ -4,7 +4,9 @@ Paging, finding, editing, deleting (with undo), inserting, eviction, recombinati
 search over the store's tables. Every store call runs on the runtime's store thread. A
 student's memory layers are mirrored into tables when it loads (a hook on the runtime, run
 before the student becomes visible); edits to a mirror reach the live student, and
-:meth:`MemoryService.save_student` writes them back to its student directory.
+:meth:`MemoryService.save_student` writes them back to its student directory. A mirror kept
+from an earlier session is reconciled with the student, never silently rebuilt; what that
+found is in :meth:`MemoryService.reconcile_warnings`.
 
 Importing this module is cheap: numpy, torch and SQLAlchemy load on first use.
 """
@@ -17,21 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 from engine.errors import MindsetError
 from engine.runtime import STUDENT, TEACHER, Runtime, module_exists
-from engine.services.memory_mirror import (
-    AssociativeTable,
-    FeaturalTable,
-    MemoryTracker,
-    mirror_associative,
-    mirror_featural,
-    reload_associative,
-)
+from engine.services.memory_live import LiveMirrors
+from engine.services.memory_mirror import AssociativeTable, FeaturalTable, MemoryTracker
+from engine.services.memory_reconcile import is_ledger, with_pending
 from engine.services.memory_rows import entry_view, promoted_tokens, text_vectors
 from engine.views import Availability, DeletedEntries, EntryView
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from engine.memory import MemoryRow, MemoryStore, MemoryTable
+    from engine.memory import MemoryRow, MemoryStore
     from engine.model.loading import LoadedModel
 
 
@@ -43,8 +40,9 @@ class MemoryService:
         self.database = database
         self._store: MemoryStore | None = None
         self._store_error: str | None = None
-        self._featural: dict[str, FeaturalTable] = {}
-        self._associative: dict[str, AssociativeTable] = {}
+        self.live = LiveMirrors()
+        self._featural: dict[str, FeaturalTable] = self.live.featural
+        self._associative: dict[str, AssociativeTable] = self.live.associative
         runtime.on_student_loaded(self._student_loaded)
 
     def availability(self) -> Availability:
@@ -64,6 +62,15 @@ class MemoryService:
         if not (self._featural or self._associative):
             return None
         return MemoryTracker(self._featural, self._associative)
+
+    def reconcile_warnings(self, table: str | None = None) -> list[str]:
+        """What reconciling the student's mirror tables with it found when it loaded (edits
+        re-applied, deletions kept, rows added or flagged), for one table or all."""
+        return self.live.messages(table)
+
+    def take_warnings(self) -> list[str]:
+        """The reconcile warnings not taken yet: a front end shows each once."""
+        return self.live.take_messages()
 
     async def close(self) -> None:
         if self._store is not None:
@@ -85,12 +92,7 @@ class MemoryService:
         student (see :mod:`engine.services.memory_mirror`)."""
         from engine.model.surgery import memory_layers
 
-        store = self._open_store()
-        self._featural.clear()
-        self._associative.clear()
-        modules = memory_layers(loaded)
-        self._featural.update(mirror_featural(store, modules, self.runtime.student_spec))
-        self._associative.update(mirror_associative(store, modules, self.runtime.student_spec))
+        self.live.load(self._open_store(), memory_layers(loaded), self.runtime.student_spec)
 
     async def save_student(self) -> str:
         """Write the live student, with the memory edits made since it loaded, back to its
@@ -108,33 +110,15 @@ class MemoryService:
                 raise MindsetError(f"the student was not loaded from a student directory "
                                    f"({directory}); nothing to save it back to")
             try:
-                return str(save_student(loaded.model, directory, loaded.tokenizer))
+                saved = str(save_student(loaded.model, directory, loaded.tokenizer))
             except OSError as exc:
                 raise MindsetError(f"could not save the student to {directory}: {exc}") from exc
+            self.live.saved(self._open_store())
+            return saved
 
         # The store's thread is the one that writes edits into the live slots: saving there
         # means no edit lands halfway through the save.
         return await self.runtime.in_store(save)
-
-    def _reload_associative(self, table: str, handle: MemoryTable) -> None:
-        """After a change to an associative mirror, the live layer reads its entries again
-        (on the store's thread, like every write)."""
-        mirror = self._associative.get(table)
-        if mirror is not None:
-            reload_associative(handle, mirror)
-
-    def _write_slots(self, table: str, rows: list[MemoryRow], values: np.ndarray) -> None:
-        """Copy changed values into the live student's featural layer (slot from meta)."""
-        mirror = self._featural.get(table)
-        if mirror is None:
-            return
-        import torch
-
-        with torch.no_grad():
-            for row, value in zip(rows, values, strict=True):
-                slot = row.meta.get("slot")
-                if isinstance(slot, int):
-                    mirror.module.values[slot] = torch.as_tensor(value, dtype=torch.float32)
 
     def _refuse_featural(self, table: str, what: str) -> None:
         if table in self._featural:
@@ -167,7 +151,10 @@ class MemoryService:
         return self._store
 
     async def table_names(self) -> list[str]:
-        return await self.runtime.in_store(lambda: list(self._open_store().table_names()))
+        def names() -> list[str]:
+            return [name for name in self._open_store().table_names() if not is_ledger(name)]
+
+        return await self.runtime.in_store(names)
 
     async def table_stats(self, table: str) -> dict[str, Any]:
         def stats() -> dict[str, Any]:
@@ -271,10 +258,12 @@ class MemoryService:
                 new_value = np.asarray(row.value, dtype=np.float32).reshape(1, -1)
                 new_value = new_value * np.float32(scale)
             ids = np.asarray([entry_id], dtype=np.int64)
-            handle.update(ids, values=new_value, label=label, tags=tags)
+            meta = None
             if new_value is not None:
-                self._write_slots(table, handle.get([entry_id]), new_value)
-                self._reload_associative(table, handle)
+                meta = self.live.edited_meta(table, handle.get([entry_id])[0])
+            handle.update(ids, values=new_value, label=label, tags=tags, meta=meta)
+            if new_value is not None:
+                self.live.values_changed(table, handle, handle.get([entry_id]), new_value)
 
         await self.runtime.in_store(update)
 
@@ -291,25 +280,31 @@ class MemoryService:
             labels = [r.label for r in rows]
             tags = [list(r.tags) for r in rows]
             metas = [dict(r.meta) for r in rows]
+            stats = [(r.created, r.last_access, r.access_count) for r in rows]
             handle.delete(np.asarray(ids, dtype=np.int64))
-            self._write_slots(table, rows, np.zeros_like(values))
-            self._reload_associative(table, handle)
-            return DeletedEntries(table, list(ids), keys, values, labels, tags, metas)
+            self.live.deleted(self._open_store(), table, handle, rows)
+            return DeletedEntries(table, list(ids), keys, values, labels, tags, metas, stats)
 
         return await self.runtime.in_store(delete)
 
     async def restore_entries(self, deleted: DeletedEntries) -> list[int]:
-        """Undo a delete: the entries come back (with new ids)."""
+        """Undo a delete: the entries come back under their ids, with their labels, tags,
+        meta and access counts; a mirror's live layer reads them again."""
 
         def restore() -> list[int]:
-            handle = self._open_store().table(deleted.table)
-            ids = handle.insert(
-                deleted.keys, deleted.values, labels=deleted.labels, tags=deleted.tags,
-                meta=deleted.metas,
+            store = self._open_store()
+            handle = store.table(deleted.table)
+            mirror = self.mirror(deleted.table)
+            metas = deleted.metas or [{} for _ in deleted.ids]
+            if mirror is not None:  # the live student differs from its directory again
+                metas = [with_pending(meta, True) for meta in metas]
+            handle.restore(
+                deleted.ids, deleted.keys, deleted.values, labels=deleted.labels,
+                tags=deleted.tags, meta=metas, stats=deleted.stats or None,
+                provenance=mirror.source if mirror is not None else None,
             )
-            self._write_slots(deleted.table, handle.get(ids), deleted.values)
-            self._reload_associative(deleted.table, handle)
-            return [int(i) for i in ids]
+            self.live.restored(store, deleted.table, handle, handle.get(deleted.ids))
+            return list(deleted.ids)
 
         return await self.runtime.in_store(restore)
 
@@ -342,9 +337,9 @@ class MemoryService:
             ids = handle.insert(
                 np.asarray(key, dtype=np.float32).reshape(1, -1),
                 np.asarray(value, dtype=np.float32).reshape(1, -1),
-                labels=[label or text],
+                labels=[label or text], meta=self.live.new_meta(table),
             )
-            self._reload_associative(table, handle)
+            self.live.reload(table, handle)
             return int(ids[0])
 
         return await self.runtime.in_store(insert)
@@ -354,12 +349,14 @@ class MemoryService:
         self._refuse_featural(table, "eviction")
 
         def evict() -> str:
-            handle = self._open_store().table(table)
+            store = self._open_store()
+            handle = store.table(table)
             amount = count
             if amount is None and handle.capacity is None:
                 amount = max(1, len(handle) // 10) if len(handle) else 0
+            before = handle.export_arrays()
             evicted = handle.evict(amount)
-            self._reload_associative(table, handle)
+            self.live.removed(store, table, handle, before, [])
             return f"evicted {len(evicted)} entries"
 
         return await self.runtime.in_store(evict)
@@ -385,8 +382,10 @@ class MemoryService:
             if finite.size == 0:
                 return "nothing to merge"
             distance = float(np.quantile(finite, 0.05))
+            before = handle.export_arrays()
             groups = handle.recombine(result, distance)
-            self._reload_associative(table, handle)
+            self.live.removed(self._open_store(), table, handle, before,
+                              [kept for kept, _ in groups])
             merged = sum(len(members) for _, members in groups)
             return f"merged {merged} entries into {len(groups)} (distance {distance:.4g})"
 

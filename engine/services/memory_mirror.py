@@ -3,24 +3,38 @@
 The workbench pages, searches and edits memory through the store. A student's memory lives
 in its modules, so each memory layer gets a mirror table:
 
-* featural layers (``layer{N}_featural``): one row per slot, the slot index in its meta; an
-  edited value is copied into the live slot.
-* associative layers (``layer{N}_associative``): one row per cache entry, in cache order.
-  After any change to the table the layer's cache is reloaded from it, in id order, so cache
-  position ``i`` is always the entry with id ``ids[i]``.
+* featural layers (``layer{N}_featural``): one row per slot, the slot index in its meta
+  (``meta["slot"]``, the only link between a row and its slot); an edited value is copied
+  into the live slot, a deleted row's slot is zeroed.
+* associative layers (``layer{N}_associative``): one row per cache entry. After any change to
+  the table the layer's cache is reloaded from it, in id order, so cache position ``i`` is
+  always the entry with id ``ids[i]``.
 
-:class:`MemoryTracker` sums, over one reply, the weight each mirrored entry got, for the
-chat's memory-use panel.
+A mirror kept from an earlier session is reconciled with the student row by row
+(:mod:`engine.services.memory_reconcile`): nothing the user did is dropped, and every
+disagreement leaves a message. :class:`MemoryTracker` sums, over one reply, the weight each
+mirrored entry got, for the chat's memory-use panel.
 
 Importing this module is cheap: numpy, torch and the memory layers load on first use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from engine.services.memory_reconcile import (
+    MIRROR_MARK,
+    Reconciled,
+    Stored,
+    all_rows,
+    drop_ledger,
+    reconcile_associative,
+    reconcile_featural,
+    same_student,
+    user_work,
+)
 from engine.views import MemoryUse
 
 if TYPE_CHECKING:
@@ -35,10 +49,7 @@ if TYPE_CHECKING:
 
 FEATURAL_SUFFIX = "_featural"
 ASSOCIATIVE_SUFFIX = "_associative"
-# Mirror rows carry "<student spec>#layer<N>" as provenance, which tells a mirror of this
-# student (kept) from one of another student (rebuilt) and from a user's own table (left).
-MIRROR_MARK = "#layer"
-
+CHUNK = 8192
 
 def featural_table_name(layer: int) -> str:
     return f"layer{layer}{FEATURAL_SUFFIX}"
@@ -50,41 +61,59 @@ def associative_table_name(layer: int) -> str:
 
 @dataclass
 class FeaturalTable:
-    """A featural layer mirrored into a table: which layer, its module, ids in slot order."""
+    """A featural layer mirrored into a table: ``ids[slot]`` is the id of the row of that
+    slot (-1: deleted), taken from each row's ``meta["slot"]``."""
 
     layer: int
     module: FeaturalMemory
     ids: np.ndarray
+    source: str = ""
 
 
 @dataclass
 class AssociativeTable:
     """An associative layer mirrored into a table: ``ids[i]`` is the entry at cache
-    position ``i`` of ``module.cache``."""
+    position ``i`` of ``module.cache``; ``orphans`` are rows left out of the cache."""
 
     layer: int
     module: AssociativeMemory
     ids: np.ndarray
+    source: str = ""
+    orphans: set[int] = field(default_factory=set)
+
+
+Messages = dict[str, Reconciled]
 
 
 def _provenance(student_spec: str | None, layer: int) -> str:
     return f"{student_spec}{MIRROR_MARK}{layer}"
 
 
-def _existing_mirror(store: MemoryStore, name: str) -> tuple[MemoryTable | None, str | None]:
-    """The table called ``name`` and its first row's provenance (None: no table)."""
-    if name not in store.table_names():
-        return None, None
-    table = store.table(name)
+def _first_provenance(table: MemoryTable) -> str:
     first = table.page(0, 1)
-    return table, (first[0].provenance or "") if first else ""
+    return (first[0].provenance or "") if first else ""
 
 
-def mirror_featural(store: MemoryStore, modules: dict[int, nn.Module],
-                    student_spec: str | None) -> dict[str, FeaturalTable]:
-    """Mirror each featural layer's slots into a table (re-used while it still has the
-    slot count and provenance of this student)."""
+def _replace(store: MemoryStore, table: MemoryTable, report: Reconciled) -> None:
+    """Drop a table that mirrors another student, saying so when it held the user's work."""
+    name = table.name
+    other = _first_provenance(table)
+    held = user_work(all_rows(table))
+    if held:
+        report.messages.append(
+            f"{name}: the table mirrored {other.rpartition(MIRROR_MARK)[0] or other}, not "
+            f"this student; rebuilt for this one ({held} labelled or edited rows of the old "
+            "table were dropped)")
+    store.drop_table(name)
+    drop_ledger(store, name)
+
+
+def mirror_featural(store: MemoryStore, modules: dict[int, nn.Module], student_spec: str | None,
+                    messages: Messages) -> dict[str, FeaturalTable]:
+    """Mirror each featural layer's slots into a table; an existing mirror of this student
+    is reconciled with it (see :func:`reconcile_featural`)."""
     import numpy as np
+    import torch
 
     from engine.model.memory_layers.featural import FeaturalMemory
 
@@ -93,34 +122,47 @@ def mirror_featural(store: MemoryStore, modules: dict[int, nn.Module],
         if not isinstance(module, FeaturalMemory):
             continue
         name = featural_table_name(layer)
-        values = module.values.detach().float().numpy()
+        values = module.values.detach().float().cpu().numpy().copy()
         if module.product is not None:
-            keys = module.product.slot_keys(0).detach().float().numpy()
+            keys = module.product.slot_keys(0).detach().float().cpu().numpy()
         else:
             assert module.flat is not None  # a featural layer has product or flat keys
-            keys = module.flat.keys.detach().float().numpy()
+            keys = module.flat.keys.detach().float().cpu().numpy()
         source = _provenance(student_spec, layer)
-        table, provenance = _existing_mirror(store, name)
-        if table is not None and (len(table) != len(values) or provenance != source):
-            store.drop_table(name)
+        report = messages.setdefault(name, Reconciled())
+        table = store.table(name) if name in store.table_names() else None
+        provenance = _first_provenance(table) if table is not None else ""
+        if table is not None and provenance and not same_student(provenance, source):
+            _replace(store, table, report)
             table = None
         if table is None:
             table = store.create_table(name, keys.shape[1], values.shape[1])
-            slots = np.arange(len(values))
-            table.insert(keys, values, meta=[{"slot": int(i)} for i in slots],
-                         provenance=source)
-        ids, _, _ = table.export_arrays()
-        mirrors[name] = FeaturalTable(layer, module, ids)
+            slots = len(values)
+            ids = np.asarray(table.insert(
+                keys, values, meta=[{"slot": i, "slots": slots} for i in range(slots)],
+                provenance=source), dtype=np.int64)
+        else:
+            live = values.copy()
+            ids, found = reconcile_featural(table, Stored.of(table), keys, live, source)
+            report.messages.extend(found.messages)
+            report.pending |= found.pending
+            if not np.array_equal(live, values):
+                with torch.no_grad():
+                    module.values.copy_(torch.from_numpy(live).to(module.values.device))
+        mirrors[name] = FeaturalTable(layer, module, ids, source)
     return mirrors
 
 
 def mirror_associative(store: MemoryStore, modules: dict[int, nn.Module],
-                       student_spec: str | None) -> dict[str, AssociativeTable]:
+                       student_spec: str | None, messages: Messages
+                       ) -> dict[str, AssociativeTable]:
     """Mirror each associative layer's cache into a table, entry i as the i-th row.
 
-    A mirror is re-used (keeping its labels and tags) while it holds exactly the live
-    entries, in cache order; otherwise it is rebuilt. A table of that name that is no mirror
-    (a user's own) is left alone and the layer is not mirrored."""
+    A mirror of this student that holds exactly the live entries is kept as it is; one that
+    differs is reconciled with them and the live cache reloaded from it. A table of that
+    name that is no mirror (a user's own) is left alone and the layer is not mirrored."""
+    import numpy as np
+
     from engine.model.memory_layers.associative import AssociativeMemory
 
     mirrors: dict[str, AssociativeTable] = {}
@@ -131,44 +173,59 @@ def mirror_associative(store: MemoryStore, modules: dict[int, nn.Module],
         keys = module.cache.keys.detach().float().cpu().numpy()
         values = module.cache.values.detach().float().cpu().numpy()
         source = _provenance(student_spec, layer)
-        table, provenance = _existing_mirror(store, name)
-        if table is not None and provenance and MIRROR_MARK not in provenance:
-            continue
-        if table is not None and not _holds(table, provenance, source, keys, values):
-            store.drop_table(name)
+        report = messages.setdefault(name, Reconciled())
+        table = store.table(name) if name in store.table_names() else None
+        mirror = AssociativeTable(layer, module, np.zeros(0, dtype=np.int64), source)
+        provenance = _first_provenance(table) if table is not None else ""
+        if provenance and MIRROR_MARK not in provenance:
+            continue  # a user's own table of that name
+        if table is not None and provenance and not same_student(provenance, source):
+            _replace(store, table, report)
             table = None
+        if table is not None and _holds(table, keys, values):
+            mirror.ids = table.export_arrays()[0]
+            mirrors[name] = mirror
+            continue
         if table is None:
             table = store.create_table(name, keys.shape[1], values.shape[1])
-            chunk = 8192
-            for start in range(0, len(keys), chunk):
-                table.insert(keys[start:start + chunk], values[start:start + chunk],
+            for start in range(0, len(keys), CHUNK):
+                table.insert(keys[start:start + CHUNK], values[start:start + CHUNK],
                              meta=[{"position": i}
-                                   for i in range(start, min(start + chunk, len(keys)))],
+                                   for i in range(start, min(start + CHUNK, len(keys)))],
                              provenance=source)
-        ids, _, _ = table.export_arrays()
-        mirrors[name] = AssociativeTable(layer, module, ids)
+            mirror.ids = table.export_arrays()[0]
+        else:
+            found = reconcile_associative(store, table, Stored.of(table), keys, values, source)
+            report.messages.extend(found.messages)
+            report.pending |= found.pending
+            mirror.orphans = found.orphans
+            reload_associative(table, mirror)
+        mirrors[name] = mirror
     return mirrors
 
 
-def _holds(table: MemoryTable, provenance: str | None, source: str, keys: np.ndarray,
-           values: np.ndarray) -> bool:
-    """Whether ``table`` is this student's mirror and holds exactly ``keys``/``values``."""
+def _holds(table: MemoryTable, keys: np.ndarray, values: np.ndarray) -> bool:
+    """Whether ``table`` holds exactly ``keys``/``values``, in order."""
     import numpy as np
 
-    if len(keys) == 0:
-        return len(table) == 0
-    if provenance != source or len(table) != len(keys):
+    if len(table) != len(keys):
         return False
+    if len(keys) == 0:
+        return True
     _, stored_keys, stored_values = table.export_arrays()
     return bool(np.array_equal(stored_keys, keys) and np.array_equal(stored_values, values))
 
 
 def reload_associative(table: MemoryTable, mirror: AssociativeTable) -> None:
-    """Make the live cache hold the table's entries, in id order (cache position i <->
-    ``mirror.ids[i]``). Access statistics of the cache start afresh."""
+    """Make the live cache hold the table's entries (orphans left out), in id order (cache
+    position i <-> ``mirror.ids[i]``). Access statistics of the cache start afresh."""
+    import numpy as np
     import torch
 
     ids, keys, values = table.export_arrays()
+    if mirror.orphans:
+        keep = ~np.isin(ids, np.fromiter(mirror.orphans, dtype=np.int64))
+        ids, keys, values = ids[keep], keys[keep], values[keep]
     cache = mirror.module.cache
     device = cache.keys.device
     with torch.no_grad():
@@ -244,6 +301,8 @@ class MemoryTracker:
                 if associative and (value <= 0 or position >= len(ids)):
                     continue  # unread, or inserted during the reply: not in the mirror
                 entry = int(ids[position]) if position < len(ids) else position
+                if entry < 0:
+                    continue  # a deleted slot (zeroed): no entry to name
                 uses.append(MemoryUse(name, entry, value / total, f"{what} {position}"))
         uses.sort(key=lambda use: use.weight, reverse=True)
         return uses[:count]

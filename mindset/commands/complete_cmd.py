@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from engine.llm.registry import specs_help
-from mindset.commands.common import positive_int
+from mindset.commands.common import positive_int, whole_number
 
 
 def register(commands: Any) -> None:
@@ -26,11 +26,11 @@ def register(commands: Any) -> None:
     parser.add_argument("--temperature", type=float, default=0.7,
                         help="0 for greedy, else 1e-05 to 2 (default 0.7)")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-k", type=whole_number, default=0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="0.01 to 10; 1 means none (default)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=whole_number, default=None)
     parser.set_defaults(handler=run)
 
 
@@ -43,12 +43,9 @@ def model_spec(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from engine.llm.config import build_adapter
-    from engine.llm.types import SamplingParams, check_text
+    from engine.llm.types import SamplingParams
 
-    # Everything is checked before a model loads (seconds), each failure in one line.
-    check_text(args.prompt, "the prompt")
-    if args.model is not None:
-        check_text(args.model, "--model")
+    # Checked before a model loads (seconds); non-UTF-8 argv bytes are refused by the CLI.
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, stop=args.stop,

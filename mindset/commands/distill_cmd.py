@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,9 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("--teacher", default=defaults.teacher,
                         help="default, tiny-gpt2, tiny-llama, or a model directory")
-    parser.add_argument("--layers", required=True,
-                        help="'all', an index, a list (1,4,7) or a range (8-10)")
+    parser.add_argument("--layers", default=None,
+                        help="'all', an index, a list (1,4,7) or a range (8-10); required "
+                        "unless --resume (which reads the run's own)")
     parser.add_argument("--memory", default=defaults.memory, choices=MEMORY_KINDS,
                         help="memory kind (dense = the compute-matched MLP control)")
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
@@ -106,23 +109,62 @@ def build_config(args: argparse.Namespace) -> DistillConfig:
         warmup_steps=args.warmup, schedule=args.schedule, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
     )
-    config.validate()
+    config.preflight()  # validate(), then the teacher's config: before --out is created
     return config
 
 
-def run(args: argparse.Namespace) -> int:
-    from engine.distill.checkpoints import CHECKPOINT_NAME
-    from engine.distill.data import check_text_paths
-    from engine.distill.events import CONFIG_NAME, SUMMARY_NAME
+def check_out_dir(out: Path) -> None:
+    """``--out`` names a directory this process can create or write in; checked before
+    anything loads or is created (a probe file is made and removed), one line otherwise."""
     from engine.errors import InputError
 
+    path = Path(os.path.abspath(out.expanduser()))
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            kind = "a file" if path.is_file() else "not a directory"
+            raise InputError(f"--out {out} is {kind}; give a directory for the run")
+        probe_writable(path, out)
+        return
+    ancestor = path.parent
+    while not (ancestor.exists() or ancestor.is_symlink()):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"--out {out}: {ancestor} is a file, so no directory can be made "
+                         "there; give another --out")
+    probe_writable(ancestor, out)
+
+
+def probe_writable(directory: Path, out: Path) -> None:
+    from engine.errors import InputError
+
+    try:
+        handle, name = tempfile.mkstemp(prefix=".mindset-probe-", dir=directory)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot create anything in {directory} "
+                         f"({exc.strerror}); give a directory you can write to") from None
+    os.close(handle)
+    os.unlink(name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.distill.checkpoints import check_checkpoint, has_checkpoint
+    from engine.distill.data import check_text_paths
+    from engine.distill.events import SUMMARY_NAME, load_run_config
+    from engine.errors import InputError
+
+    if args.out is not None:
+        check_out_dir(args.out)
     if args.resume:
         if args.out is None:
             raise InputError("--resume needs --out, the run directory to continue")
-        config = DistillConfig.load(args.out / CONFIG_NAME)
+        config = load_run_config(args.out)
+        check_checkpoint(args.out)  # a legacy pickle or a damaged pair: before any load
     else:
+        if args.layers is None:
+            raise InputError("the argument --layers is required: the layers to replace "
+                             "('all', an index, a list 1,4,7 or a range 8-10)")
         config = build_config(args)
-        if args.out is not None and (args.out / CHECKPOINT_NAME).exists():
+        if args.out is not None and has_checkpoint(args.out):
             raise InputError(f"{args.out} already holds a run; add --resume to continue it "
                              "or give another --out")
     if config.data:

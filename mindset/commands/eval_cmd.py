@@ -29,9 +29,11 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.evaluation import perplexity, validate_window
     from engine.model.loading import load_model
+    from engine.model.model_files import check_model_spec
     from engine.textdata import read_text_file
 
     validate_window(args.tokens, args.window, None)
+    check_model_spec(args.model)  # from the files alone, before reading a large text
     text = read_text_file(args.data)
     loaded = load_model(args.model)
     result = perplexity(loaded.model, loaded.tokenizer, text, tokens=args.tokens,

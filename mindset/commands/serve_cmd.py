@@ -9,7 +9,7 @@ from typing import Any
 
 from engine.llm.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from engine.llm.secrets import MIN_KEY_LENGTH
-from mindset.commands.common import positive_float, positive_int
+from mindset.commands.common import host_name, port_number, positive_float, positive_int
 from mindset.commands.complete_cmd import model_spec
 
 API_KEY_ENV = "MINDSET_API_KEY"
@@ -27,14 +27,15 @@ def register(commands: Any) -> None:
                         help="default, tiny-llama, tiny-gpt2, or a model/student directory")
     parser.add_argument("--name", type=model_spec, default=None,
                         help="model id clients use (default: the spec, or the directory name)")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", type=host_name, default="127.0.0.1",
                         help="address to bind (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", default=None,
                         help=f"require this bearer token, at least {MIN_KEY_LENGTH} characters, "
                         f"on every route but /health, /docs included (or set {API_KEY_ENV}, "
                         "which keeps it out of the process list)")
-    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+    parser.add_argument("--allow-host", type=host_name, action="append", default=[],
+                        metavar="NAME",
                         help="with no key, also answer requests whose Host is NAME (repeatable); "
                         "by default only this server's address is, against DNS rebinding")
     parser.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
@@ -45,13 +46,6 @@ def register(commands: Any) -> None:
                         f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
     parser.add_argument("--no-log", action="store_true", help="do not log interactions")
     parser.set_defaults(handler=run)
-
-
-def port_number(text: str) -> int:
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
-    return value
 
 
 def served_name(spec: str) -> str:
@@ -69,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if api_key is not None:  # refused before the model loads, not after
         check_key(api_key, "--api-key" if args.api_key else API_KEY_ENV)
-    log = None if args.no_log else InteractionLog()
     name = args.name or served_name(args.model)
     print(f"loading {args.model} ...", flush=True)
-    adapter = LocalAdapter.from_spec(args.model, log=log)
+    adapter = LocalAdapter.from_spec(args.model)
+    # Opened once the model has loaded: a spec that fails leaves no new log file behind.
+    log = None if args.no_log else InteractionLog()
+    adapter.log = log
     adapter.model = name
     app = create_app({name: adapter}, api_key=api_key,
                      allowed_hosts=[args.host, *args.allow_host],

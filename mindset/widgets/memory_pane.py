@@ -79,6 +79,7 @@ class MemoryPane(Vertical):
             self._show_missing(str(exc))
             self.notify(str(exc), title="memory database", severity="error", timeout=10)
             return
+        self._show_warnings()
         select = self.query_one("#memory-table", Select)
         select.set_options([(name, name) for name in names])
         if not names:
@@ -92,6 +93,14 @@ class MemoryPane(Vertical):
         if select.value == self.table_name:
             self.load_page()  # no change event: refresh the rows ourselves
         select.value = self.table_name
+
+    def _show_warnings(self) -> None:
+        """What reconciling a student's tables with it found, once each (nothing of the
+        user's is dropped, but they should know the student on disk disagrees)."""
+        for message in self.memory.take_warnings():
+            table, _, text = message.partition(": ")
+            self.notify(text or message, title=f"memory table {table}" if text else "memory",
+                        severity="warning", timeout=20)
 
     def _show_missing(self, reason: str) -> None:
         self.query_one("#memory-stats", Static).update(f"[b]Memory unavailable:[/b] {reason}")
@@ -288,7 +297,7 @@ class MemoryPane(Vertical):
             self.notify(str(exc), title="undo failed", severity="error")
             return
         self.notify(f"restored {len(new_ids)} entr{'y' if len(new_ids) == 1 else 'ies'} "
-                    f"(new id {', '.join(map(str, new_ids))})")
+                    f"(#{', #'.join(map(str, new_ids))})")
         self.load_page()
 
     def action_insert(self) -> None:

@@ -7,6 +7,7 @@ Clients (the ``openai`` library among them) read ``{"error": {"message", "type",
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,7 +19,7 @@ from engine.errors import InputError, MindsetError
 from engine.llm.types import ParameterError
 
 # pydantic's names for union members ("str", "list[TextPart]", "function-after[...]") are
-# not fields: the param a client is told stops before them.
+# not fields: the param a client is told leaves them out.
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -40,12 +41,12 @@ class APIError(Exception):
         from failing the encoding (a 500 while reporting a 400)."""
         return json.dumps(self.body(), ensure_ascii=True).encode("ascii")
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
         return ErrorResponse(self, headers)
 
 
 class ErrorResponse(JSONResponse):
-    def __init__(self, error: APIError, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, error: APIError, headers: Mapping[str, str] | None = None) -> None:
         self.error = error
         super().__init__(error.body(), status_code=error.status, headers=headers)
 
@@ -64,9 +65,8 @@ def validation_param(location: tuple[Any, ...]) -> str | None:
         if part == "body" and not parts:
             continue
         text = str(part)
-        if "[" in text or "-" in text or text in _TYPE_TAGS:
-            break
-        parts.append(text)
+        if not ("[" in text or "-" in text or text in _TYPE_TAGS):
+            parts.append(text)
     return ".".join(parts) or None
 
 
@@ -77,7 +77,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
+        errors = list(exc.errors())
+        # For a union, the member whose type matched says what is wrong, not a type mismatch.
+        errors.sort(key=lambda error: str(error.get("type", "")).endswith("_type"))
         first = errors[0] if errors else {}
         param = validation_param(tuple(first.get("loc", ())))
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")

@@ -4,8 +4,9 @@
   so a web page must not reach it through a DNS name rebound to this machine. Only the
   address the connection arrived on (with its port), the loopback names when it arrived on
   loopback, and names given with ``--allow-host`` are answered.
-* Body size: bodies over ``max_body_bytes`` get a 413 without being read (or as soon as they
-  pass the limit, when they are chunked).
+* Body size: bodies over ``max_body_bytes`` get a 413. Moderately oversized ones are read and
+  dropped first, so that the client can read the answer; far larger ones are refused
+  unread, from their Content-Length.
 * Body time: a body that has not fully arrived ``body_timeout_s`` after the headers (a
   Content-Length larger than what is sent, a client trickling bytes) gets a 408 and the
   connection is closed, instead of holding it forever.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from engine.llm.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
@@ -32,8 +34,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class _TooLarge(Exception):
-    pass
+# An oversized body up to this many times the limit is read and dropped before the 413.
+DRAIN_FACTOR = 2
+
+
+@dataclass
+class _Reading:
+    size: int = 0
+    over: bool = False
 
 
 class _Gone(Exception):
@@ -62,21 +70,24 @@ class RequestGuard:
                 code="invalid_host"))
             return
         length = header(scope, b"content-length")
-        if length is not None and length.isascii() and length.isdigit() \
-                and int(length) > self.max_body_bytes:
-            await reject(send, self.too_large())
+        declared = int(length) if length and length.isascii() and length.isdigit() else None
+        if declared is not None and declared > self.max_body_bytes and (
+                declared > DRAIN_FACTOR * self.max_body_bytes
+                or header(scope, b"expect") is not None):
+            await reject(send, self.too_large())  # not worth reading (or not yet sent)
             return
+        reading = _Reading()
         try:
-            body = await asyncio.wait_for(self.read_body(receive), self.body_timeout_s)
-        except _TooLarge:
-            await reject(send, self.too_large())
-            return
+            body = await asyncio.wait_for(self.read_body(receive, reading), self.body_timeout_s)
         except TimeoutError:
-            await reject(send, APIError(
+            await reject(send, self.too_large() if reading.over else APIError(
                 408, f"the request body did not arrive within {self.body_timeout_s:g} s",
                 code="request_timeout"))
             return
         except _Gone:
+            return
+        if body is None:
+            await reject(send, self.too_large())
             return
         replayed = False
 
@@ -89,20 +100,25 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    async def read_body(self, receive: Receive) -> bytes:
+    async def read_body(self, receive: Receive, reading: _Reading) -> bytes | None:
+        """The whole body, or None when it is over the limit. An oversized body is still read
+        (not kept) up to DRAIN_FACTOR times the limit: closing a socket with unread data
+        resets it, and the client would see a reset instead of the 413."""
         chunks: list[bytes] = []
-        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise _Gone
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise _TooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+            reading.size += len(chunk)
+            if reading.size > self.max_body_bytes:
+                reading.over = True
+                chunks.clear()
+            else:
+                chunks.append(chunk)
+            if not message.get("more_body", False) \
+                    or reading.size > DRAIN_FACTOR * self.max_body_bytes:
+                return None if reading.over else b"".join(chunks)
 
     def too_large(self) -> APIError:
         return APIError(413, f"the request body is over {self.max_body_bytes} bytes; send less, "

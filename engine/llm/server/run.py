@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
 import socket
@@ -24,8 +25,10 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             reason = exc.strerror or str(exc)
+            advice = {errno.EADDRINUSE: "--port", errno.EADDRNOTAVAIL: "--host"}.get(
+                exc.errno or 0, "--host or --port")
             raise MindsetError(
-                f"cannot listen on {host}:{port} ({reason}); pick another --host or --port"
+                f"cannot listen on {host}:{port} ({reason}); pick another {advice}"
             ) from None
 
 

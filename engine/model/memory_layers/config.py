@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from engine.errors import InputError
+from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, ENTRY_STATS_BYTES, check_fits
 
 FEATURAL_KEY_KINDS = ("product", "flat")
 SCORE_WEIGHTINGS = ("softmax", "relu")
@@ -171,9 +172,28 @@ class FeaturalConfig:
             if self.activation not in ACT2FN:
                 raise InputError(f"activation={self.activation!r} is unknown; use one of "
                                  "relu, gelu, gelu_new, silu")
-        from engine.model.memory_layers.budget import check_layer_fits
+        if self.keys == "product":
+            check_fits(self.memory_bytes(), f"one featural memory layer ({self.heads} heads, "
+                       f"{self.num_subkeys}^2 = {self.num_slots} slots)",
+                       "give a smaller num_subkeys, heads, query_dim or value_dim")
+        else:
+            check_fits(self.memory_bytes(), f"one flat-key memory layer ({self.slots} slots)",
+                       "give fewer slots")
 
-        check_layer_fits(self)
+    def memory_bytes(self) -> int:
+        """Bytes of the layer's parameters (fp32), counted as ``FeaturalMemory`` builds them:
+        refusing a typo such as num_subkeys=1000000 before torch tries to allocate it."""
+        hidden, slots, value_dim = self.hidden_size, self.num_slots, self.effective_value_dim
+        if self.keys == "product":
+            query = self.heads * self.query_dim
+            count = hidden * query + query  # query projection
+            count += self.heads * self.num_subkeys * self.query_dim  # two sub-key halves
+            if self.gate:
+                count += hidden * value_dim + value_dim
+            count += value_dim * hidden + hidden  # output projection
+        else:
+            count = slots * (hidden + 1) * (2 if self.gated else 1) + hidden
+        return (count + slots * value_dim) * BYTES_PER_PARAMETER  # plus the value table
 
 
 @dataclass(frozen=True)
@@ -230,6 +250,14 @@ class AssociativeConfig:
             raise InputError(f"decay={self.decay!r} must be in (0, 1]")
         if self.insert not in ("train", "always", "never"):
             raise InputError(f"insert={self.insert!r} must be train, always or never")
-        from engine.model.memory_layers.budget import check_layer_fits
+        check_fits(self.memory_bytes(), f"one associative memory layer ({self.heads} heads, "
+                   f"capacity {self.capacity})",
+                   "give a smaller capacity, heads, key_dim or value_dim")
 
-        check_layer_fits(self)
+    def memory_bytes(self) -> int:
+        """Bytes of the layer's projections (fp32) plus a store filled to ``capacity``."""
+        query, value = self.heads * self.key_dim, self.heads * self.value_dim
+        count = 2 * (self.hidden_size * query + query)  # query and key projections
+        count += self.hidden_size * value + value + value * self.hidden_size + self.hidden_size
+        entry = (self.key_dim + self.value_dim) * BYTES_PER_PARAMETER + ENTRY_STATS_BYTES
+        return count * BYTES_PER_PARAMETER + self.capacity * entry

@@ -1,0 +1,184 @@
+"""The live student's memory layers kept in step with edits to their mirror tables.
+
+:class:`LiveMirrors` holds the mirrors of the loaded student (see
+:mod:`engine.services.memory_mirror`), the messages their reconciliation left, and the
+bookkeeping that lets a later session tell the user's unsaved work from the student's own
+state: rows whose change has not reached the student directory yet carry a pending flag
+(cleared when the student is saved) and entries removed from an associative mirror are kept
+in a ledger table until then. Every method that touches the store runs on its thread.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engine.services.memory_mirror import (
+    AssociativeTable,
+    FeaturalTable,
+    Messages,
+    mirror_associative,
+    mirror_featural,
+    reload_associative,
+)
+from engine.services.memory_reconcile import (
+    PENDING,
+    drop_ledger,
+    forget_removed,
+    mark_pending,
+    record_removed,
+    with_pending,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from engine.memory import MemoryRow, MemoryStore, MemoryTable
+
+
+class LiveMirrors:
+    """The mirror tables of the live student and what keeps them and it in step."""
+
+    def __init__(self) -> None:
+        self.featural: dict[str, FeaturalTable] = {}
+        self.associative: dict[str, AssociativeTable] = {}
+        self.reports: Messages = {}
+        self._shown: set[str] = set()
+
+    def load(self, store: MemoryStore, modules: dict[int, nn.Module],
+             student_spec: str | None) -> None:
+        """Mirror (or reconcile) each memory layer of a student that just loaded."""
+        self.featural.clear()
+        self.associative.clear()
+        self.reports = {}
+        self._shown.clear()
+        self.featural.update(mirror_featural(store, modules, student_spec, self.reports))
+        self.associative.update(mirror_associative(store, modules, student_spec, self.reports))
+
+    def get(self, table: str) -> FeaturalTable | AssociativeTable | None:
+        return self.featural.get(table) or self.associative.get(table)
+
+    def messages(self, table: str | None = None) -> list[str]:
+        """What reconciling the mirrors with the student found (one table, or all)."""
+        reports = [self.reports[table]] if table in self.reports else \
+            [] if table is not None else list(self.reports.values())
+        return [message for report in reports for message in report.messages]
+
+    def take_messages(self) -> list[str]:
+        """The messages not handed out yet (a front end shows each once)."""
+        fresh = [m for m in self.messages() if m not in self._shown]
+        self._shown.update(fresh)
+        return fresh
+
+    def _pending(self, table: str) -> set[int]:
+        from engine.services.memory_reconcile import Reconciled
+
+        return self.reports.setdefault(table, Reconciled()).pending
+
+    # ------------------------------------------------------------------ edits of a mirror
+
+    def edited_meta(self, table: str, row: MemoryRow) -> dict[str, object] | None:
+        """The meta a row gets when its value changes: pending, for a mirror table."""
+        if self.get(table) is None:
+            return None
+        self._pending(table).add(row.id)
+        return with_pending(row.meta, True)
+
+    def new_meta(self, table: str) -> dict[str, object] | None:
+        """The meta of an entry inserted into a mirror (pending until saved)."""
+        return {PENDING: True} if self.get(table) is not None else None
+
+    def values_changed(self, table: str, handle: MemoryTable, rows: list[MemoryRow],
+                       values: np.ndarray) -> None:
+        """Copy changed values into the live layer (a featural slot from ``meta["slot"]``;
+        an associative layer reads its table again)."""
+        import torch
+
+        featural = self.featural.get(table)
+        if featural is not None:
+            with torch.no_grad():
+                for row, value in zip(rows, values, strict=True):
+                    slot = row.meta.get("slot")
+                    if isinstance(slot, int) and 0 <= slot < len(featural.ids):
+                        featural.module.values[slot] = torch.as_tensor(
+                            value, dtype=torch.float32)
+                        featural.ids[slot] = row.id
+        self.reload(table, handle)
+
+    def reload(self, table: str, handle: MemoryTable) -> None:
+        associative = self.associative.get(table)
+        if associative is not None:
+            reload_associative(handle, associative)
+
+    def deleted(self, store: MemoryStore, table: str, handle: MemoryTable,
+                rows: list[MemoryRow]) -> None:
+        """After rows left the table: zero their slots, or drop the entries from the live
+        cache and remember them as removed."""
+        import numpy as np
+        import torch
+
+        gone = {row.id for row in rows}
+        self._pending(table).difference_update(gone)
+        featural = self.featural.get(table)
+        if featural is not None:
+            with torch.no_grad():
+                for row in rows:
+                    slot = row.meta.get("slot")
+                    if isinstance(slot, int) and 0 <= slot < len(featural.ids) \
+                            and featural.ids[slot] == row.id:
+                        featural.module.values[slot] = 0.0
+                        featural.ids[slot] = -1
+        associative = self.associative.get(table)
+        if associative is not None and rows:
+            live = [row for row in rows if row.id not in associative.orphans]
+            associative.orphans -= gone
+            if live:
+                record_removed(store, handle,
+                               np.stack([np.asarray(r.key, dtype=np.float32) for r in live]),
+                               np.stack([np.asarray(r.value, dtype=np.float32) for r in live]))
+            self.reload(table, handle)
+
+    def removed(self, store: MemoryStore, table: str, handle: MemoryTable,
+                before: tuple[np.ndarray, np.ndarray, np.ndarray], changed: list[int]) -> None:
+        """After eviction or recombination of an associative mirror: entries no longer in
+        the table as they were (``before`` = its ids, keys, values) are remembered as
+        removed, merged ones (``changed``) become pending, and the live cache reloads."""
+        import numpy as np
+
+        if table not in self.associative:
+            return
+        ids, keys, values = before
+        now = handle.ids()
+        lost = ~np.isin(ids, now) | np.isin(ids, np.asarray(changed, dtype=np.int64))
+        lost &= ~np.isin(ids, np.fromiter(self.associative[table].orphans, dtype=np.int64))
+        record_removed(store, handle, keys[lost], values[lost])
+        self.associative[table].orphans &= set(now.tolist())
+        if changed:
+            mark_pending(handle, changed)
+            self._pending(table).update(changed)
+        self.reload(table, handle)
+
+    def restored(self, store: MemoryStore, table: str, handle: MemoryTable,
+                 rows: list[MemoryRow]) -> None:
+        """After an undo put rows back: they reach the live layer again."""
+        import numpy as np
+
+        if self.get(table) is None:
+            return
+        self._pending(table).update(row.id for row in rows)
+        if table in self.associative and rows:
+            forget_removed(store, table,
+                           np.stack([np.asarray(r.key, dtype=np.float32) for r in rows]))
+        values = np.stack([np.asarray(r.value, dtype=np.float32) for r in rows]) \
+            if rows else np.zeros((0, handle.value_dim), dtype=np.float32)
+        self.values_changed(table, handle, rows, values)
+
+    def saved(self, store: MemoryStore) -> None:
+        """The student directory now holds every mirror's state: nothing is pending, no
+        removal needs remembering."""
+        for table in [*self.featural, *self.associative]:
+            pending = self._pending(table)
+            if pending and table in store.table_names():
+                mark_pending(store.table(table), sorted(pending), pending=False)
+            pending.clear()
+            drop_ledger(store, table)
