@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.errors import InputError
-from engine.llm.adapter import BaseAdapter
-from engine.llm.log import InteractionLog
 from engine.llm.types import DEFAULT_ADAPTER, LLMConfig
+
+if TYPE_CHECKING:  # the CLI reads this table while it builds its parser: keep it light
+    from engine.llm.adapter import BaseAdapter
+    from engine.llm.log import InteractionLog
 
 
 class AdapterFactory(Protocol):
