@@ -48,8 +48,7 @@ class Engine:
         self.runs_root = Path(runs_root) if runs_root else None
         self.runtime = Runtime(model_spec, student_spec=student_spec)
         self.memory = MemoryService(self.runtime, self.database)
-        self.jobs = JobService(self.runs_root, default_teacher=model_spec,
-                               middle_layer=self._middle_layer)
+        self.jobs = JobService(self.runs_root, default_teacher=model_spec)
 
     @cached_property
     def chat(self) -> ChatService:
@@ -110,9 +109,6 @@ class Engine:
     async def adopt_student(self, directory: str) -> None:
         """Use the student in ``directory`` from now on (after a job completes)."""
         await self.runtime.adopt_student(directory)
-
-    async def _middle_layer(self, teacher: str) -> int:
-        return await self.runtime.num_layers(teacher) // 2
 
     def describe_model(self, role: str = TEACHER) -> ModelNode | None:
         """The structure of a loaded model as a tree with parameter counts."""

@@ -103,19 +103,20 @@ class Runtime:
                 self._model_errors[role] = message
                 raise MindsetError(message) from exc
             if role == STUDENT:
-                for hook in self._student_loaded:
-                    await hook(loaded)
+                try:
+                    for hook in self._student_loaded:
+                        await hook(loaded)
+                except MindsetError as exc:
+                    self._model_errors[role] = str(exc)
+                    raise
+                except Exception as exc:  # a failing service still reaches the user as one line
+                    message = (f"could not set up the student {spec!r}: "
+                               f"{type(exc).__name__}: {exc}")
+                    self._model_errors[role] = message
+                    raise MindsetError(message) from exc
             self._models[role] = loaded
             self._model_errors.pop(role, None)
             return loaded
-
-    async def num_layers(self, spec: str) -> int:
-        """How many decoder layers the model ``spec`` has: the loaded teacher's when it is
-        that model, otherwise from a copy built (and dropped) in the model pool."""
-        loaded = self._models.get(TEACHER)
-        if loaded is None or spec != self.model_spec:
-            loaded = await self.in_models(load_spec, spec)
-        return loaded.num_layers
 
     async def adopt_student(self, directory: str) -> None:
         """Use the student in ``directory`` from now on (after a job completes)."""

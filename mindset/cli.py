@@ -57,7 +57,8 @@ def cmd_workbench(args: argparse.Namespace) -> int:
         check_listen(args.host, args.port)
         from mindset.web import serve_web
 
-        serve_web(host=args.host, port=args.port, model_spec=args.model)
+        serve_web(host=args.host, port=args.port, model_spec=args.model,
+                  extra_hosts=args.allow_host)
         return 0
     from mindset.app import run_app
 
@@ -76,6 +77,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--web", action="store_true", help="serve the workbench in a browser")
     parser.add_argument("--host", type=host_name, default="127.0.0.1", help="address for --web")
     parser.add_argument("--port", type=port_number, default=8566, help="port for --web")
+    parser.add_argument("--allow-host", action="append", default=[], type=host_name,
+                        metavar="NAME", help="another name browsers use to reach --web "
+                        "(repeatable; e.g. this machine's address when --host is 0.0.0.0)")
     parser.set_defaults(handler=cmd_workbench)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND",
                                      parser_class=ArgumentParser)

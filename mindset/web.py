@@ -15,7 +15,6 @@ the ordinary CLI with the same model spec. Whoever holds the WebSocket drives th
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import secrets
 import shlex
 import sys
@@ -23,8 +22,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+from engine.llm.server.guard import LOOPBACK_NAMES, is_loopback
+
 TOKEN_COOKIE = "mindset_token"
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 PUBLIC_PREFIXES = ("/static/",)  # the textual-serve JavaScript and CSS: package files
 
 
@@ -33,24 +33,13 @@ def workbench_command(model_spec: str) -> str:
     return f"{shlex.quote(sys.executable)} -m mindset.cli --model {shlex.quote(model_spec)}"
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address) only ever reaches this machine."""
-    name = host.strip("[]")
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
 def allowed_hosts(host: str, port: int, extra: Iterable[str] = ()) -> set[str]:
     """The Host header values a request may carry: the bound address, its loopback aliases
     when it is loopback, and any names the user configured."""
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     names = {shown, *extra}
     if is_loopback(host):
-        names.update(LOOPBACK_NAMES)
+        names.update(f"[{name}]" if ":" in name else name for name in LOOPBACK_NAMES)
     return {f"{name}:{port}" for name in names} | (names if port == 80 else set())
 
 
@@ -72,7 +61,9 @@ class Guard:
         return parts.scheme in ("http", "https") and parts.netloc.lower() in self.hosts
 
     def token_ok(self, candidate: str | None) -> bool:
-        return candidate is not None and hmac.compare_digest(candidate, self.token)
+        # Bytes: compare_digest refuses non-ASCII str, and a stray byte must get a 403.
+        return candidate is not None and hmac.compare_digest(
+            candidate.encode("utf-8", "surrogateescape"), self.token.encode())
 
 
 def guarded_server(command: str, *, host: str, port: int, token: str,
@@ -108,6 +99,16 @@ def guarded_server(command: str, *, host: str, port: int, token: str,
         return await handler(request)
 
     class GuardedServer(Server):  # type: ignore[misc]
+        async def handle_index(self, request: web.Request) -> Any:
+            # The page's WebSocket and static URLs name the host the browser used (checked by
+            # the guard), so the cookie set for that host goes with the WebSocket.
+            scheme = "https" if self.public_url.startswith("https") else "http"
+            bound, self.public_url = self.public_url, f"{scheme}://{request.host}"
+            try:  # no await before the URLs are built: nothing else sees the swap
+                return await super().handle_index(request)
+            finally:
+                self.public_url = bound
+
         async def _make_app(self) -> web.Application:
             app = await super()._make_app()
             app.middlewares.append(check)
@@ -122,14 +123,15 @@ def guarded_server(command: str, *, host: str, port: int, token: str,
 
 
 def serve_web(host: str = "127.0.0.1", port: int = 8566, model_spec: str = "default",
-              *, token: str | None = None) -> None:
-    """Serve the workbench on http://host:port until interrupted."""
+              *, token: str | None = None, extra_hosts: Iterable[str] = ()) -> None:
+    """Serve the workbench on http://host:port until interrupted; ``extra_hosts`` are the
+    names (or addresses) browsers may use to reach it besides ``host``."""
     if not is_loopback(host):
         bar = "!" * 78
         print(f"{bar}\nWARNING: the workbench is bound to {host}, not to loopback: anyone "
               "who can reach\nthis address and learns the token can drive it and read your "
-              f"memory and chats.\nUse --host 127.0.0.1 unless you mean it.\n{bar}",
-              file=sys.stderr, flush=True)
+              "memory and chats.\nUse --host 127.0.0.1 unless you mean it; browsers must use "
+              f"{host} or a name given with --allow-host.\n{bar}", file=sys.stderr, flush=True)
     server = guarded_server(workbench_command(model_spec), host=host, port=port,
-                            token=token or secrets.token_urlsafe(32))
+                            token=token or secrets.token_urlsafe(32), extra_hosts=extra_hosts)
     server.serve()

@@ -240,6 +240,67 @@ async def test_an_unsaved_delete_stays_deleted_after_a_relaunch(student_dir: Pat
         await engine.close()
 
 
+class Crash(BaseException):
+    """The process dying mid-way (no ``except Exception`` runs)."""
+
+
+@pytest.mark.parametrize("deleted", [False, True], ids=["before-delete", "after-delete"])
+async def test_a_crash_around_a_delete_loses_and_resurrects_nothing(
+        student_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        deleted: bool) -> None:
+    from engine.memory import MemoryTable
+
+    database = tmp_path / "memory.db"
+    real_delete = MemoryTable.delete
+
+    def crashing_delete(self: MemoryTable, ids: object) -> None:
+        if self.name != TABLE:
+            real_delete(self, ids)
+            return
+        if deleted:
+            real_delete(self, ids)
+        raise Crash
+
+    engine = await loaded_engine(student_dir, database, tmp_path)
+    try:
+        ids, keys, values = mirror_arrays(database)
+        target = int(ids[7])
+        monkeypatch.setattr(MemoryTable, "delete", crashing_delete)
+        with pytest.raises(Crash):
+            await engine.memory.delete_entries(TABLE, [target])
+        monkeypatch.setattr(MemoryTable, "delete", real_delete)
+    finally:
+        await engine.close()
+
+    engine = await loaded_engine(student_dir, database, tmp_path)
+    try:
+        layer = live_layer(engine)
+        after, after_keys, after_values = mirror_arrays(database)
+        warnings = " ".join(engine.memory.reconcile_warnings(TABLE))
+        assert "new in the student" not in warnings
+        if deleted:  # the delete holds: the ledger written first keeps it deleted
+            assert target not in after.tolist() and len(layer) == ENTRIES - 1
+            assert not (layer.cache.keys == torch.from_numpy(keys[7])).all(dim=1).any()
+            assert "1 entries deleted here are still in the student" in warnings
+        else:  # the row is intact, and its stale ledger entry is gone
+            np.testing.assert_array_equal(after, ids)
+            np.testing.assert_array_equal(after_values, values)
+            assert len(layer) == ENTRIES and warnings == ""
+            with MemoryStore.open(database) as store:
+                ledger = TABLE + ".deleted"
+                assert ledger not in store.table_names() or len(store.table(ledger)) == 0
+        np.testing.assert_array_equal(after_keys, layer.cache.keys.numpy())
+    finally:
+        await engine.close()
+
+    # The next launch agrees with this one.
+    engine = await loaded_engine(student_dir, database, tmp_path)
+    try:
+        assert len(live_layer(engine)) == ENTRIES - (1 if deleted else 0)
+    finally:
+        await engine.close()
+
+
 async def test_entries_new_in_the_student_get_rows(student_dir: Path, tmp_path: Path) -> None:
     database = tmp_path / "memory.db"
     engine = await loaded_engine(student_dir, database, tmp_path)

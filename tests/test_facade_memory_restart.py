@@ -14,6 +14,7 @@ import torch
 
 from engine.facade import STUDENT, Engine
 from engine.memory import MemoryRow, MemoryStore
+from engine.model.memory_layers.featural import FeaturalMemory
 from engine.services.chat import ChatMessage
 from engine.services.memory_mirror import FeaturalTable
 from tests.test_tui_support import make_student, student_engine
@@ -124,7 +125,9 @@ async def test_saved_edits_relaunch_without_warnings(student_dir: Path, tmp_path
         assert not rows_of(database)[edited].meta.get("pending")
     finally:
         await engine.close()
-    on_disk = memory_layers(load_student(student_dir))[1].values.detach().numpy()
+    layer = memory_layers(load_student(student_dir))[1]
+    assert isinstance(layer, FeaturalMemory)
+    on_disk = layer.values.detach().numpy()
     np.testing.assert_allclose(on_disk[6], slots[6].value * 3, rtol=1e-6)
     assert not on_disk[7].any()
 
@@ -228,5 +231,45 @@ async def test_a_changed_student_is_reconciled_row_by_row(student_dir: Path,
         assert rows[slots[1].id].label == "a label"
         assert any("orphan" in w for w in engine.memory.reconcile_warnings(TABLE))
         assert engine.memory.take_warnings() and engine.memory.take_warnings() == []
+    finally:
+        await engine.close()
+
+
+async def test_a_mirror_of_other_sizes_is_rebuilt(student_dir: Path, tmp_path: Path) -> None:
+    database = tmp_path / "memory.db"
+    engine = await launch(student_dir, database, tmp_path)
+    try:
+        with MemoryStore.open(database) as store:
+            key_dim, value_dim = store.table(TABLE).key_dim, store.table(TABLE).value_dim
+    finally:
+        await engine.close()
+    with MemoryStore.open(database) as store:  # the same name, other sizes (an old layout)
+        store.drop_table(TABLE)
+        store.create_table(TABLE, key_dim + 1, value_dim + 2).insert(
+            np.ones((1, key_dim + 1), np.float32), np.ones((1, value_dim + 2), np.float32),
+            labels=["old"], provenance=f"{student_dir}#layer1")
+    engine = await launch(student_dir, database, tmp_path)
+    try:
+        with MemoryStore.open(database) as store:
+            table = store.table(TABLE)
+            assert (table.key_dim, table.value_dim, len(table)) == (key_dim, value_dim, SLOTS)
+        assert any("rebuilt" in w for w in engine.memory.reconcile_warnings(TABLE))
+    finally:
+        await engine.close()
+
+
+async def test_a_failing_memory_hook_is_one_line_in_the_store_error(
+        student_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.services.memory_live import LiveMirrors
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(LiveMirrors, "load", broken)
+    engine = await launch(student_dir, tmp_path / "memory.db", tmp_path)
+    try:
+        available = engine.memory.availability()
+        assert not available.ok and "RuntimeError: boom" in available.reason
+        assert "\n" not in available.reason
     finally:
         await engine.close()

@@ -189,3 +189,24 @@ def test_job_niceness_is_configurable(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv(NICENESS_ENV, "lots")
     with pytest.raises(InputError, match=NICENESS_ENV):
         JobRunner(tmp_path)
+
+
+def test_log_tail_lines_is_bounded_and_refuses_a_fifo(tmp_path: Path) -> None:
+    from engine.distill.jobs import LOG_TAIL_BYTES, last_log_line, log_tail_lines
+
+    log = tmp_path / "worker.log"
+    log.write_text("x" * (3 * LOG_TAIL_BYTES) + "\nfirst\nsecond\nboom\n")
+    assert log_tail_lines(log, 2) == ["second", "boom"]
+    assert last_log_line(log) == "boom"
+    assert log_tail_lines(tmp_path / "missing.log", 5) == []
+    fifo = tmp_path / "fifo.log"
+    os.mkfifo(fifo)
+    assert log_tail_lines(fifo, 5) == [] and last_log_line(fifo) is None  # no hang
+
+
+def test_middle_layer_reads_the_config_only() -> None:
+    from engine.model.anatomy import num_layers
+    from engine.model.loading import model_config
+    from engine.services.jobs import middle_layer_of
+
+    assert middle_layer_of("tiny-llama") == num_layers(model_config("tiny-llama")) // 2

@@ -103,3 +103,22 @@ def test_allow_host_and_the_limits_reach_the_server(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
+
+
+def test_a_port_in_time_wait_is_free_to_serve_on() -> None:
+    """A restart right after the last server closed its connections must not be refused."""
+    import socket
+
+    from engine.llm.server import check_port_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.recv(1)
+        client.close()
+    check_port_free("127.0.0.1", port)  # raises "pick another --port" without SO_REUSEADDR

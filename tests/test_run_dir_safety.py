@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -319,11 +320,25 @@ def test_hostile_control_file_keeps_the_last_good_command(run_dir: Path, marker:
     reader = ev.ControlReader(run_dir)
     assert reader.read() == ev.Control("pause", 3)
     plant(run_dir / ev.CONTROL_NAME, kind, marker)
-    control = reader.read()
-    assert control.command in ev.CONTROL_COMMANDS
-    assert control.at_step is None or isinstance(control.at_step, int)
+    assert reader.read() == ev.Control("pause", 3)  # the pause holds
     assert ev.ControlReader(run_dir).read().command in ev.CONTROL_COMMANDS
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("data", [
+    {}, {"at_step": 3}, {"command": "run", "at_step": "soon"}, {"command": "run", "at_step": True},
+    {"command": 3, "at_step": 1}, {"command": "resume"}, {"command": ["run"]},
+])
+def test_one_bad_control_field_keeps_the_pause(tmp_path: Path, data: dict[str, Any]) -> None:
+    ev.write_control(tmp_path, "pause", at_step=3)
+    reader = ev.ControlReader(tmp_path)
+    assert reader.read() == ev.Control("pause", 3)
+    time.sleep(0.01)  # a new mtime even on coarse clocks (the size changes too, mostly)
+    (tmp_path / ev.CONTROL_NAME).write_text(json.dumps(data) + "\n" * 7)
+    assert reader.read() == ev.Control("pause", 3)
+    time.sleep(0.01)
+    ev.write_control(tmp_path, "run")
+    assert reader.read() == ev.Control("run", None)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -159,3 +159,44 @@ def test_host_and_origin_rules() -> None:
     public = Guard("t" * 40, allowed_hosts("192.0.2.7", 9000, ["box.lan"]))
     assert public.host_ok("box.lan:9000") and not public.host_ok("localhost:9000")
     assert not guard.token_ok("t" * 39) and guard.token_ok("t" * 40)
+
+
+def test_a_token_with_non_ascii_characters_is_refused_not_a_crash(web: WebServer) -> None:
+    page = httpx.get(f"{web.base}/?token=%C3%A9", timeout=5)
+    assert page.status_code == 403
+    accented = "Bearer \u00e9t\u00e9".encode()
+    header = httpx.get(f"{web.base}/", timeout=5, headers={"Authorization": accented})
+    assert header.status_code == 403
+
+
+def test_the_page_points_its_websocket_at_the_host_the_browser_used(web: WebServer) -> None:
+    """A browser on localhost holds a cookie for localhost: its WebSocket must go there too."""
+    page = httpx.get(f"{web.base}/", timeout=5, headers={
+        "Host": f"localhost:{web.port}", "Cookie": f"mindset_token={web.token}"})
+    assert page.status_code == 200
+    assert f"ws://localhost:{web.port}/ws" in page.text
+    direct = httpx.get(f"{web.base}/", timeout=5,
+                       headers={"Cookie": f"mindset_token={web.token}"})
+    assert f"ws://127.0.0.1:{web.port}/ws" in direct.text
+
+
+def test_allow_host_adds_a_name_browsers_may_use() -> None:
+    process, port = start("--allow-host", "workbench.example")
+    try:
+        assert process.stdout is not None
+        token = None
+        deadline = time.monotonic() + 60
+        while token is None and time.monotonic() < deadline:
+            match = re.search(r"\?token=([\w-]+)", process.stdout.readline())
+            token = match.group(1) if match else None
+        assert token is not None
+        base = f"http://127.0.0.1:{port}"
+        named = httpx.get(f"{base}/?token={token}", timeout=5,
+                          headers={"Host": f"workbench.example:{port}"})
+        assert named.status_code == 302
+        other = httpx.get(f"{base}/?token={token}", timeout=5,
+                          headers={"Host": f"other.example:{port}"})
+        assert other.status_code == 403
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

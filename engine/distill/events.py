@@ -31,6 +31,7 @@ CONFIG_NAME = "config.json"
 REPORT_NAME = "report.json"
 SUMMARY_NAME = "report.txt"
 TENSORBOARD_DIR = "tensorboard"
+STUDENT_DIR = "student"  # the trained student, saved by engine.distill.loop
 
 LIVE_STATES = ("starting", "running", "paused")
 FINAL_STATES = ("cancelled", "completed", "failed")
@@ -83,14 +84,15 @@ class ControlReader:
                 data = read_json(self.path)
             except (OSError, ValueError):
                 return self.current  # mid-replace or garbage: keep the last good command
-            if isinstance(data, dict):
-                command, at_step = data.get("command", "run"), data.get("at_step")
-                self.current = Control(
-                    command if isinstance(command, str) and command in CONTROL_COMMANDS
-                    else "run",
-                    at_step if isinstance(at_step, int) and not isinstance(at_step, bool)
-                    else None,
-                )
+            if not isinstance(data, dict):
+                return self.current
+            command, at_step = data.get("command"), data.get("at_step")
+            valid_step = at_step is None or (isinstance(at_step, int)
+                                             and not isinstance(at_step, bool))
+            # Any field of the wrong kind keeps the last good command: a damaged file must
+            # not turn a pause into a run.
+            if isinstance(command, str) and command in CONTROL_COMMANDS and valid_step:
+                self.current = Control(command, at_step)
         return self.current
 
 

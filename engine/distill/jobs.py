@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -124,16 +125,31 @@ def lower_priority(pid: int, niceness: int) -> None:
         pass
 
 
-def last_log_line(path: Path) -> str | None:
-    """The last line a dead worker printed (its error, when it died before reporting one)."""
+def log_tail_lines(path: Path, lines: int) -> list[str]:
+    """The last ``lines`` lines of a job's log, read from at most its last LOG_TAIL_BYTES;
+    [] when it is missing or no regular file (a planted FIFO must not hang the reader)."""
+    if lines <= 0:
+        return []
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with path.open("rb") as file:
+        handle = os.open(path, flags)
+    except (OSError, ValueError):
+        return []
+    try:
+        with os.fdopen(handle, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                return []
             size = file.seek(0, os.SEEK_END)
             file.seek(max(0, size - LOG_TAIL_BYTES))
             tail = file.read(LOG_TAIL_BYTES).decode("utf-8", errors="replace")
     except (OSError, ValueError):
-        return None
-    lines = tail.strip().splitlines()
+        return []
+    return tail.strip().splitlines()[-lines:]
+
+
+def last_log_line(path: Path) -> str | None:
+    """The last line a dead worker printed (its error, when it died before reporting one)."""
+    lines = log_tail_lines(path, 1)
     return lines[-1][-500:] if lines else None
 
 

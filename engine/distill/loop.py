@@ -71,7 +71,7 @@ from engine.model.anatomy import layer_mlps, layer_prefixes, resolve_layers
 DATA_FREE_NAME = "data_free.safetensors"
 MAX_DATA_FREE_BYTES = 1 << 34
 CALIBRATION_BLOCKS = 16  # training blocks that feed init="data"
-STUDENT_DIR = "student"
+STUDENT_DIR = ev.STUDENT_DIR
 
 
 def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistContext) -> TokenData:

@@ -13,7 +13,7 @@ events (:mod:`engine.distill.job_events`) are part of its surface, for front end
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,20 +46,14 @@ __all__ = [
 # About 4-5 s per step of 4 x 128 tokens on 2 cores for the default model: a few minutes.
 QUICK_START_STEPS = 50
 JOB_POLL_SECONDS = 0.25  # how often a followed job's new events are read
-STUDENT_DIR = "student"  # a run's trained student (engine.distill.loop.STUDENT_DIR)
-STUDENT_MARKER = "mindset_student.json"  # the file that makes a directory a student
 
 
 class JobService:
     """Distillation jobs under ``runs_root`` (``runs_dir()`` when None)."""
 
-    def __init__(self, runs_root: Path | None, *, default_teacher: str,
-                 middle_layer: Callable[[str], Awaitable[int]]) -> None:
-        """``middle_layer(teacher)``: the index of the teacher's layer at half depth (it may
-        load the teacher; the runtime's loader shares what is loaded already)."""
+    def __init__(self, runs_root: Path | None, *, default_teacher: str) -> None:
         self.runs_root = runs_root
         self.default_teacher = default_teacher
-        self._middle_layer = middle_layer
         self._runner: JobRunner | None = None
         self._losses: dict[str, float] = {}  # the last loss seen per followed job
         # Extra DistillConfig fields for every job started here (tests shrink blocks).
@@ -102,8 +96,8 @@ class JobService:
     async def launch_job(self, request: JobRequest) -> JobView:
         """Start a distillation job in its own process; it outlives the workbench."""
         layers = request.layers.strip()
-        if layers == "middle":
-            layers = str(await self._middle_layer(request.teacher))
+        if layers == "middle":  # shown resolved in the job list, as the run will train it
+            layers = str(await asyncio.to_thread(middle_layer_of, request.teacher))
 
         def start() -> JobInfo:
             from engine.distill.config import DistillConfig
@@ -140,12 +134,9 @@ class JobService:
     async def job_log_tail(self, job_id: str, lines: int = 20) -> list[str]:
         """The last lines of the job's process output (errors a worker printed)."""
         def tail() -> list[str]:
-            from engine.distill.jobs import LOG_NAME
+            from engine.distill.jobs import LOG_NAME, log_tail_lines
 
-            path = self._job_runner().run_dir(job_id) / LOG_NAME
-            if not path.exists():
-                return []
-            return path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+            return log_tail_lines(self._job_runner().run_dir(job_id) / LOG_NAME, lines)
 
         return await asyncio.to_thread(tail)
 
@@ -156,7 +147,8 @@ class JobService:
         start-up, in a moment, whether to offer the quick start."""
 
         def find() -> str | None:
-            from engine.distill.events import read_state
+            from engine.distill.events import STUDENT_DIR, read_state
+            from engine.model.model_files import is_student_dir
             from engine.paths import runs_dir
 
             root = self.runs_root or runs_dir()
@@ -165,7 +157,7 @@ class JobService:
             candidates = []
             for run in root.iterdir():
                 student = run / STUDENT_DIR
-                if not (student / STUDENT_MARKER).is_file():
+                if not is_student_dir(student):
                     continue
                 state = read_state(run)  # {} for garbage, a pipe, a huge file
                 if state.get("state") == "completed":
@@ -173,3 +165,12 @@ class JobService:
             return max(candidates)[1] if candidates else None
 
         return await asyncio.to_thread(find)
+
+
+def middle_layer_of(teacher: str) -> int:
+    """The index of ``teacher``'s layer at half depth, as the layer spec "middle" resolves it
+    (:func:`engine.model.anatomy.resolve_layers`), read from its config without weights."""
+    from engine.model.anatomy import num_layers
+    from engine.model.loading import model_config
+
+    return num_layers(model_config(teacher)) // 2

@@ -41,8 +41,6 @@ class MemoryService:
         self._store: MemoryStore | None = None
         self._store_error: str | None = None
         self.live = LiveMirrors()
-        self._featural: dict[str, FeaturalTable] = self.live.featural
-        self._associative: dict[str, AssociativeTable] = self.live.associative
         runtime.on_student_loaded(self._student_loaded)
 
     def availability(self) -> Availability:
@@ -54,14 +52,14 @@ class MemoryService:
 
     def mirror(self, table: str) -> FeaturalTable | AssociativeTable | None:
         """The live memory layer mirrored into ``table``, if it is a mirror."""
-        return self._featural.get(table) or self._associative.get(table)
+        return self.live.get(table)
 
     def tracker(self) -> MemoryTracker | None:
         """A recorder of the memory entries one reply of the student reads (None when the
         student has no mirrored memory layers)."""
-        if not (self._featural or self._associative):
+        if not (self.live.featural or self.live.associative):
             return None
-        return MemoryTracker(self._featural, self._associative)
+        return MemoryTracker(self.live.featural, self.live.associative)
 
     def reconcile_warnings(self, table: str | None = None) -> list[str]:
         """What reconciling the student's mirror tables with it found when it loaded (edits
@@ -85,6 +83,9 @@ class MemoryService:
             await self.runtime.in_store(self._export_memory, loaded)
         except MindsetError as exc:
             self._store_error = str(exc)
+        except Exception as exc:  # an unexpected failure still reaches the user as one line
+            self._store_error = (f"could not mirror the student's memory layers: "
+                                 f"{type(exc).__name__}: {exc}")
 
     def _export_memory(self, loaded: LoadedModel) -> None:
         """Mirror each memory layer (featural slots, associative entries) into a table, so
@@ -121,7 +122,7 @@ class MemoryService:
         return await self.runtime.in_store(save)
 
     def _refuse_featural(self, table: str, what: str) -> None:
-        if table in self._featural:
+        if table in self.live.featural:
             raise MindsetError(
                 f"{what} applies to associative memory tables; a featural layer has fixed slots"
             )
@@ -215,15 +216,15 @@ class MemoryService:
             return handle.key_dim, handle.value_dim
 
         key_dim, value_dim = await runtime.in_store(dims)
-        return await text_vectors(runtime, loaded, table, self.mirror(table), text,
+        return await text_vectors(runtime, loaded, table, self.live.get(table), text,
                                   key_dim, value_dim)
 
     async def _fill_top_tokens(
         self, table: str, rows: list[MemoryRow], views: list[EntryView], top: int = 5
     ) -> None:
         """What each value promotes through the output embedding, when a model is loaded."""
-        tokens = await promoted_tokens(self.runtime, table, rows, self._featural.get(table),
-                                       self._associative.get(table), top)
+        tokens = await promoted_tokens(self.runtime, table, rows, self.live.featural.get(table),
+                                       self.live.associative.get(table), top)
         if tokens is not None:
             for view, words in zip(views, tokens, strict=True):
                 view.top_tokens = words
@@ -273,7 +274,8 @@ class MemoryService:
         def delete() -> DeletedEntries:
             import numpy as np
 
-            handle = self._open_store().table(table)
+            store = self._open_store()
+            handle = store.table(table)
             rows = handle.get(ids)
             keys = np.stack([np.asarray(r.key, dtype=np.float32) for r in rows])
             values = np.stack([np.asarray(r.value, dtype=np.float32) for r in rows])
@@ -281,8 +283,10 @@ class MemoryService:
             tags = [list(r.tags) for r in rows]
             metas = [dict(r.meta) for r in rows]
             stats = [(r.created, r.last_access, r.access_count) for r in rows]
-            handle.delete(np.asarray(ids, dtype=np.int64))
-            self.live.deleted(self._open_store(), table, handle, rows)
+            before = (np.asarray([r.id for r in rows], dtype=np.int64), keys, values)
+            self.live.removing(store, table, handle, before,
+                               lambda: handle.delete(np.asarray(ids, dtype=np.int64)))
+            self.live.deleted(table, handle, rows)
             return DeletedEntries(table, list(ids), keys, values, labels, tags, metas, stats)
 
         return await self.runtime.in_store(delete)
@@ -294,7 +298,7 @@ class MemoryService:
         def restore() -> list[int]:
             store = self._open_store()
             handle = store.table(deleted.table)
-            mirror = self.mirror(deleted.table)
+            mirror = self.live.get(deleted.table)
             metas = deleted.metas or [{} for _ in deleted.ids]
             if mirror is not None:  # the live student differs from its directory again
                 metas = [with_pending(meta, True) for meta in metas]
@@ -313,7 +317,7 @@ class MemoryService:
         value: np.ndarray | None = None, text: str | None = None,
     ) -> int:
         """Insert one entry. Without a key and value, ``text`` run through the model gives them."""
-        if table in self._featural:
+        if table in self.live.featural:
             raise MindsetError(
                 "a featural layer has a fixed number of slots: edit a slot (e) instead of "
                 "inserting one"
@@ -327,7 +331,7 @@ class MemoryService:
             import numpy as np
 
             handle = self._open_store().table(table)
-            mirror = self._associative.get(table)
+            mirror = self.live.associative.get(table)
             if mirror is not None and len(handle) >= mirror.module.config.capacity:
                 raise MindsetError(
                     f"layer {mirror.layer} holds its capacity of "
@@ -354,9 +358,9 @@ class MemoryService:
             amount = count
             if amount is None and handle.capacity is None:
                 amount = max(1, len(handle) // 10) if len(handle) else 0
-            before = handle.export_arrays()
-            evicted = handle.evict(amount)
-            self.live.removed(store, table, handle, before, [])
+            evicted = self.live.removing(store, table, handle, handle.export_arrays(),
+                                         lambda: handle.evict(amount))
+            self.live.removed(table, handle, [])
             return f"evicted {len(evicted)} entries"
 
         return await self.runtime.in_store(evict)
@@ -371,7 +375,8 @@ class MemoryService:
         def recombine() -> str:
             import numpy as np
 
-            handle = self._open_store().table(table)
+            store = self._open_store()
+            handle = store.table(table)
             rows = handle.page(0, sample)
             if len(rows) < 2:
                 return "nothing to merge"
@@ -382,10 +387,14 @@ class MemoryService:
             if finite.size == 0:
                 return "nothing to merge"
             distance = float(np.quantile(finite, 0.05))
-            before = handle.export_arrays()
-            groups = handle.recombine(result, distance)
-            self.live.removed(self._open_store(), table, handle, before,
-                              [kept for kept, _ in groups])
+            # Only entries of the top-k can merge: they alone go to the ledger first.
+            ids, keys, values = handle.export_arrays()
+            near = np.isin(ids, result.ids)
+            groups = self.live.removing(
+                store, table, handle, (ids[near], keys[near], values[near]),
+                lambda: handle.recombine(result, distance),
+                lambda found: [kept for kept, _ in found])
+            self.live.removed(table, handle, [kept for kept, _ in groups])
             merged = sum(len(members) for _, members in groups)
             return f"merged {merged} entries into {len(groups)} (distance {distance:.4g})"
 

@@ -10,7 +10,8 @@ in a ledger table until then. Every method that touches the store runs on its th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from engine.services.memory_mirror import (
     AssociativeTable,
@@ -26,6 +27,7 @@ from engine.services.memory_reconcile import (
     forget_removed,
     mark_pending,
     record_removed,
+    unrecord,
     with_pending,
 )
 
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from engine.memory import MemoryRow, MemoryStore, MemoryTable
+
+T = TypeVar("T")
 
 
 class LiveMirrors:
@@ -110,11 +114,9 @@ class LiveMirrors:
         if associative is not None:
             reload_associative(handle, associative)
 
-    def deleted(self, store: MemoryStore, table: str, handle: MemoryTable,
-                rows: list[MemoryRow]) -> None:
-        """After rows left the table: zero their slots, or drop the entries from the live
-        cache and remember them as removed."""
-        import numpy as np
+    def deleted(self, table: str, handle: MemoryTable, rows: list[MemoryRow]) -> None:
+        """After rows left the table (run through :meth:`removing`): zero their slots, or
+        drop the entries from the live cache."""
         import torch
 
         gone = {row.id for row in rows}
@@ -130,28 +132,44 @@ class LiveMirrors:
                         featural.ids[slot] = -1
         associative = self.associative.get(table)
         if associative is not None and rows:
-            live = [row for row in rows if row.id not in associative.orphans]
             associative.orphans -= gone
-            if live:
-                record_removed(store, handle,
-                               np.stack([np.asarray(r.key, dtype=np.float32) for r in live]),
-                               np.stack([np.asarray(r.value, dtype=np.float32) for r in live]))
             self.reload(table, handle)
 
-    def removed(self, store: MemoryStore, table: str, handle: MemoryTable,
-                before: tuple[np.ndarray, np.ndarray, np.ndarray], changed: list[int]) -> None:
-        """After eviction or recombination of an associative mirror: entries no longer in
-        the table as they were (``before`` = its ids, keys, values) are remembered as
-        removed, merged ones (``changed``) become pending, and the live cache reloads."""
+    def removing(self, store: MemoryStore, table: str, handle: MemoryTable,
+                 before: tuple[np.ndarray, np.ndarray, np.ndarray], run: Callable[[], T],
+                 changed: Callable[[T], list[int]] = lambda _: []) -> T:
+        """Run ``run``, a delete, eviction or recombination that may remove or change (the
+        ``changed`` ids of its result) any of the rows ``before`` (ids, keys, values) of an
+        associative mirror, with those rows written to the removed-entries ledger first: a
+        crash between the two writes can then never bring a removed entry back (a ledger
+        entry whose row is still there is dropped on reconcile). Rows that stayed as they
+        were leave the ledger again afterwards. Not a mirror: ``run`` alone."""
         import numpy as np
 
+        associative = self.associative.get(table)
+        if associative is None:
+            return run()
+        ids, keys, values = before
+        keep = ~np.isin(ids, np.fromiter(associative.orphans, dtype=np.int64))
+        ids = ids[keep]
+        ledgered = record_removed(store, handle, keys[keep], values[keep])
+        try:
+            result = run()
+        except Exception:
+            unrecord(store, table, ledgered)
+            raise
+        stayed = np.isin(ids, handle.ids()) & ~np.isin(ids, np.asarray(changed(result),
+                                                                         dtype=np.int64))
+        unrecord(store, table, ledgered[stayed])
+        return result
+
+    def removed(self, table: str, handle: MemoryTable, changed: list[int]) -> None:
+        """After eviction or recombination of an associative mirror (run through
+        :meth:`removing`): merged entries (``changed``) become pending, and the live cache
+        reloads."""
         if table not in self.associative:
             return
-        ids, keys, values = before
         now = handle.ids()
-        lost = ~np.isin(ids, now) | np.isin(ids, np.asarray(changed, dtype=np.int64))
-        lost &= ~np.isin(ids, np.fromiter(self.associative[table].orphans, dtype=np.int64))
-        record_removed(store, handle, keys[lost], values[lost])
         self.associative[table].orphans &= set(now.tolist())
         if changed:
             mark_pending(handle, changed)

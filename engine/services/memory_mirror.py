@@ -94,16 +94,28 @@ def _first_provenance(table: MemoryTable) -> str:
     return (first[0].provenance or "") if first else ""
 
 
-def _replace(store: MemoryStore, table: MemoryTable, report: Reconciled) -> None:
-    """Drop a table that mirrors another student, saying so when it held the user's work."""
+def _stale(table: MemoryTable, provenance: str, source: str, keys: np.ndarray,
+           values: np.ndarray) -> str | None:
+    """Why an existing mirror table cannot be reconciled with the layer (None: it can): it
+    mirrors another student, or its key/value sizes are not the layer's."""
+    if provenance and not same_student(provenance, source):
+        return f"mirrored {provenance.rpartition(MIRROR_MARK)[0] or provenance}, not this student"
+    shape = (keys.shape[1], values.shape[1])
+    if (table.key_dim, table.value_dim) != shape:
+        return (f"held keys/values of size {table.key_dim}/{table.value_dim}, not the layer's "
+                f"{shape[0]}/{shape[1]}")
+    return None
+
+
+def _replace(store: MemoryStore, table: MemoryTable, report: Reconciled, why: str) -> None:
+    """Drop a table that cannot mirror this student (``why``), saying so when it held the
+    user's work."""
     name = table.name
-    other = _first_provenance(table)
     held = user_work(all_rows(table))
     if held:
         report.messages.append(
-            f"{name}: the table mirrored {other.rpartition(MIRROR_MARK)[0] or other}, not "
-            f"this student; rebuilt for this one ({held} labelled or edited rows of the old "
-            "table were dropped)")
+            f"{name}: the table {why}; rebuilt for this one ({held} labelled or edited rows "
+            "of the old table were dropped)")
     store.drop_table(name)
     drop_ledger(store, name)
 
@@ -132,8 +144,9 @@ def mirror_featural(store: MemoryStore, modules: dict[int, nn.Module], student_s
         report = messages.setdefault(name, Reconciled())
         table = store.table(name) if name in store.table_names() else None
         provenance = _first_provenance(table) if table is not None else ""
-        if table is not None and provenance and not same_student(provenance, source):
-            _replace(store, table, report)
+        why = _stale(table, provenance, source, keys, values) if table is not None else None
+        if table is not None and why is not None:
+            _replace(store, table, report, why)
             table = None
         if table is None:
             table = store.create_table(name, keys.shape[1], values.shape[1])
@@ -179,10 +192,14 @@ def mirror_associative(store: MemoryStore, modules: dict[int, nn.Module],
         provenance = _first_provenance(table) if table is not None else ""
         if provenance and MIRROR_MARK not in provenance:
             continue  # a user's own table of that name
-        if table is not None and provenance and not same_student(provenance, source):
-            _replace(store, table, report)
+        why = _stale(table, provenance, source, keys, values) if table is not None else None
+        if table is not None and why is not None:
+            _replace(store, table, report, why)
             table = None
         if table is not None and _holds(table, keys, values):
+            # Nothing was removed since the student was saved: a ledger left is stale (a
+            # crash between its write and the delete it was written for).
+            drop_ledger(store, name)
             mirror.ids = table.export_arrays()[0]
             mirrors[name] = mirror
             continue

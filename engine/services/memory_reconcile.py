@@ -244,10 +244,25 @@ def reconcile_associative(
     if changed:
         table.update(np.asarray([i for i, _ in changed], dtype=np.int64),
                      values=values[[p for _, p in changed]])
-    removed = ledger_keys(store, name)
-    unmatched = np.flatnonzero(~matched)
-    deleted = [int(p) for p in unmatched if keys[p].tobytes() in removed]
-    new = [int(p) for p in unmatched if keys[p].tobytes() not in removed]
+    # Each ledger entry keeps one unmatched cache entry deleted. The ledger is written before
+    # the rows leave the table, so an entry whose key still has a row (a crash between the
+    # two writes) is stale: the row wins and the entry is dropped.
+    removed: dict[bytes, list[int]] = {}
+    for ledger_id, key in zip(*ledger_entries(store, name), strict=True):
+        removed.setdefault(key.tobytes(), []).append(int(ledger_id))
+    deleted: list[int] = []
+    new: list[int] = []
+    for p in np.flatnonzero(~matched).tolist():
+        bucket = removed.get(keys[p].tobytes())
+        if bucket:
+            bucket.pop(0)
+            deleted.append(int(p))
+        else:
+            new.append(int(p))
+    rows_keys = {key.tobytes() for key in stored.keys}
+    stale = [i for key, bucket in removed.items() if key in rows_keys for i in bucket]
+    if stale:
+        store.table(ledger_name(name)).delete(np.asarray(stale, dtype=np.int64))
     if new:
         table.insert(keys[new], values[new], meta=[{"position": p} for p in new],
                      provenance=source)
@@ -278,23 +293,38 @@ def is_ledger(table: str) -> bool:
     return table.endswith(LEDGER_SUFFIX)
 
 
-def ledger_keys(store: MemoryStore, table: str) -> set[bytes]:
-    """The keys of entries removed from ``table`` since the student was last saved."""
+def ledger_entries(store: MemoryStore, table: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ledger ids and keys of entries removed from ``table`` since the student was last
+    saved."""
+    import numpy as np
+
     name = ledger_name(table)
     if name not in store.table_names():
-        return set()
-    _, keys, _ = store.table(name).export_arrays()
-    return {key.tobytes() for key in keys}
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    ids, keys, _ = store.table(name).export_arrays()
+    return ids, keys
 
 
 def record_removed(store: MemoryStore, table: MemoryTable, keys: np.ndarray,
-                   values: np.ndarray) -> None:
-    """Remember entries removed from an associative mirror (until the student is saved)."""
+                   values: np.ndarray) -> np.ndarray:
+    """Remember entries (about to be) removed from an associative mirror, until the student
+    is saved; returns their ledger ids (see :func:`unrecord`)."""
+    import numpy as np
+
     if not len(keys):
-        return
+        return np.zeros(0, dtype=np.int64)
     ledger = store.create_table(ledger_name(table.name), table.key_dim, table.value_dim,
                                 exist_ok=True)
-    ledger.insert(keys, values)
+    return np.asarray(ledger.insert(keys, values), dtype=np.int64)
+
+
+def unrecord(store: MemoryStore, table: str, ledger_ids: np.ndarray) -> None:
+    """Drop ledger entries written by :func:`record_removed` for entries that stayed."""
+    import numpy as np
+
+    name = ledger_name(table)
+    if len(ledger_ids) and name in store.table_names():
+        store.table(name).delete(np.asarray(ledger_ids, dtype=np.int64))
 
 
 def forget_removed(store: MemoryStore, table: str, keys: np.ndarray) -> None:

@@ -61,13 +61,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
 def port_number(text: str) -> int:
     value = positive_int(text)
     if value > 65535:

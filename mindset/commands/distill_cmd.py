@@ -10,17 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.distill.config import MEMORY_KINDS, SCHEDULES, DistillConfig
-from mindset.commands.common import positive_float, positive_int
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
+from mindset.commands.common import non_negative_int, positive_float, positive_int
 
 
 def hparam(text: str) -> tuple[str, Any]:

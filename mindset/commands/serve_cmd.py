@@ -13,7 +13,6 @@ from mindset.commands.common import host_name, port_number, positive_float, posi
 from mindset.commands.complete_cmd import model_spec
 
 API_KEY_ENV = "MINDSET_API_KEY"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def register(commands: Any) -> None:
@@ -58,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.llm.log import InteractionLog
     from engine.llm.secrets import check_key
     from engine.llm.server import check_port_free, create_app, serve
+    from engine.llm.server.guard import is_loopback
 
     check_port_free(args.host, args.port)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     where = f"http://{args.host}:{args.port}/v1"
     print(f"serving {name!r} at {where} (API key {'required' if api_key else 'not required'}"
           f"{'' if log is None else f'; log: {log.path}'})", flush=True)
-    if args.host not in LOOPBACK and not api_key:
+    if not is_loopback(args.host) and not api_key:
         print("warning: listening beyond this machine with no --api-key", flush=True)
     serve(app, host=args.host, port=args.port)
     return 0

@@ -25,6 +25,8 @@ from typing import Any
 from engine.llm.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from engine.llm.server.errors import APIError
 
+# The names (and addresses) that only ever reach this machine; the one definition, for the
+# server's Host check and for the commands that warn about listening beyond loopback.
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 Scope = MutableMapping[str, Any]
@@ -184,8 +186,13 @@ def split_host(host: str) -> tuple[str | None, int | None]:
 
 
 def is_loopback(address: str | None) -> bool:
+    """Whether ``address`` (an IP address, ``[::1]``, or a loopback name such as
+    ``localhost``) only ever reaches this machine."""
+    name = (address or "").strip().removeprefix("[").removesuffix("]")
+    if name.lower() in LOOPBACK_NAMES:
+        return True
     try:
-        ip = ipaddress.ip_address(address or "")
+        ip = ipaddress.ip_address(name)
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

@@ -21,6 +21,8 @@ def check_port_free(host: str, port: int) -> None:
     this machine can listen on or the port is taken."""
     family = listen_family(host)
     with socket.socket(family) as probe:
+        # As uvicorn does: a port left in TIME_WAIT by the last run can be listened on again.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
