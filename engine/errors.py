@@ -8,6 +8,18 @@ notification.
 from __future__ import annotations
 
 
+def flat_text(exc: BaseException) -> str:
+    """An exception's text on one line: libraries (faiss, transformers) span a dozen."""
+    return " ".join(str(exc).split())
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: text`` of an unexpected exception, on one line and of bounded length, for a
+    message that wraps it."""
+    text = flat_text(exc)
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
+
+
 class MindsetError(Exception):
     """An error caused by the user's input or environment, with a one-line explanation."""
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.errors import MindsetError
+from engine.errors import MindsetError, one_line
 
 if TYPE_CHECKING:
     from engine.model.loading import LoadedModel
@@ -99,7 +99,7 @@ class Runtime:
                 self._model_errors[role] = str(exc)
                 raise
             except Exception as exc:  # an unexpected failure still reaches the user as one line
-                message = f"could not load {spec!r}: {type(exc).__name__}: {exc}"
+                message = f"could not load {spec!r}: {one_line(exc)}"
                 self._model_errors[role] = message
                 raise MindsetError(message) from exc
             if role == STUDENT:
@@ -111,7 +111,7 @@ class Runtime:
                     raise
                 except Exception as exc:  # a failing service still reaches the user as one line
                     message = (f"could not set up the student {spec!r}: "
-                               f"{type(exc).__name__}: {exc}")
+                               f"{one_line(exc)}")
                     self._model_errors[role] = message
                     raise MindsetError(message) from exc
             self._models[role] = loaded

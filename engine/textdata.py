@@ -27,3 +27,17 @@ def read_text_file(path: str | Path) -> str:
     if not text.strip():
         raise InputError(f"{file} is empty; give a file with some text in it")
     return text
+
+
+def utf8_problem(text: str) -> str | None:
+    """What keeps ``text`` from being UTF-8, e.g. ``byte 0xff at character 3`` (an undecodable
+    byte carried by ``surrogateescape``, as argv and file names do) or ``a lone surrogate
+    U+D800 at character 1`` (``"\\ud800"`` in JSON); None when it is valid."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        found = (f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF
+                 else f"a lone surrogate U+{char:04X}")
+        return f"{found} at character {exc.start}"
+    return None

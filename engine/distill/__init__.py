@@ -10,7 +10,7 @@
   and TensorBoard curves :mod:`engine.distill.telemetry`, ranks
   :mod:`engine.distill.distributed`; :mod:`engine.distill.worker` is its process entry point.
 * :mod:`engine.distill.checkpoints`: atomic checkpoints (weights, memory entries, optimizer,
-  RNG); :mod:`engine.distill.atomic`: atomic file writes.
+  RNG); atomic file writes live in :mod:`engine.atomic`, shared with the memory store.
 * :mod:`engine.distill.job_events`: the typed, versioned events of ``events.jsonl`` (their
   one writer and reader); :mod:`engine.distill.events`: the other run-directory files.
 * :mod:`engine.distill.jobs`: ``JobRunner`` (start, jobs, job, pause, resume, cancel, wait,

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.distill.atomic import atomic_write_text, fsync_dir, read_json, read_regular
+from engine.atomic import atomic_write_text, fsync_dir, read_json, read_regular
 from engine.errors import MindsetError
 
 CHECKPOINT_NAME = "checkpoint.json"  # the manifest; names the tensor file

@@ -161,7 +161,7 @@ class DistillConfig:
         return cls(**data)
 
     def save(self, path: Path) -> None:
-        from engine.distill.atomic import atomic_write_text
+        from engine.atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 

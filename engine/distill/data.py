@@ -124,7 +124,7 @@ def token_stream(paths: list[str], tokenizer: Any, cache_dir: Path | None) -> np
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
     stream = np.asarray(ids, dtype=np.int64)
     if cache_file is not None:
-        from engine.distill.atomic import atomic_write
+        from engine.atomic import atomic_write
 
         atomic_write(cache_file, lambda handle: np.save(handle, stream))
     return stream

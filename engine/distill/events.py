@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.distill.atomic import atomic_write_text, read_json
+from engine.atomic import atomic_write_text, read_json
 
 if TYPE_CHECKING:
     from engine.distill.config import DistillConfig

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.atomic import atomic_write_text, read_json
 from engine.distill import events as ev
-from engine.distill.atomic import atomic_write_text, read_json
 from engine.distill.checkpoints import has_checkpoint
 from engine.distill.config import DistillConfig
 from engine.distill.job_events import EventTail, JobEvent

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.atomic import atomic_write, atomic_write_text, read_regular
 from engine.distill import events as ev
-from engine.distill.atomic import atomic_write, atomic_write_text, read_regular
 from engine.distill.build import build_student
 from engine.distill.checkpoints import (
     ENTRIES_KEY,
@@ -65,7 +65,7 @@ from engine.distill.partial_forward import supports_partial_forward
 from engine.distill.report import compare, heldout_ppl, summary_text
 from engine.distill.step import TrainStep
 from engine.distill.telemetry import EventCallback, Telemetry
-from engine.errors import MindsetError
+from engine.errors import MindsetError, one_line
 from engine.model.anatomy import layer_mlps, layer_prefixes, resolve_layers
 
 DATA_FREE_NAME = "data_free.safetensors"
@@ -366,7 +366,7 @@ def run_distillation(config: DistillConfig, run_dir: Path, *, teacher: Any = Non
         run.fail(str(exc))
         raise
     except BaseException as exc:
-        message = str(exc) if isinstance(exc, MindsetError) else f"{type(exc).__name__}: {exc}"
+        message = str(exc) if isinstance(exc, MindsetError) else one_line(exc)
         if run.ctx.is_main and run.run_dir.exists():
             run.fail(message)
         raise

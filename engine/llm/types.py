@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from engine.errors import InputError
+from engine.textdata import utf8_problem
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
@@ -127,13 +128,9 @@ def check_text(text: str, what: str, *, param: str | None = None) -> str:
     """Return ``text``, or raise when it cannot be encoded as UTF-8: a lone surrogate
     (``"\\ud800"`` in JSON) or an undecodable byte smuggled in by ``surrogateescape``
     (a command-line argument that is not UTF-8). Tokenizers and SQLite fail on both."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        char = ord(text[exc.start])
-        found = (f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF
-                 else f"a lone surrogate U+{char:04X}")
-        message = f"{what} is not valid UTF-8 text ({found} at character {exc.start})"
+    problem = utf8_problem(text)
+    if problem is not None:
+        message = f"{what} is not valid UTF-8 text ({problem})"
         if param is not None:
             raise ParameterError(param, message) from None
         raise InputError(message) from None

@@ -19,7 +19,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from engine.errors import InputError
+from engine.errors import InputError, flat_text
 from engine.memory.vectors import Float32Array, Int64Array
 
 INDEX_KINDS = ("flat-l2", "flat-ip", "hnsw", "ivfpq")
@@ -326,7 +326,7 @@ def read_faiss(path: Path, expected: type[Any], label: str, dim: int) -> Any:
         # temporary that frees the index when it goes).
         index: Any = faiss.read_index(str(path))
     except Exception as exc:  # faiss raises RuntimeError with a multi-line C++ message
-        text = " ".join(str(exc).split()) or type(exc).__name__
+        text = flat_text(exc) or type(exc).__name__
         where = re.search(r" at \S+:\d+: (.*)$", text)  # drop faiss's C++ function and file
         detail = (where[1] if where else text)[:200]
         raise SavedIndexError(f"faiss cannot read it ({detail})") from exc

@@ -30,6 +30,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from engine.atomic import fsync_dir
+from engine.errors import one_line
 from engine.memory.ann import AnnIndex, SavedIndexError
 from engine.memory.vectors import Float32Array, Int64Array
 
@@ -152,7 +154,7 @@ def _load_saved(
     except SavedIndexError as exc:
         return f"file {paths.get(exc.part, path)} is damaged: {exc}"
     except Exception as exc:  # never let a damaged derived file stop the table from opening
-        return f"file {paths[index.parts[0]]} is damaged: {type(exc).__name__}: {exc}"
+        return f"file {paths[index.parts[0]]} is damaged: {one_line(exc)}"
     return None
 
 
@@ -194,7 +196,7 @@ def save_index(index: AnnIndex, path: Path, current: dict[str, Any]) -> bool:
             fingerprint_path = path.with_suffix(".json")
             if fingerprint_path.exists() or fingerprint_path.is_symlink():
                 fingerprint_path.unlink()
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
             if not parts:
                 return False
             _write_parts(index, path, parts, current)
@@ -222,7 +224,7 @@ def _write_parts(
             files[part] = _fsync_and_digest(temp)
         for temp, final in temps:
             os.replace(temp, final)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         # Only now, with every index file in place, the fingerprint that vouches for them.
         text = json.dumps({**current, "files": files}).encode()
         _atomic_write_bytes(path.with_suffix(".json"), text)
@@ -248,26 +250,13 @@ def _atomic_write_bytes(final: Path, data: bytes) -> None:
         os.replace(temp, final)
     finally:
         temp.unlink(missing_ok=True)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _fsync_and_digest(path: Path) -> dict[str, Any]:
     with path.open("rb") as file:
         os.fsync(file.fileno())
     return file_digest(path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms that cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems that cannot sync a directory
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_leftovers(path: Path) -> None:

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, one_line
 from engine.paths import models_dir
 from engine.processes import pid_exists
 
@@ -131,7 +131,7 @@ def _dequantize(gguf: Path) -> tuple[Any, Any]:
         )
     except Exception as exc:
         raise ModelLoadError(
-            f"could not read {gguf} ({type(exc).__name__}: {exc}); {REINSTALL_HINT}"
+            f"could not read {gguf} ({one_line(exc)}); {REINSTALL_HINT}"
         ) from exc
     # save_pretrained refuses a model that still carries its GGUF quantization settings.
     if hasattr(model.config, "quantization_config"):

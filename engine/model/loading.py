@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, one_line
 from engine.model import default_model
 from engine.model.anatomy import num_layers
 from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits
@@ -124,12 +124,6 @@ def load_student(directory: Path | str, *, dtype: Any = None) -> LoadedModel:
 def read_model_type(directory: Path) -> str:
     """The family of a model directory, its config checked (see :func:`read_config`)."""
     return str(read_config(directory)["model_type"])
-
-
-def one_line(exc: BaseException) -> str:
-    """A library's exception text on one line (some span a dozen)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def check_weight_files(directory: Path) -> None:

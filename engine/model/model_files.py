@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, flat_text
 from engine.model import anatomy
 
 TINY_SPECS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
@@ -114,7 +114,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ModelLoadError(f"{config_file}: cannot read ({exc.strerror})") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        reason = " ".join(str(exc).split())
+        reason = flat_text(exc)
         raise ModelLoadError(f"{config_file} is not valid JSON ({reason}); re-create the "
                              "model") from exc
     if not isinstance(config, dict):

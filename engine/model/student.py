@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.errors import InputError, MindsetError, ModelLoadError
+from engine.errors import InputError, MindsetError, ModelLoadError, flat_text
 from engine.model.anatomy import decoder_layers, mlp_size, mlp_size_field
 from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits
 from engine.model.model_files import (
@@ -111,7 +111,7 @@ def read_spec(directory: Path) -> StudentSpec:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        reason = " ".join(str(exc).split())
+        reason = flat_text(exc)
         raise ModelLoadError(f"{path} is unreadable ({reason}); re-save the student") from exc
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} is not a JSON object; re-save the student")
@@ -154,7 +154,7 @@ def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
             config = AutoConfig.from_pretrained(str(directory))
             model = build_skeleton(config, spec, AutoModelForCausalLM)
         except Exception as exc:
-            reason = " ".join(str(exc).split())[:300]
+            reason = flat_text(exc)[:300]
             raise ModelLoadError(f"{directory}/config.json cannot be used ({reason})") from exc
         try:
             attach_memory_layers(model, spec)

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from engine.errors import MindsetError
+from engine.errors import MindsetError, one_line
 from engine.llm.types import ChatMessage
 from engine.runtime import REMOTE, STUDENT, TEACHER, Runtime
 from engine.views import MemoryUse
@@ -80,7 +80,7 @@ class ChatService:
         except MindsetError:
             raise
         except Exception as exc:  # network and library errors reach the user as one line
-            raise MindsetError(f"{target} request failed: {type(exc).__name__}: {exc}") from exc
+            raise MindsetError(f"{target} request failed: {one_line(exc)}") from exc
         finally:
             if tracker is not None:
                 tracker.detach()

@@ -17,7 +17,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import MindsetError
+from engine.errors import MindsetError, one_line
 from engine.runtime import STUDENT, TEACHER, Runtime, module_exists
 from engine.services.memory_live import LiveMirrors
 from engine.services.memory_mirror import AssociativeTable, FeaturalTable, MemoryTracker
@@ -85,7 +85,7 @@ class MemoryService:
             self._store_error = str(exc)
         except Exception as exc:  # an unexpected failure still reaches the user as one line
             self._store_error = (f"could not mirror the student's memory layers: "
-                                 f"{type(exc).__name__}: {exc}")
+                                 f"{one_line(exc)}")
 
     def _export_memory(self, loaded: LoadedModel) -> None:
         """Mirror each memory layer (featural slots, associative entries) into a table, so

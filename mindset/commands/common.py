@@ -13,6 +13,8 @@ import math
 import re
 from typing import Any
 
+from engine.textdata import utf8_problem
+
 MAX_WHOLE = 2**63 - 1  # SQLite integers and torch seeds are 64-bit
 # RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
 HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -103,15 +105,8 @@ def non_utf8_argument(args: argparse.Namespace) -> str | None:
         if dest in PATH_DESTS:
             continue
         for text in _strings(value):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                bad = text[exc.start]
-                try:
-                    what = f"byte 0x{bad.encode('utf-8', 'surrogateescape').hex()}"
-                except UnicodeEncodeError:  # a surrogate that was never a byte
-                    what = f"character {bad!r}"
+            problem = utf8_problem(text)
+            if problem is not None:
                 name = dest.replace("_", "-")
-                return (f"the {name} argument is not valid UTF-8 ({what} at position "
-                        f"{exc.start}); give UTF-8 text")
+                return f"the {name} argument is not valid UTF-8 ({problem}); give UTF-8 text"
     return None

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from engine import __version__
-from engine.errors import InputError, MindsetError
+from engine.errors import InputError, MindsetError, one_line
 from engine.llm.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from engine.llm.local import ContextLengthError, LocalAdapter
 from engine.llm.secrets import register_secret
@@ -291,7 +291,7 @@ async def guarded(stream: AsyncGenerator[StreamChunk, None],
     except MindsetError as exc:
         yield sse(APIError(500, str(exc), kind="server_error").body())
     except Exception as exc:
-        yield sse(APIError(500, f"generation failed: {type(exc).__name__}: {exc}",
+        yield sse(APIError(500, f"generation failed: {one_line(exc)}",
                            kind="server_error").body())
     finally:
         await stream.aclose()

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import InputError, MindsetError
+from engine.errors import InputError, MindsetError, one_line
 from engine.llm.types import ParameterError
 
 # pydantic's names for union members ("str", "list[TextPart]", "function-after[...]") are
@@ -102,5 +102,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         # Starlette still logs the traceback; the client gets an error object, not text.
-        return APIError(500, f"the server failed: {type(exc).__name__}: {exc}",
+        return APIError(500, f"the server failed: {one_line(exc)}",
                         kind="server_error").response()

@@ -1,12 +1,12 @@
-"""Atomic file writes and careful reads of a run directory's files.
+"""Atomic file writes and careful reads of the small files other processes write.
 
 Writes go to a temporary file in the same directory, are flushed to disk, then moved into
 place with ``os.replace`` (and the directory entry is synced too), so a crash (or ``kill -9``)
 mid-write leaves the previous file intact. Reads of the small files other processes write
 (state, control, job, report, checkpoint manifest) go through :func:`read_regular`, which
 refuses anything but a regular file of bounded size: a planted FIFO or ``/dev/zero`` in a
-run directory must not hang a reader or fill its memory. Kept free of torch so that these
-files can be written and read cheaply.
+run directory must not hang a reader or fill its memory. Kept free of torch and of every
+other engine package, so that distillation runs and the memory store share it.
 """
 
 from __future__ import annotations
