@@ -204,9 +204,11 @@ async def test_unfinished_body_times_out_and_others_are_served(open_server: Serv
     async with httpx.AsyncClient(base_url=open_server.root, timeout=SOCKET_TIMEOUT_S) as http:
         # While that connection waits for its body, other clients get answers.
         assert (await http.get("/health")).json() == {"status": "ok"}
-        reply = await http.post("/v1/chat/completions",
-                                json={"model": MODEL, "messages": HELLO, "max_tokens": 3})
-        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+        reply = await http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": HELLO, "max_tokens": 3, "temperature": 0})
+        # Served in full: the random tiny model's three tokens may decode to no text at all.
+        assert reply.status_code == 200
+        assert reply.json()["usage"]["completion_tokens"] >= 1
         assert not stuck.done()  # it is still waiting (the timeout is seconds away)
     received, closed = await stuck
     status, body = parse_raw(received)
