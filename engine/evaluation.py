@@ -1,15 +1,19 @@
-"""Perplexity, speed and peak memory of a causal LM on a text file."""
+"""Perplexity, speed and peak memory of a causal LM on a text file.
+
+:func:`perplexity` reports the process's lifetime peak resident memory; ``mindset eval``
+replaces it with the peaks that :class:`engine.process_memory.PeakMemory` sampled over the
+model's loading and the evaluation, resident and anonymous (the part not backed by a file).
+"""
 
 from __future__ import annotations
 
 import math
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from engine.errors import InputError
+from engine.process_memory import lifetime_peak_rss_mb
 
 MIN_WINDOW = 2
 MAX_TOKENS = 100_000_000
@@ -26,16 +30,16 @@ class EvalResult:
     window: int
     seconds: float
     tok_per_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float | None  # MiB; None where the platform does not say
+    peak_anon_mb: float | None = None  # MiB of anonymous (not file-backed) memory, if known
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far, in MiB (None where unknown)."""
+    return lifetime_peak_rss_mb()
 
 
 def validate_window(tokens: int | None, window: int, max_positions: int | None) -> None:

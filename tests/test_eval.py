@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +39,7 @@ def test_perplexity_matches_the_models_own_loss(spec: str) -> None:
     assert result.windows == math.ceil(tokens / window)
     assert result.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
     assert result.tok_per_s > 0
-    assert result.peak_rss_mb > 0
+    assert result.peak_rss_mb is not None and result.peak_rss_mb > 0
 
 
 def test_a_trailing_single_token_window_is_dropped() -> None:
@@ -57,3 +59,23 @@ def test_text_too_short_is_refused() -> None:
     loaded = load_model("tiny-gpt2")
     with pytest.raises(InputError, match="only 1 token"):
         perplexity(loaded.model, loaded.tokenizer, "a", window=16)
+
+
+def test_mindset_eval_reports_peak_resident_and_anonymous_memory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mindset.cli import run
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    args = ["eval", "--model", "tiny-llama", "--data", str(text), "--tokens", "300",
+            "--window", "100"]
+    assert run([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == 300
+    assert report["peak_rss_mb"] > 0
+    if Path("/proc/self/status").exists():
+        assert 0 < report["peak_anon_mb"] <= report["peak_rss_mb"]
+    else:
+        assert "peak_anon_mb" in report
+    assert run(args) == 0
+    assert "peak memory " in capsys.readouterr().out

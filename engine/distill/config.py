@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from engine.errors import InputError
 
@@ -34,6 +34,10 @@ class DistillConfig:
     hparams: dict[str, Any] = field(default_factory=dict)  # passed to the memory layers
     data: list[str] = field(default_factory=list)  # text files or folders; empty = data-free
     steps: int = 1000
+    # Routed memories: router fitting steps first (to the teacher MLP's group mass), at
+    # ``router_lr``; then the layer-local steps; then end to end.
+    router_steps: int = 0
+    router_lr: float = 3e-3
     local_steps: int = 0  # layer-local matching steps before the end-to-end stage
     # Tokens whose MLP inputs/outputs are captured once for the layer-local stage, which then
     # samples ``local_batch_tokens`` rows per step; 0 = one teacher pass per local step.
@@ -82,10 +86,12 @@ class DistillConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise InputError(f"{name} must be positive (got {value})")
-        if min(self.local_steps, self.local_tokens, self.warmup_steps, self.threads) < 0:
-            raise InputError(
-                "local_steps, local_tokens, warmup_steps and threads must not be negative")
-        for name in ("steps", "local_steps", "warmup_steps", "eval_every", "checkpoint_every"):
+        if min(self.local_steps, self.local_tokens, self.warmup_steps, self.threads,
+               self.router_steps) < 0:
+            raise InputError("router_steps, local_steps, local_tokens, warmup_steps and "
+                             "threads must not be negative")
+        for name in ("steps", "local_steps", "router_steps", "warmup_steps", "eval_every",
+                     "checkpoint_every"):
             if getattr(self, name) > MAX_STEPS:
                 raise InputError(f"{name}={getattr(self, name)} is more than {MAX_STEPS:,}; "
                                  "give a realistic number of steps")
@@ -100,6 +106,12 @@ class DistillConfig:
             )
         if not (self.lr > 0 and self.temperature > 0 and self.clip_norm >= 0):
             raise InputError("lr and temperature must be positive, clip_norm not negative")
+        if not self.router_lr > 0:
+            raise InputError(f"router_lr must be positive (got {self.router_lr})")
+        if self.router_steps and not (self.memory == "featural"
+                                      and self.hparams.get("keys") == "routed"):
+            raise InputError("router_steps applies to routed memories only; add --hparam "
+                             "keys=routed or drop --router-steps")
         if self.value_lr is not None and not self.value_lr > 0:
             raise InputError(f"value_lr must be positive (got {self.value_lr})")
         if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
@@ -140,7 +152,18 @@ class DistillConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.local_steps + self.steps
+        return self.router_steps + self.local_steps + self.steps
+
+    @property
+    def pre_e2e_steps(self) -> int:
+        """Steps before the end-to-end stage (router, then layer-local)."""
+        return self.router_steps + self.local_steps
+
+    def stage_of(self, step: int) -> Literal["router", "local", "e2e"]:
+        """"router", "local" or "e2e" for ``step`` (0-based)."""
+        if step < self.router_steps:
+            return "router"
+        return "local" if step < self.pre_e2e_steps else "e2e"
 
     @property
     def effective_value_lr(self) -> float:

@@ -73,7 +73,7 @@ class StepEvent(Event):
     kind: ClassVar[str] = "step"
     step: int
     total_steps: int
-    stage: Literal["local", "e2e"]
+    stage: Literal["router", "local", "e2e"]
     loss: float
     grad_norm: float
     lr: float
@@ -85,6 +85,7 @@ class StepEvent(Event):
     kl: float | None = None
     ce: float | None = None
     local: float | None = None
+    router_recall: float | None = None  # routed memories' recall of the oracle's top-k mass
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -63,6 +63,7 @@ from engine.distill.objective import (
 )
 from engine.distill.partial_forward import supports_partial_forward
 from engine.distill.report import compare, heldout_ppl, summary_text
+from engine.distill.router_stage import RouterFitter
 from engine.distill.step import TrainStep
 from engine.distill.telemetry import EventCallback, Telemetry
 from engine.errors import MindsetError, one_line
@@ -191,9 +192,11 @@ class Run:
                                      weight_decay=config.weight_decay, sparse_names=sparse)
         teacher_mlps = layer_mlps(teacher, self.layers)
         matcher = LocalMatcher(layer_mlps(self.student, self.layers))
+        router = RouterFitter(layer_mlps(self.student, self.layers)) \
+            if config.router_steps else None
         self.restore()
         pairs: LocalPairs | None = None
-        if config.local_tokens and self.step < config.local_steps:
+        if config.local_tokens and self.step < config.pre_e2e_steps:
             pairs = capture_local_pairs(teacher, teacher_mlps, self.data.train,
                                         config.local_tokens)
             self.telemetry.emit(LocalPairsEvent(tokens=pairs.tokens, bytes=pairs.nbytes()))
@@ -208,13 +211,14 @@ class Run:
 
             student_ddp: nn.Module = DDP(self.student)
             matcher_ddp: nn.Module = DDP(matcher) if config.local_steps else matcher
+            router_ddp: nn.Module | None = DDP(router) if router is not None else None
         else:
-            student_ddp, matcher_ddp = self.student, matcher
+            student_ddp, matcher_ddp, router_ddp = self.student, matcher, router
         self.train_step = TrainStep(
             config=config, ctx=ctx, teacher=teacher, student=self.student,
             student_ddp=student_ddp, matcher_ddp=matcher_ddp, teacher_mlps=teacher_mlps,
             optimizers=self.optimizers, order=order, train_blocks=self.data.train,
-            pairs=pairs, start_layer=start_layer,
+            pairs=pairs, start_layer=start_layer, router_ddp=router_ddp,
         )
         self.telemetry.open_tensorboard(self.step)
 

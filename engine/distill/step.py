@@ -1,17 +1,19 @@
 """One training step of a distillation run, and the record it returns.
 
-Two stages: layer-local (``step < local_steps``), where each replaced layer is matched to the
-teacher's MLP on the teacher's own MLP input (from captured pairs when the run captured them,
-else from a teacher pass over the step's batch); then end to end, KL(teacher ‖ student) at
-temperature T plus the optional cross-entropy. Under DDP the loss and gradient norm are the
-means over ranks, and a NaN or infinite value stops the run (:class:`NonFiniteLossError`).
+Three stages. For routed memories, first the router stage (``step < router_steps``, see
+:mod:`engine.distill.router_stage`). Then layer-local (the next ``local_steps``): each
+replaced layer is matched to the teacher's MLP on the teacher's own MLP input (from captured
+pairs when the run captured them, else from a teacher pass over the step's batch). Then end
+to end: KL(teacher ‖ student) at temperature T plus the optional cross-entropy. Under DDP the
+loss and gradient norm are the means over ranks, and a NaN or infinite value stops the run
+(:class:`NonFiniteLossError`).
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,7 +33,7 @@ from engine.distill.objective import (
 from engine.distill.partial_forward import capture_layer_input, logits_from_layer
 from engine.model.anatomy import capture_mlps
 
-Stage = Literal["local", "e2e"]
+Stage = Literal["router", "local", "e2e"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class StepRecord:
     kl: float | None = None
     ce: float | None = None
     local: float | None = None
+    router: float | None = None  # the router loss (router stage)
+    router_recall: float | None = None  # recall of the oracle's top-k mass (router stage)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class _Forward:
     kl: float | None = None
     ce: float | None = None
     local: float | None = None
+    router: float | None = None
+    router_recall: float | None = None
 
 
 @dataclass
@@ -75,16 +81,20 @@ class TrainStep:
     train_blocks: torch.Tensor
     pairs: LocalPairs | None = None
     start_layer: int = 0  # the student runs from this layer up in the end-to-end stage
+    router_ddp: nn.Module | None = None  # the router fitter (router stage), DDP-wrapped
 
     def __call__(self, step: int, *, last_checkpoint: int | None) -> StepRecord:
         config, ctx = self.config, self.ctx
-        local = step < config.local_steps
+        stage = config.stage_of(step)
+        local = stage != "e2e"  # the router stage reads MLP inputs as the local one does
         batch = (None if local and self.pairs is not None
                  else self.order.batch(self.train_blocks, step).to(ctx.device))
-        factor = self._lr_factor(step, local)
+        factor = self._lr_factor(step, stage)
         self.optimizers.set_lr_factor(factor)
         self.optimizers.zero_grad()
-        if local and self.pairs is not None:
+        if stage == "router":
+            forward = self._router(step, batch)
+        elif local and self.pairs is not None:
             forward = self._local_from_pairs(step)
         elif local:
             assert batch is not None
@@ -100,20 +110,45 @@ class TrainStep:
         check_finite(norm, step=step + 1, what="gradient norm", last_checkpoint=last_checkpoint)
         self.optimizers.step()
         return StepRecord(
-            stage="local" if local else "e2e", loss=value, grad_norm=norm,
+            stage=stage, loss=value, grad_norm=norm,
             lr=config.lr * factor, tokens=forward.tokens,
             batch_hash=zlib.crc32(forward.hashed.cpu().numpy().tobytes()),
-            kl=forward.kl, ce=forward.ce, local=forward.local,
+            kl=forward.kl, ce=forward.ce, local=forward.local, router=forward.router,
+            router_recall=forward.router_recall,
         )
 
-    def _lr_factor(self, step: int, local: bool) -> float:
+    def _lr_factor(self, step: int, stage: str) -> float:
+        """The base learning rates' multiplier; the router stage runs at ``router_lr``."""
         config = self.config
-        if local:
-            return lr_factor(step, total=config.local_steps, warmup=config.warmup_steps,
+
+        def within(start: int, total: int) -> float:
+            return lr_factor(step - start, total=total, warmup=config.warmup_steps,
                              schedule=config.schedule, min_ratio=config.min_lr_ratio)
-        return lr_factor(step - config.local_steps, total=config.steps,
-                         warmup=config.warmup_steps, schedule=config.schedule,
-                         min_ratio=config.min_lr_ratio)
+
+        if stage == "router":
+            return config.router_lr / config.lr * within(0, config.router_steps)
+        if stage == "local":
+            return within(config.router_steps, config.local_steps)
+        return within(config.pre_e2e_steps, config.steps)
+
+    def _router(self, step: int, batch: torch.Tensor | None) -> _Forward:
+        config, ctx = self.config, self.ctx
+        assert self.router_ddp is not None
+        if self.pairs is not None:
+            inputs, _ = self.pairs.batch(step, config.local_batch_tokens, seed=config.seed,
+                                         rank=ctx.rank, world=ctx.world)
+            inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
+            tokens, hashed = config.local_batch_tokens, next(iter(inputs.values()))
+        else:
+            assert batch is not None
+            with torch.no_grad(), capture_mlps(self.teacher_mlps, stop_early=True) as seen:
+                self.teacher(input_ids=batch)
+            inputs, tokens, hashed = seen.inputs, batch.numel(), batch
+        loss = self.router_ddp(inputs)
+        fitter: Any = getattr(self.router_ddp, "module", self.router_ddp)
+        recall = float(fitter.last_recall)
+        return _Forward(loss, tokens, hashed, router=float(loss.detach()),
+                        router_recall=mean_across_ranks(recall, ctx))
 
     def _local_from_pairs(self, step: int) -> _Forward:
         config, ctx = self.config, self.ctx

@@ -78,12 +78,14 @@ class Telemetry:
             grad_norm=record.grad_norm, lr=record.lr, tokens_per_s=tokens_per_s,
             eta_s=(self.total_steps - step) * step_seconds, tokens_seen=tokens_seen,
             cpu_seconds=cpu_seconds, batch_hash=record.batch_hash, kl=record.kl,
-            ce=record.ce, local=record.local,
+            ce=record.ce, local=record.local, router_recall=record.router_recall,
         ))
         for key, value in (("loss", record.loss), ("kl", record.kl), ("ce", record.ce),
-                           ("local", record.local)):
+                           ("local", record.local), ("router", record.router)):
             if value is not None:
                 self.scalar(f"loss/{key}", value, step)
+        if record.router_recall is not None:
+            self.scalar("train/router_recall", record.router_recall, step)
         self.scalar("train/lr", record.lr, step)
         self.scalar("train/grad_norm", record.grad_norm, step)
         self.scalar("train/tokens_per_s", tokens_per_s, step)

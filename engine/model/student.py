@@ -11,7 +11,8 @@ Layout::
 Saving writes into a temporary directory beside the target and renames it into place, so an
 interrupted save never leaves half a student where a good one was.
 
-Loading reads JSON, safetensors (with plain file reads, see below) and the memory store's
+Loading reads JSON, safetensors (with plain file reads, see below; the memory layers are
+mapped from the file instead, see :mod:`engine.model.mapped_weights`) and the memory store's
 SQLite tables only; nothing in a student directory is ever unpickled.
 """
 
@@ -22,6 +23,7 @@ import shutil
 import sqlite3
 import struct
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from engine.errors import InputError, MindsetError, ModelLoadError, flat_text
 from engine.model.anatomy import decoder_layers, mlp_size, mlp_size_field
+from engine.model.mapped_weights import map_float32, mapping_enabled, memory_tensor_names
 from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits
 from engine.model.model_files import (
     FAMILIES,
@@ -102,7 +105,7 @@ def save_student(model: Any, directory: Path | str, tokenizer: Any = None) -> Pa
 # The types a spec's fields must have; a hand-edited file could hold anything.
 SPEC_TYPES: dict[str, type | tuple[type, ...]] = {
     "teacher": str, "family": str, "layers": list, "kind": str, "hparams": dict, "init": str,
-    "notes": dict,
+    "notes": dict, "layer_hparams": dict,
 }
 
 
@@ -128,11 +131,15 @@ def read_spec(directory: Path) -> StudentSpec:
         raise ModelLoadError(f"{path} is incomplete ({exc}); re-save the student") from exc
 
 
-def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
-    """The student model alone (no tokenizer), in eval mode."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_student_model(directory: Path | str, *, dtype: Any = None,
+                       map_memory: bool = True) -> Any:
+    """The student model alone (no tokenizer), in eval mode.
 
+    With ``map_memory`` (and ``dtype`` None or float32, and ``MINDSET_MAP_MEMORY`` not 0), the
+    memory layers' float32 tensors are mapped copy-on-write from ``model.safetensors`` rather
+    than read into RAM (see :mod:`engine.model.mapped_weights`).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory).expanduser().resolve()
     if not is_student_dir(directory):
@@ -162,8 +169,9 @@ def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
             raise ModelLoadError(f"{directory / STUDENT_FILE} does not fit the model: "
                                  f"{exc}") from exc
     model.tie_weights()  # skipped with the initialisation; tied tensors are saved once
+    mapped = memory_tensor_names(model) if mapping_enabled(map_memory, dtype) else set()
     try:
-        read_weights_into(model, weights)
+        read_weights_into(model, weights, mapped=mapped)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{weights} does not load ({exc}); re-save the student") from exc
     except OSError as exc:
@@ -181,7 +189,7 @@ def load_student_model(directory: Path | str, *, dtype: Any = None) -> Any:
                                      f"does not load ({type(exc).__name__}: "
                                      f"{' '.join(str(exc).split())}); re-save the student"
                                      ) from exc
-    model.to(dtype or torch.float32)
+    model.to(dtype or torch.float32)  # a mapped float32 tensor is kept as it is, not copied
     model.eval()
     return model
 
@@ -239,7 +247,8 @@ def load_tokenizer(directory: Path, spec: StudentSpec) -> Any:
 # resident set until the file is closed: loading a 500 MB student that way briefly costs the
 # weights twice over. Reading each tensor with plain file I/O into the (not yet touched)
 # memory of the model's own parameters costs them once, which keeps a student's peak memory
-# below its teacher's.
+# below its teacher's. The memory layers' tensors (``mapped``) are mapped copy-on-write
+# instead: file-backed pages the OS may drop and share (see engine.model.mapped_weights).
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -266,11 +275,13 @@ def _header(handle: object, path: Path) -> tuple[dict[str, dict[str, object]], i
 
 
 @torch.no_grad()
-def read_weights_into(model: nn.Module, path: Path) -> None:
+def read_weights_into(model: nn.Module, path: Path, *, mapped: Collection[str] = ()) -> None:
     """Fill every parameter and persistent buffer of ``model`` from ``path`` (strict).
 
     Tensors tied to another one (same storage, such as a tied LM head) may be absent from the
-    file; anything else missing, unexpected or of the wrong shape is an error.
+    file; anything else missing, unexpected or of the wrong shape is an error. Tensors named
+    in ``mapped`` that are float32 both in the file and in the model are mapped from the file
+    (copy-on-write) rather than read; the Parameter objects stay the same.
     """
     state = model.state_dict(keep_vars=True)
     filled: set[int] = set()
@@ -294,6 +305,12 @@ def read_weights_into(model: nn.Module, path: Path) -> None:
                                      f"the model expects {list(target.shape)}")
             if not 0 <= begin <= end:
                 raise ModelLoadError(f"{path} has bad offsets for tensor {name}")
+            if name in mapped and meta["dtype"] == "F32" and target.dtype == torch.float32:
+                view = map_float32(handle, path, name, data_start + begin, end - begin, shape)
+                if view is not None:
+                    state[name].data = view
+                    filled.add(view.untyped_storage().data_ptr())
+                    continue
             destination = target if (dtype == target.dtype and target.is_contiguous()) \
                 else torch.empty(shape, dtype=dtype)
             if destination.numel():

@@ -49,6 +49,8 @@ class StudentSpec:
     init: str = "mlp"
     format: int = SPEC_FORMAT
     notes: dict[str, Any] = field(default_factory=dict)
+    # Per-layer settings over ``hparams`` ({"15": {"slots": 1600, ...}}): layers grown later.
+    layer_hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +87,10 @@ def memory_config(model: nn.Module, kind: str, hparams: dict[str, Any]
     if kind == "featural":
         config = FeaturalConfig.from_hparams(hidden, hparams, intermediate_size=inner,
                                              activation=activation, gated=gated)
+        if config.keys == "routed" and config.slots < inner:
+            raise InputError(f"slots={config.slots} is fewer than the teacher MLP's {inner} "
+                             f"neurons; routed keys start from every neuron, give slots >= "
+                             f"{inner} (more slots split neurons)")
         if config.keys == "flat" and config.slots > inner:
             raise InputError(f"slots={config.slots} exceeds the teacher MLP's {inner} neurons; "
                              f"flat keys are initialised from them, give slots <= {inner}")
@@ -140,7 +146,8 @@ def convert(
                            getattr(model.config, "_name_or_path", "") or family)
 
     io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    if init == "data" and chosen:
+    routed = isinstance(config, FeaturalConfig) and config.keys == "routed"
+    if (init == "data" or routed) and chosen and calibration is not None:
         assert calibration is not None
         io = mlp_io(model, calibration, chosen)
     student = copy.deepcopy(model)
@@ -175,7 +182,12 @@ def initialise(memory: nn.Module, init: str, teacher_mlp: MlpWeights,
     if isinstance(memory, FeaturalMemory):
         from engine.model.memory_layers import init_featural
 
-        if memory.flat is not None:
+        if memory.routed is not None:
+            from engine.model.memory_layers.init_routed import init_routed_from_mlp
+
+            init_routed_from_mlp(memory, teacher_mlp,
+                                 inputs.float() if inputs is not None else None)
+        elif memory.flat is not None:
             x = inputs.float() if inputs is not None else None
             init_featural.init_flat_from_mlp(memory, teacher_mlp, x)
         elif init == "data":
@@ -200,10 +212,31 @@ def attach_memory_layers(model: nn.Module, spec: StudentSpec) -> nn.Module:
     if family != spec.family:
         raise InputError(f"the student was made from a {spec.family} model, not {family}")
     chosen = resolve_layers(spec.layers, model)
-    config = memory_config(model, spec.kind, dict(spec.hparams))
     parameter = next(model.parameters())
     for layer in chosen:
+        own = spec.layer_hparams.get(str(layer), {})
+        config = memory_config(model, spec.kind, {**spec.hparams, **own})
         memory = build_memory(config).to(dtype=parameter.dtype, device=parameter.device)
         set_mlp(model, layer, memory)
     setattr(model, STUDENT_ATTRIBUTE, spec)
     return model
+
+
+def add_memory_slots(student: nn.Module, layer: int, keys: torch.Tensor, values: torch.Tensor,
+                     query: torch.Tensor, *, up: torch.Tensor | None = None) -> list[int]:
+    """Grow the routed memory of ``layer`` by slots that ``query`` routes to (see
+    :meth:`FeaturalMemory.add_slots`); the student's spec records the layer's new size so
+    that a saved student loads with it."""
+    spec = student_spec(student)
+    layers = memory_layers(student)
+    if spec is None or layer not in layers:
+        raise InputError(f"layer {layer} has no memory layer; this student's memory layers "
+                         f"are {', '.join(map(str, sorted(layers))) or 'none'}")
+    module = layers[layer]
+    add = getattr(module, "add_slots", None)
+    if add is None:
+        raise InputError(f"layer {layer} holds an associative memory, which grows by itself")
+    slots: list[int] = add(keys, values, query, up=up)
+    config: Any = module.config
+    spec.layer_hparams[str(layer)] = {"slots": config.slots, "groups_fixed": config.groups_fixed}
+    return slots

@@ -138,8 +138,8 @@ def mirror_featural(store: MemoryStore, modules: dict[int, nn.Module], student_s
         if module.product is not None:
             keys = module.product.slot_keys(0).detach().float().cpu().numpy()
         else:
-            assert module.flat is not None  # a featural layer has product or flat keys
-            keys = module.flat.keys.detach().float().cpu().numpy()
+            # flat or routed keys: one key per slot in the hidden space
+            keys = module.slot_keys.detach().float().cpu().numpy()
         source = _provenance(student_spec, layer)
         report = messages.setdefault(name, Reconciled())
         table = store.table(name) if name in store.table_names() else None

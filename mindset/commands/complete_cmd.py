@@ -1,4 +1,8 @@
-"""``mindset complete``: one completion or chat reply, streamed to the terminal."""
+"""``mindset complete``: one completion or chat reply, streamed to the terminal.
+
+The reply goes to stdout; the process's peak memory over loading and generation (resident,
+and anonymous: the part not backed by a file) follows it on stderr.
+"""
 
 from __future__ import annotations
 
@@ -44,15 +48,15 @@ def model_spec(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from engine.llm.config import build_adapter
     from engine.llm.types import SamplingParams
+    from engine.process_memory import PeakMemory
 
     # Checked before a model loads (seconds); non-UTF-8 argv bytes are refused by the CLI.
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k,
                             repetition_penalty=args.repetition_penalty, stop=args.stop,
                             seed=args.seed).validate()
-    adapter = build_adapter(args.model)
 
-    async def stream() -> None:
+    async def stream(adapter: Any) -> None:
         try:
             chunks = (adapter.stream_chat([{"role": "user", "content": args.prompt}], params)
                       if args.chat else adapter.stream_complete(args.prompt, params))
@@ -63,5 +67,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             await adapter.aclose()
 
-    asyncio.run(stream())
+    with PeakMemory() as memory:  # over the model's loading and the generation
+        asyncio.run(stream(build_adapter(args.model)))
+    sys.stderr.write(f"{memory.summary()}\n")
     return 0

@@ -47,6 +47,10 @@ def register(commands: Any) -> None:
                         "from the teacher (data-free)")
     parser.add_argument("--steps", type=positive_int, default=defaults.steps,
                         help="end-to-end distillation steps")
+    parser.add_argument("--router-steps", type=non_negative_int, default=defaults.router_steps,
+                        help="routed memories: router fitting steps before the local stage")
+    parser.add_argument("--router-lr", type=positive_float, default=defaults.router_lr,
+                        help="learning rate of the router stage")
     parser.add_argument("--local-steps", type=non_negative_int, default=defaults.local_steps,
                         help="layer-local matching steps before the end-to-end stage")
     parser.add_argument("--local-tokens", type=non_negative_int, default=defaults.local_tokens,
@@ -92,7 +96,8 @@ def build_config(args: argparse.Namespace) -> DistillConfig:
     config = DistillConfig(
         teacher=args.teacher, layers=args.layers, memory=args.memory,
         hparams=dict(args.hparam), data=[str(Path(p).expanduser().resolve()) for p in args.data],
-        steps=args.steps, local_steps=args.local_steps, local_tokens=args.local_tokens,
+        steps=args.steps, router_steps=args.router_steps, router_lr=args.router_lr,
+        local_steps=args.local_steps, local_tokens=args.local_tokens,
         local_batch_tokens=args.local_batch_tokens, block_size=args.block_size,
         batch_size=args.batch_size, lr=args.lr, value_lr=args.value_lr,
         temperature=args.temperature, ce_weight=args.ce_weight, clip_norm=args.clip,
@@ -209,7 +214,8 @@ def train_with_progress(config: DistillConfig, run_dir: Path) -> dict[str, Any]:
         if isinstance(event, StepEvent):
             bar.update(event.step - bar.n)
             postfix: dict[str, Any] = {"stage": event.stage}
-            for key, value in (("kl", event.kl), ("ce", event.ce), ("local", event.local)):
+            for key, value in (("kl", event.kl), ("ce", event.ce), ("local", event.local),
+                               ("recall", event.router_recall)):
                 if value is not None:
                     postfix[key] = f"{value:.4f}"
             postfix["tok/s"] = f"{event.tokens_per_s:.0f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -30,20 +31,24 @@ def run(args: argparse.Namespace) -> int:
     from engine.evaluation import perplexity, validate_window
     from engine.model.loading import load_model
     from engine.model.model_files import check_model_spec
+    from engine.process_memory import PeakMemory
     from engine.textdata import read_text_file
 
     validate_window(args.tokens, args.window, None)
     check_model_spec(args.model)  # from the files alone, before reading a large text
     text = read_text_file(args.data)
-    loaded = load_model(args.model)
-    result = perplexity(loaded.model, loaded.tokenizer, text, tokens=args.tokens,
-                        window=args.window)
+    with PeakMemory() as memory:  # over the loading and the evaluation
+        loaded = load_model(args.model)
+        result = perplexity(loaded.model, loaded.tokenizer, text, tokens=args.tokens,
+                            window=args.window)
+    result = dataclasses.replace(result, peak_rss_mb=memory.peak_rss_mb,
+                                 peak_anon_mb=memory.peak_anon_mb)
     if args.json:
         print(json.dumps({"model": args.model, **result.as_dict()}))
     else:
         print(
             f"{args.model}: perplexity {result.ppl:.4f} over {result.tokens} tokens "
             f"({result.windows} windows of {result.window}), {result.tok_per_s:.0f} tokens/s, "
-            f"peak memory {result.peak_rss_mb:.0f} MiB"
+            f"{memory.summary()}"
         )
     return 0

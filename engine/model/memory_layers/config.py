@@ -13,7 +13,9 @@ from typing import Any
 from engine.errors import InputError
 from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, ENTRY_STATS_BYTES, check_fits
 
-FEATURAL_KEY_KINDS = ("product", "flat")
+FEATURAL_KEY_KINDS = ("product", "flat", "routed")
+# The recommended routed read: a third of the slots, in groups of 64, a rank-64 router.
+ROUTED_READ_SHARE = 1 / 3
 SCORE_WEIGHTINGS = ("softmax", "relu")
 # Product-key search enumerates about k ln k candidate pairs per head out of a k x k grid
 # built in Python: a top-k far beyond the papers' 16-32 only costs time, never quality.
@@ -77,6 +79,12 @@ class FeaturalConfig:
     the weight of slot i is ``activation(x·k_i + b_i)`` (times ``x·u_i`` when ``gated``, the
     SwiGLU form). Top-``topk`` slots by |weight| are read; with ``topk == slots`` this is exactly
     the teacher's MLP, which is what makes exact reproduction testable.
+
+    ``keys="routed"``: flat keys stored in groups of ``group_size`` contiguous slots; a
+    rank-``router_rank`` router scores the groups and each token reads its top
+    ``read_share`` of them (:mod:`engine.model.memory_layers.routed_keys`, which gives the
+    cost formula). ``slots`` may exceed the MLP's neurons (neurons are split); with
+    ``read_share=1`` it is the MLP exactly.
     """
 
     hidden_size: int
@@ -91,6 +99,10 @@ class FeaturalConfig:
     activation: str = "relu"  # flat keys: the weight function (any transformers ACT2FN name)
     gated: bool = False  # flat keys: SwiGLU-style second key set
     sparse: bool = True  # sparse gradients for the value table
+    group_size: int = 64  # routed keys: slots per group
+    read_share: float = ROUTED_READ_SHARE  # routed keys: share of the groups each token reads
+    router_rank: int = 64  # routed keys: rank of the group router
+    groups_fixed: int = 0  # routed keys: groups read, kept when slots were added (0: share)
 
     @property
     def num_slots(self) -> int:
@@ -99,13 +111,36 @@ class FeaturalConfig:
     @property
     def effective_value_dim(self) -> int:
         """The width of the value table: ``value_dim`` resolved (0 and flat keys: hidden)."""
-        if self.keys == "flat":
+        if self.keys in ("flat", "routed"):
             return self.hidden_size
         return self.value_dim or self.hidden_size
 
     @property
+    def num_groups(self) -> int:
+        return self.slots // self.group_size if self.keys == "routed" else 0
+
+    @property
+    def groups_read(self) -> int:
+        """Routed keys: the groups each token reads, ``read_share`` of them (at least one)."""
+        if self.groups_fixed:
+            return min(self.num_groups, self.groups_fixed)
+        return min(self.num_groups, max(1, round(self.read_share * self.num_groups)))
+
+    @property
     def effective_topk(self) -> int:
+        if self.keys == "routed":
+            return self.groups_read * self.group_size
         return self.topk or self.num_slots
+
+    def cost_share(self, neurons: int) -> float:
+        """Multiply-adds per token over those of an MLP of ``neurons`` (flat and routed)."""
+        from engine.model.memory_layers.routed_keys import cost_share
+
+        if self.keys == "routed":
+            return cost_share(self.hidden_size, self.slots, self.group_size, self.groups_read,
+                              self.router_rank, neurons, self.gated)
+        m = 3 if self.gated else 2
+        return self.slots * self.hidden_size * m / (neurons * self.hidden_size * m)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,12 +158,14 @@ class FeaturalConfig:
         if keys not in FEATURAL_KEY_KINDS:
             raise InputError(f"keys={keys!r} is not a featural key kind; use one of "
                              f"{', '.join(FEATURAL_KEY_KINDS)}")
-        if keys == "flat":
+        if keys in ("flat", "routed"):
             values.setdefault("slots", intermediate_size)
             values.setdefault("topk", 0)
             values.setdefault("activation", activation)
             values.setdefault("gated", gated)
             values.setdefault("gate", False)
+        if keys == "routed":
+            values.setdefault("sparse", False)  # values are read by matrix products
         config = cls(hidden_size=hidden_size, **values)
         config.validate()
         return config
@@ -158,6 +195,8 @@ class FeaturalConfig:
                 raise InputError(f"value_dim={self.value_dim} must be positive (0 = hidden size)")
             if self.gated:
                 raise InputError("gated=True applies to flat keys only")
+        elif self.keys == "routed":
+            self._validate_routed()
         else:
             _positive("slots", self.slots)
             if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 0:
@@ -172,6 +211,9 @@ class FeaturalConfig:
             if self.activation not in ACT2FN:
                 raise InputError(f"activation={self.activation!r} is unknown; use one of "
                                  "relu, gelu, gelu_new, silu")
+        if self.keys not in FEATURAL_KEY_KINDS:
+            raise InputError(f"keys={self.keys!r} is not a featural key kind; use one of "
+                             f"{', '.join(FEATURAL_KEY_KINDS)}")
         if self.keys == "product":
             check_fits(self.memory_bytes(), f"one featural memory layer ({self.heads} heads, "
                        f"{self.num_subkeys}^2 = {self.num_slots} slots)",
@@ -179,6 +221,29 @@ class FeaturalConfig:
         else:
             check_fits(self.memory_bytes(), f"one flat-key memory layer ({self.slots} slots)",
                        "give fewer slots")
+
+    def _validate_routed(self) -> None:
+        _positive("slots", self.slots)
+        _positive("group_size", self.group_size)
+        _positive("router_rank", self.router_rank)
+        if self.groups_fixed < 0:
+            raise InputError(f"groups_fixed={self.groups_fixed} must not be negative")
+        if self.slots % self.group_size:
+            raise InputError(f"group_size={self.group_size} does not divide the {self.slots} "
+                             "slots; give a group size that divides it (64 for 1,536 slots)")
+        if not 0 < self.read_share <= 1:
+            raise InputError(f"read_share={self.read_share!r} must be in (0, 1]: the share of "
+                             "the groups each token reads (1/3 is the recommended read)")
+        if self.topk:
+            raise InputError(f"topk={self.topk} does not apply to routed keys; set read_share "
+                             "(the share of the groups each token reads)")
+        if self.gate:
+            raise InputError("gate=True applies to product keys only")
+        from transformers.activations import ACT2FN
+
+        if self.activation not in ACT2FN:
+            raise InputError(f"activation={self.activation!r} is unknown; use one of "
+                             "relu, gelu, gelu_new, silu")
 
     def memory_bytes(self) -> int:
         """Bytes of the layer's parameters (fp32), counted as ``FeaturalMemory`` builds them:
@@ -193,6 +258,8 @@ class FeaturalConfig:
             count += value_dim * hidden + hidden  # output projection
         else:
             count = slots * (hidden + 1) * (2 if self.gated else 1) + hidden
+            if self.keys == "routed":
+                count += self.router_rank * (hidden + self.num_groups) + self.num_groups
         return (count + slots * value_dim) * BYTES_PER_PARAMETER  # plus the value table
 
 

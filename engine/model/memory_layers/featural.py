@@ -13,6 +13,7 @@ from torch import nn
 from engine.model.memory_layers.config import FeaturalConfig
 from engine.model.memory_layers.flat_keys import FlatKeys
 from engine.model.memory_layers.product_keys import ProductKeys
+from engine.model.memory_layers.routed_keys import RoutedKeys
 
 # silu(GATE_OPEN) == 1.0: a gate with zero weights and this bias starts fully "open".
 GATE_OPEN = 1.2784645
@@ -35,6 +36,7 @@ class FeaturalMemory(nn.Module):
         hidden, slots, value_dim = config.hidden_size, config.num_slots, config.effective_value_dim
         self.product: ProductKeys | None = None
         self.flat: FlatKeys | None = None
+        self.routed: RoutedKeys | None = None
         self.query_proj: nn.Linear | None = None
         self.gate_proj: nn.Linear | None = None
         self.out_proj: nn.Linear | None = None
@@ -49,6 +51,10 @@ class FeaturalMemory(nn.Module):
             # A fresh memory adds nothing to the residual stream until it has learned.
             nn.init.zeros_(self.out_proj.weight)
             nn.init.zeros_(self.out_proj.bias)
+        elif config.keys == "routed":
+            self.routed = RoutedKeys(hidden, slots, config.group_size, config.groups_read,
+                                     config.router_rank, config.activation, config.gated)
+            self.out_bias = nn.Parameter(torch.zeros(hidden))
         else:
             self.flat = FlatKeys(hidden, slots, config.activation, config.gated)
             self.out_bias = nn.Parameter(torch.zeros(hidden))
@@ -59,6 +65,76 @@ class FeaturalMemory(nn.Module):
     @property
     def num_slots(self) -> int:
         return self.config.num_slots
+
+    @property
+    def slot_keys(self) -> torch.Tensor:
+        """Flat or routed keys: each slot's key in the hidden space, [slots, hidden]."""
+        keys = self.flat if self.flat is not None else self.routed
+        assert keys is not None, "product keys have no per-slot key in the hidden space"
+        return keys.keys
+
+    def set_read_share(self, share: float) -> None:
+        """Routed keys: read ``share`` of the groups from now on (1.0: the whole MLP)."""
+        import dataclasses
+
+        assert self.routed is not None, "only routed keys have a read share"
+        config = dataclasses.replace(self.config, read_share=float(share), groups_fixed=0)
+        config.validate()
+        self.config = config
+        self.routed.groups_read = config.groups_read
+
+    @torch.no_grad()
+    def add_slots(self, keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor, *,
+                  up: torch.Tensor | None = None, margin: float = 1.0) -> list[int]:
+        """Routed keys: append slots (one new group, padded with dead slots) that ``query``
+        [hidden] routes to, and return their slot indexes.
+
+        The new group's router row points along the query in the router's rank space, with
+        a bias so low that only inputs close to the query choose it: ``query`` scores
+        ``margin`` above its best existing group. Until an input routes to the new group,
+        every output is unchanged. Gated slots take ``up`` keys (default: zero-weight ``up``
+        rows of 1, so the weight is ``act(x·k)``). Parameters are replaced by larger ones:
+        an optimiser built before must be rebuilt.
+        """
+        import dataclasses
+
+        routed = self.routed
+        if routed is None:
+            from engine.errors import InputError
+
+            raise InputError("only routed memories take new slots; this layer has "
+                             f"{self.config.keys} keys")
+        count, hidden = keys.shape
+        size = routed.group_size
+        if count > size or values.shape != (count, hidden) or query.shape != (hidden,):
+            from engine.errors import InputError
+
+            raise InputError(f"add_slots takes up to {size} keys [n, {hidden}], values of the "
+                             f"same shape and one query [{hidden}]")
+
+        def padded(rows: torch.Tensor) -> torch.Tensor:
+            return torch.cat([rows.float(), rows.new_zeros(size - count, hidden).float()])
+
+        rank_space = routed.router_down.float() @ query.float()
+        existing = routed.scores(query.view(1, -1).to(routed.router_down)).view(-1)
+        floor = float(existing.min()) - float(existing.max() - existing.min()) - margin
+        target = float(existing.max()) + margin
+        direction = rank_space * (target - floor) / rank_space.pow(2).sum().clamp_min(1e-12)
+        up_rows = up_bias = None
+        if routed.gated:
+            if up is None:  # up = 1 on the new slots: their weight is act(x·k)
+                up_rows = torch.zeros(size, hidden)
+                up_bias = torch.cat([torch.ones(count), torch.zeros(size - count)])
+            else:
+                up_rows, up_bias = padded(up), torch.zeros(size)
+        first = routed.num_slots
+        routed.add_group(padded(keys), torch.zeros(size), up_rows, up_bias, (direction, floor))
+        self.values = nn.Parameter(torch.cat([self.values.detach(), padded(values).to(
+            self.values)]), requires_grad=self.values.requires_grad)
+        # The read count stays what it was: more groups must not change existing outputs.
+        self.config = dataclasses.replace(self.config, slots=routed.num_slots,
+                                          groups_fixed=routed.groups_read)
+        return list(range(first, first + count))
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradients are sparse tensors (the value table, when sparse)."""
@@ -78,6 +154,8 @@ class FeaturalMemory(nn.Module):
             scores, slots = self.product.search(self.query_proj(x))
             weights = torch.softmax(scores, dim=-1)
             return slots.flatten(1), weights.flatten(1)
+        if self.routed is not None:
+            return self.routed.lookup(x)
         assert self.flat is not None
         weights = self.flat.weights(x)
         k = self.config.effective_topk
@@ -90,6 +168,9 @@ class FeaturalMemory(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        if self.routed is not None:
+            assert self.out_bias is not None
+            return self.routed.read(x, self.values, self.out_bias).view(shape)
         if self.flat is not None and self.config.effective_topk >= self.num_slots:
             # Every slot is read: a dense matmul is the same sum, and faster.
             assert self.out_bias is not None
@@ -121,5 +202,7 @@ class FeaturalMemory(nn.Module):
             return (f"product keys: {c.heads} heads x {c.num_subkeys}^2 = {c.num_slots} slots, "
                     f"query {c.query_dim}, top-{c.topk}, values {c.effective_value_dim}, "
                     f"gate={c.gate}")
+        if c.keys == "routed":
+            return f"routed keys: {c.num_slots} slots, values {c.effective_value_dim}"
         return (f"flat keys: {c.num_slots} slots, top-{c.effective_topk}, "
                 f"activation {c.activation}, gated={c.gated}")

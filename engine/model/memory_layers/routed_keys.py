@@ -1,0 +1,267 @@
+"""Routed keys: the MLP's neurons as slots in contiguous groups, read only where a router points.
+
+Slot i is a neuron of the form ``act(x·k_i + b_i)`` (times ``x·u_i + e_i`` when gated), and
+its value ``v_i`` is added with that weight, exactly as in the MLP (Geva et al. 2021: an FFN
+is a key-value memory). The slots are stored in ``G = slots / group_size`` groups of
+``s = group_size`` contiguous rows (MoEfication, Zhang et al. 2022: neurons clustered so that
+neurons firing together sit together). A low-rank router scores the *groups*, never the
+slots: ``score(x) = B·(A·x) + c`` with ``A`` [r, hidden] and ``B`` [G, r]. Each token reads
+its top ``g = groups_read`` groups, and only those groups' keys and values are touched.
+
+Cost per token, in multiply-adds, router included::
+
+    router  = hidden·r + r·G
+    read    = g·s·hidden·m          (m = 3 for a gated/SwiGLU MLP, 2 otherwise)
+    share   = (router + read) / (N·hidden·m)   against the MLP's N neurons
+
+For SmolLM2-135M (hidden 576, N = 1,536, SwiGLU) with s = 64, g = 8 of 24 groups and r = 64:
+(36,864 + 1,536 + 884,736) / 2,654,208 = 0.348 of the MLP.
+
+With every group read (g = G) the layer is the MLP exactly, which the tests check.
+
+Three execution paths give the same sums: a single token (generation) gathers its ``g``
+groups with ``index_select`` and multiplies once; a batch without gradients dispatches the
+tokens to their groups and multiplies group by group (an MoE dispatch, no padding); a batch
+with gradients pads every group to the busiest one and uses two batched products, which keeps
+the autograd graph small.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cost_share(hidden: int, slots: int, group_size: int, groups_read: int, router_rank: int,
+               neurons: int, gated: bool) -> float:
+    """Multiply-adds per token of a routed read over those of an MLP of ``neurons``."""
+    m = 3 if gated else 2
+    groups = slots // group_size
+    router = hidden * router_rank + router_rank * groups
+    read = groups_read * group_size * hidden * m
+    return (router + read) / (neurons * hidden * m)
+
+
+class RoutedKeys(nn.Module):
+    """Slot keys in contiguous groups and the router that chooses groups (see module doc).
+
+    ``gate_up`` [G, parts·s, hidden] holds each group's keys (and, gated, its up keys right
+    after them), so one product per group computes both; ``bias`` [G, parts·s] likewise.
+    """
+
+    def __init__(self, hidden_size: int, slots: int, group_size: int, groups_read: int,
+                 router_rank: int, activation: str, gated: bool) -> None:
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.activation_name = activation
+        self.act = ACT2FN[activation]
+        self.group_size = group_size
+        self.groups_read = groups_read
+        self.parts = 2 if gated else 1
+        groups = slots // group_size
+        bound = 1 / math.sqrt(hidden_size)
+        self.gate_up = nn.Parameter(torch.empty(groups, self.parts * group_size, hidden_size))
+        nn.init.uniform_(self.gate_up, -bound, bound)
+        self.bias = nn.Parameter(torch.zeros(groups, self.parts * group_size))
+        self.router_down = nn.Parameter(torch.empty(router_rank, hidden_size))
+        nn.init.uniform_(self.router_down, -bound, bound)
+        self.router_up = nn.Parameter(torch.empty(groups, router_rank))
+        nn.init.uniform_(self.router_up, -1 / math.sqrt(router_rank), 1 / math.sqrt(router_rank))
+        self.router_bias = nn.Parameter(torch.zeros(groups))
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.gate_up.shape[0])
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_groups * self.group_size
+
+    @property
+    def gated(self) -> bool:
+        return self.parts == 2
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Each slot's key, [slots, hidden] (a copy for gated memories)."""
+        return self.gate_up[:, : self.group_size].reshape(self.num_slots, -1)
+
+    @property
+    def up(self) -> torch.Tensor | None:
+        if not self.gated:
+            return None
+        return self.gate_up[:, self.group_size:].reshape(self.num_slots, -1)
+
+    @torch.no_grad()
+    def set_slots(self, keys: torch.Tensor, bias: torch.Tensor, up: torch.Tensor | None,
+                  up_bias: torch.Tensor | None) -> None:
+        """Write per-slot keys [slots, hidden] and biases [slots] into the grouped layout."""
+        G, s = self.num_groups, self.group_size
+        self.gate_up[:, :s] = keys.view(G, s, -1)
+        self.bias[:, :s] = bias.view(G, s)
+        if self.gated:
+            assert up is not None and up_bias is not None
+            self.gate_up[:, s:] = up.view(G, s, -1)
+            self.bias[:, s:] = up_bias.view(G, s)
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [self.router_down, self.router_up, self.router_bias]
+
+    # -- routing ------------------------------------------------------------------------------
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's score of every group for rows of ``x`` [T, hidden]: [T, G]."""
+        return torch.addmm(self.router_bias, x @ self.router_down.t(), self.router_up.t())
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """The groups each row reads, [T, g] (all of them, in order, when g = G)."""
+        g = min(self.groups_read, self.num_groups)
+        if g >= self.num_groups:
+            return torch.arange(self.num_groups, device=x.device).expand(x.shape[0], -1)
+        with torch.no_grad():
+            return self.scores(x).topk(g, dim=-1).indices
+
+    def _weights(self, pre: torch.Tensor) -> torch.Tensor:
+        """Slot weights from pre-activations [..., parts·s] of whole groups: [..., s]."""
+        s = self.group_size
+        if self.gated:
+            return self.act(pre[..., :s]) * pre[..., s:]
+        return self.act(pre)
+
+    def slot_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Every slot's weight for rows of ``x``: [T, slots]. Only for training targets,
+        tracing and tests; the forward pass never computes it for a routed read."""
+        G, width, hidden = self.gate_up.shape
+        pre = torch.addmm(self.bias.reshape(-1), x, self.gate_up.reshape(G * width, hidden).t())
+        return self._weights(pre.view(x.shape[0], G, width)).reshape(x.shape[0], -1)
+
+    def group_mass(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """How much each group adds to the output: sum over its slots of |weight|·‖value‖."""
+        contribution = self.slot_weights(x).abs() * values.norm(dim=-1)
+        return contribution.view(x.shape[0], self.num_groups, self.group_size).sum(-1)
+
+    # -- reading ------------------------------------------------------------------------------
+    def read(self, x: torch.Tensor, values: torch.Tensor, out_bias: torch.Tensor) -> torch.Tensor:
+        """``sum over read slots of weight_i·v_i + out_bias`` for rows of ``x`` [T, hidden]."""
+        if self.groups_read >= self.num_groups:
+            return torch.addmm(out_bias, self.slot_weights(x), values)
+        chosen = self.route(x)
+        if torch.is_grad_enabled() and x.shape[0] > 1:
+            return self._read_padded(x, chosen, values, out_bias)
+        if x.shape[0] == 1:
+            return self._read_one(x, chosen[0], values, out_bias)
+        return self._read_dispatched(x, chosen, values, out_bias)
+
+    def _read_one(self, x: torch.Tensor, chosen: torch.Tensor, values: torch.Tensor,
+                  out_bias: torch.Tensor) -> torch.Tensor:
+        """One token: its groups' keys gathered in one copy, values summed in place."""
+        s, hidden = self.group_size, x.shape[1]
+        picked = self.gate_up.index_select(0, chosen)  # [g, parts·s, hidden]
+        pre = torch.addmm(self.bias.index_select(0, chosen).view(-1, 1),
+                          picked.view(-1, hidden), x.view(hidden, 1))
+        weight = self._weights(pre.view(chosen.numel(), -1))  # [g, s]
+        rows = (chosen.unsqueeze(1) * s + torch.arange(s, device=x.device)).view(1, -1)
+        read = F.embedding_bag(rows, values, per_sample_weights=weight.reshape(1, -1),
+                               mode="sum")
+        return read + out_bias
+
+    def _dispatch(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token-group pairs sorted by group: (groups, tokens, count per group)."""
+        flat = chosen.reshape(-1)
+        groups, order = flat.sort(stable=True)
+        tokens = torch.div(order, chosen.shape[1], rounding_mode="floor")
+        counts = torch.bincount(flat, minlength=self.num_groups)
+        return groups, tokens, counts
+
+    def _read_dispatched(self, x: torch.Tensor, chosen: torch.Tensor, values: torch.Tensor,
+                         out_bias: torch.Tensor) -> torch.Tensor:
+        _, tokens, counts = self._dispatch(chosen)
+        inputs = x.index_select(0, tokens)
+        s = self.group_size
+        reads = torch.empty_like(inputs)  # written group by group: no concatenation
+        begin = 0
+        for group, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            end = begin + count
+            pre = torch.addmm(self.bias[group], inputs[begin:end], self.gate_up[group].t())
+            torch.mm(self._weights(pre), values[group * s:(group + 1) * s], out=reads[begin:end])
+            begin = end
+        out = out_bias.expand(x.shape[0], -1).clone()
+        return out.index_add_(0, tokens, reads)
+
+    def _read_padded(self, x: torch.Tensor, chosen: torch.Tensor, values: torch.Tensor,
+                     out_bias: torch.Tensor) -> torch.Tensor:
+        groups, tokens, counts = self._dispatch(chosen)
+        capacity = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        place = groups * capacity + (torch.arange(groups.numel(), device=x.device)
+                                     - starts[groups])
+        G, s, hidden = self.num_groups, self.group_size, x.shape[1]
+        padded = x.new_zeros(G * capacity, hidden).index_copy(
+            0, place, x.index_select(0, tokens)).view(G, capacity, hidden)
+        pre = torch.baddbmm(self.bias.unsqueeze(1), padded, self.gate_up.transpose(1, 2))
+        read = torch.bmm(self._weights(pre), values.view(G, s, hidden))
+        out = out_bias.expand(x.shape[0], -1)
+        return out.index_add(0, tokens, read.view(G * capacity, hidden).index_select(0, place))
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots each row reads and their weights, both [T, g·s] (for tracing)."""
+        chosen = self.route(x)
+        s = self.group_size
+        slots = (chosen.unsqueeze(-1) * s + torch.arange(s, device=x.device)).flatten(1)
+        return slots, self.slot_weights(x).gather(-1, slots)
+
+    # -- growing ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add_group(self, keys: torch.Tensor, bias: torch.Tensor, up: torch.Tensor | None,
+                  up_bias: torch.Tensor | None, router_row: tuple[torch.Tensor, float]) -> None:
+        """Append one group: ``keys`` [s, hidden] and ``bias`` [s] (plus ``up`` keys and
+        biases when gated) with its router row, (direction in rank space [r], bias).
+        Parameters are replaced by larger ones, so an optimiser built before must be rebuilt.
+        """
+        def grow(param: nn.Parameter, extra: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(torch.cat([param.detach(), extra.to(param)]),
+                                requires_grad=param.requires_grad)
+
+        rows, biases = [keys], [bias]
+        if self.gated:
+            assert up is not None and up_bias is not None
+            rows.append(up)
+            biases.append(up_bias)
+        self.gate_up = grow(self.gate_up, torch.cat(rows).unsqueeze(0))
+        self.bias = grow(self.bias, torch.cat(biases).unsqueeze(0))
+        direction, router_bias = router_row
+        self.router_up = grow(self.router_up, direction.view(1, -1))
+        self.router_bias = grow(self.router_bias, torch.tensor([router_bias]))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_slots} slots in {self.num_groups} groups of {self.group_size}, "
+                f"read {self.groups_read} groups, router rank {self.router_down.shape[0]}, "
+                f"activation {self.activation_name}, gated={self.gated}")
+
+
+def router_recall(chosen: torch.Tensor, group_size: int, slot_mass: torch.Tensor) -> float:
+    """The share of the oracle's top-k slot mass that the routed groups hold.
+
+    ``slot_mass`` [T, slots] is each slot's |weight|·‖value‖; the oracle reads the top
+    ``k = g·s`` slots of each token. Recall = sum of the oracle's top-k mass inside the
+    routed groups / sum of the oracle's top-k mass (1.0: routing loses nothing the oracle
+    would have read).
+    """
+    slots = slot_mass.shape[1]
+    k = chosen.shape[1] * group_size
+    top = slot_mass.topk(min(k, slots), dim=-1)
+    groups_of_top = torch.div(top.indices, group_size, rounding_mode="floor")
+    inside = (groups_of_top.unsqueeze(-1) == chosen.unsqueeze(1)).any(-1)
+    total = top.values.sum().clamp_min(1e-12)
+    return float((top.values * inside).sum() / total)
+
+
+def router_loss(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the router's softmax against each token's share of group mass."""
+    target = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(target * F.log_softmax(scores, dim=-1)).sum(-1).mean()
