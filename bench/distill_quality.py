@@ -12,6 +12,12 @@ By default the memory has flat keys: the teacher MLP's 1,536 neurons become 1,53
 input weights, value = output weights) of which each token reads its top 512 by |weight|; the
 layer-local stage fits them on captured MLP pairs, then end-to-end KL fixes what compounds.
 
+This is not the recommended student: flat keys score all 1,536 keys for every token (about
+0.78 of the MLP's multiply-adds), so they show what distillation can recover with an oracle
+top-k, not a fast memory. The recommended routed student (``keys=routed``, 0.35 of the MLP's
+multiply-adds) is measured for quality, speed and memory at once by
+``bench/student_pareto.py``.
+
     python bench/distill_quality.py --data ../shared/data/wikitext2-valid.txt
     python bench/distill_quality.py --data FILE --quick          # minutes, not hours
     python bench/distill_quality.py --model tiny-llama --data FILE --quick --out /tmp/x.json

@@ -6,6 +6,11 @@ the machine hits every model alike; each model's best round counts. Peak memory 
 resident memory of a fresh process that loads only that model (teacher spec or saved student
 directory) and runs the same forward.
 
+This is not the recommended student: the product-key memory timed here (``FAST_FEATURAL``)
+was never distilled close to the teacher, so its speed says nothing about a faithful
+student. ``bench/student_pareto.py`` measures speed, memory and quality on the same
+recommended (routed) student.
+
     python bench/student_speed.py                 # default model (SmolLM2-135M), full run
     python bench/student_speed.py --quick         # fewer windows and rounds
     python bench/student_speed.py --model tiny-llama --output /tmp/speed.json --quick

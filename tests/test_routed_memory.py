@@ -185,3 +185,32 @@ def test_bad_settings_in_the_cli_exit_2(tmp_path, capsys: pytest.CaptureFixture[
     code = main(["distill", "--teacher", "tiny-llama", "--layers", "0", "--router-steps", "5",
                  "--data", str(text), "--steps", "1", "--out", str(out)])
     assert code == 2 and "routed memories only" in capsys.readouterr().err
+
+
+async def test_the_workbench_mirrors_and_edits_a_routed_memory(tmp_path) -> None:
+    """A saved routed student in the engine: its slots become a table, and an edit of a row
+    reaches the live (memory-mapped, copy-on-write) value table, never the file."""
+    import hashlib
+
+    from engine.facade import STUDENT, Engine
+    from engine.model.student import WEIGHTS_FILE, save_student
+
+    teacher = load_model("tiny-llama")
+    student = convert(teacher, [1], "featural", keys="routed", group_size=8,
+                      calibration=_ids(teacher.model, 4, 32))
+    directory = save_student(student, tmp_path / "routed", teacher.tokenizer)
+    weights = directory / WEIGHTS_FILE
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    engine = Engine("tiny-llama", student_spec=str(directory), database=tmp_path / "m.db",
+                    runs_root=tmp_path / "runs")
+    try:
+        await engine.load_model(STUDENT)
+        table = engine.memory.mirror("layer1_featural")
+        assert table is not None and len(table.ids) == memory_layers(student)[1].num_slots
+        module = table.module
+        before = module.values[3].clone()
+        await engine.memory.update_entry("layer1_featural", int(table.ids[3]), scale=2.0)
+        assert torch.allclose(module.values[3], 2 * before)
+    finally:
+        await engine.close()
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest

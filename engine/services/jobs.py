@@ -43,8 +43,14 @@ __all__ = [
     "event_type",
 ]
 
-# About 4-5 s per step of 4 x 128 tokens on 2 cores for the default model: a few minutes.
-QUICK_START_STEPS = 50
+# The recommended (routed) recipe, scaled to a few minutes on 2 cores: router and layer-local
+# stages on MLP pairs captured once from the sampled text (fractions of a second per step),
+# then end-to-end steps of 4 x 128 tokens (a few seconds each).
+QUICK_START_STEPS = 20
+QUICK_START_OPTIONS: dict[str, object] = dict(
+    hparams={"keys": "routed"}, router_steps=40, local_steps=120, local_tokens=2048,
+    local_batch_tokens=512, block_size=128, batch_size=4, data_free_blocks=16,
+    heldout_blocks=2, value_lr=3e-4)
 JOB_POLL_SECONDS = 0.25  # how often a followed job's new events are read
 
 
@@ -89,9 +95,8 @@ class JobService:
         # Small blocks and few sampled blocks: the teacher writes its own training text
         # (no data set needed) in a minute or two, then training takes a few minutes.
         return JobRequest(teacher=self.default_teacher, layers="middle", memory="featural",
-                          data=None, steps=QUICK_START_STEPS, lr=1e-3,
-                          options=dict(block_size=128, batch_size=4, data_free_blocks=16,
-                                       heldout_blocks=2))
+                          data=None, steps=QUICK_START_STEPS, lr=3e-4,
+                          options=dict(QUICK_START_OPTIONS))
 
     async def launch_job(self, request: JobRequest) -> JobView:
         """Start a distillation job in its own process; it outlives the workbench."""
