@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--runs-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="measure the students already distilled in --runs-dir by this "
+                        "recipe again, without distilling (their CPU time is read back)")
     args = parser.parse_args(argv)
     unknown = set(args.sets.split(",")) - set(SETS)
     if unknown:
@@ -81,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for path in (args.data, args.ood):
         if not path.is_file():
             parser.error(f"{path} is not a file; give a UTF-8 text file")
+    if args.reuse_runs and args.runs_dir is None:
+        parser.error("--reuse-runs needs --runs-dir, the folder of an earlier run")
     if args.out is None:
         args.out = (Path(tempfile.gettempdir()) / "student_pareto.quick.json" if args.quick
                     else DEFAULT_OUTPUT)
@@ -119,14 +124,30 @@ def distil(args: argparse.Namespace, label: str, layers: list[int], train_file: 
     )
     run_dir = runs / label
     started = time.time()
-    report = run_distillation(config, run_dir, resume=False)
+    if args.reuse_runs:
+        report = reused_report(run_dir, config)
+    else:
+        report = run_distillation(config, run_dir, resume=False)
     recall = [e for e in read_steps(run_dir) if e.get("router_recall") is not None]
     return run_dir / "student", {
         "recipe": recipe, "cpu_seconds": report["cpu_seconds"],
-        "wall_seconds": time.time() - started,
+        "wall_seconds": report.get("wall_seconds", time.time() - started),
         "router_recall_first": recall[0]["router_recall"] if recall else None,
         "router_recall_last": recall[-1]["router_recall"] if recall else None,
     }
+
+
+def reused_report(run_dir: Path, config: Any) -> dict[str, Any]:
+    """The report of a completed run in ``run_dir`` made with exactly ``config``."""
+    from engine.distill.config import DistillConfig
+
+    saved = DistillConfig.load(run_dir / "config.json")
+    report_file = run_dir / "report.json"
+    if saved.to_dict() != config.to_dict() or not report_file.is_file():
+        raise SystemExit(f"{run_dir} holds no completed run of this recipe; distil it again "
+                         "(drop --reuse-runs)")
+    report: dict[str, Any] = json.loads(report_file.read_text(encoding="utf-8"))
+    return report
 
 
 def read_steps(run_dir: Path) -> list[dict[str, Any]]:
@@ -169,15 +190,22 @@ def compare(models: dict[str, Any], blocks: Any) -> dict[str, dict[str, float]]:
 
 def timings(models: dict[str, Any], prompt: Any, window: Any, rounds: int,
             new_tokens: int) -> dict[str, dict[str, float]]:
-    """Best-of-rounds prefill and generation tokens/s, round-robin over the models."""
+    """Best-of-rounds prefill and generation tokens/s, round-robin over the models.
+
+    Each round starts with another model (the order rotates), so no model always runs right
+    after the same neighbour; every model is warmed up on a whole window first.
+    """
     import torch
 
     best: dict[str, dict[str, float]] = {n: {"prefill": 0.0, "generate": 0.0} for n in models}
+    names = list(models)
     with torch.inference_mode():
-        for model in models.values():  # warm up
-            model(input_ids=window[:, :32])
-        for _ in range(rounds):
-            for name, model in models.items():
+        for model in models.values():  # warm up: touch every weight once
+            model(input_ids=window)
+        for round_index in range(rounds):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                model = models[name]
                 started = time.perf_counter()
                 model(input_ids=window)
                 prefill = window.numel() / (time.perf_counter() - started)
@@ -199,10 +227,12 @@ if threads:
 with PeakMemory() as peak:
     from engine.model.loading import load_model
     loaded = load_model(spec)
-    ids = torch.randint(0, loaded.model.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+    seeded = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (1, 512), generator=seeded)
     with torch.inference_mode():
         loaded.model(input_ids=ids)
-        loaded.model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        loaded.model.generate(ids[:, :16], max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 print(json.dumps({"peak_rss_mb": peak.peak_rss_mb, "peak_anon_mb": peak.peak_anon_mb}))
 """
 
@@ -272,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             row[f"kl_{domain}"] = measured[label]["kl"]
             row[f"top1_{domain}"] = measured[label]["top1"]
         results[f"ppl_teacher_{domain}"] = measured["teacher"]["ppl"]
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 4)
     new_tokens = args.new_tokens or (8 if args.quick else 128)
     prompt = tokenizer("The history of the city", return_tensors="pt").input_ids
     speed = timings(models, prompt, heldout["wikitext"][:1], rounds, new_tokens)

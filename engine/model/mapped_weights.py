@@ -12,8 +12,11 @@ Memory pane writes ``module.values[slot] = ...``, training updates rows) copies 
 touched pages into the process and never reaches the file. Saving writes a new file beside
 the old one and renames it into place, so a mapped file is never written under its mapping.
 
-Only float32 tensors of the memory layers, stored as float32 with the model's shape, are
-mapped; everything else is read with plain file I/O (see ``engine.model.student``). Pass
+Every float32 tensor stored as float32 with the model's shape is mapped: the memory layers,
+and the weights kept from the teacher too (Hugging Face's own loader maps a teacher's
+safetensors file the same way, so a student that read them into RAM would hold more
+anonymous memory than its teacher). Anything else is read with plain file I/O (see
+``engine.model.student``). Pass
 ``map_memory=False`` to ``load_student_model`` or set ``MINDSET_MAP_MEMORY=0`` to read the
 memory layers into RAM as well.
 """
@@ -35,7 +38,7 @@ ENV_SWITCH = "MINDSET_MAP_MEMORY"
 OFF_VALUES = {"0", "false", "no", "off"}
 
 __all__ = ["ENV_SWITCH", "is_file_backed", "map_float32", "mapped_file", "mapping_enabled",
-           "memory_tensor_names"]
+           "mapped_tensor_names", "memory_tensor_names"]
 
 
 def mapping_enabled(map_memory: bool = True, dtype: Any = None) -> bool:
@@ -45,6 +48,13 @@ def mapping_enabled(map_memory: bool = True, dtype: Any = None) -> bool:
     if os.environ.get(ENV_SWITCH, "").strip().lower() in OFF_VALUES:
         return False
     return dtype is None or dtype == torch.float32
+
+
+def mapped_tensor_names(model: nn.Module) -> set[str]:
+    """Every parameter and persistent buffer of a student: the memory layers and the weights
+    kept from the teacher alike, so the student's anonymous memory is its working memory only
+    (the teacher's loader maps its safetensors file the same way)."""
+    return set(model.state_dict(keep_vars=True))
 
 
 def memory_tensor_names(model: nn.Module) -> set[str]:

@@ -32,7 +32,7 @@ from torch import nn
 
 from engine.errors import InputError, MindsetError, ModelLoadError, flat_text
 from engine.model.anatomy import decoder_layers, mlp_size, mlp_size_field
-from engine.model.mapped_weights import map_float32, mapping_enabled, memory_tensor_names
+from engine.model.mapped_weights import map_float32, mapped_tensor_names, mapping_enabled
 from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits
 from engine.model.model_files import (
     FAMILIES,
@@ -169,7 +169,7 @@ def load_student_model(directory: Path | str, *, dtype: Any = None,
             raise ModelLoadError(f"{directory / STUDENT_FILE} does not fit the model: "
                                  f"{exc}") from exc
     model.tie_weights()  # skipped with the initialisation; tied tensors are saved once
-    mapped = memory_tensor_names(model) if mapping_enabled(map_memory, dtype) else set()
+    mapped = mapped_tensor_names(model) if mapping_enabled(map_memory, dtype) else set()
     try:
         read_weights_into(model, weights, mapped=mapped)
     except ModelLoadError as exc:
