@@ -37,8 +37,15 @@ from engine.model.surgery import memory_layers
 ENV_SWITCH = "MINDSET_MAP_MEMORY"
 OFF_VALUES = {"0", "false", "no", "off"}
 
-__all__ = ["ENV_SWITCH", "is_file_backed", "map_float32", "mapped_file", "mapping_enabled",
-           "mapped_tensor_names", "memory_tensor_names"]
+__all__ = [
+    "ENV_SWITCH",
+    "is_file_backed",
+    "map_float32",
+    "mapped_file",
+    "mapped_tensor_names",
+    "mapping_enabled",
+    "memory_tensor_names",
+]
 
 
 def mapping_enabled(map_memory: bool = True, dtype: Any = None) -> bool:
