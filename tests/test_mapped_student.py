@@ -234,15 +234,23 @@ def test_map_float32_checks_the_file_size_itself(tmp_path: Path) -> None:
 
 @linux_only
 def test_peak_memory_sees_anonymous_memory_grow() -> None:
+    import mmap
+
+    size = 48 << 20
     with PeakMemory() as peak:
         start = peak.peak_anon_mb
-        block = bytearray(48 << 20)  # zero-filled: every page touched
+        # Fresh private anonymous pages, each written once (calloc'd zeros may never be
+        # touched, and a shared mapping counts as shared memory, not anonymous).
+        block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
+        peak.sample()
     assert start is not None and peak.peak_anon_mb is not None and peak.peak_rss_mb is not None
     assert peak.peak_anon_mb >= start + 40
     assert 0 < peak.peak_anon_mb <= peak.peak_rss_mb
     assert peak.hwm_mb is not None and peak.hwm_mb > 0
     assert "anonymous" in peak.summary()
-    del block
+    block.close()
 
 
 def test_peak_memory_without_proc_falls_back_to_getrusage(tmp_path: Path) -> None:
