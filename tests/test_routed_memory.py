@@ -96,6 +96,10 @@ def test_cost_share_formula() -> None:
     assert wide.groups_read == 8
     assert wide.cost_share(1536) - config.cost_share(1536) == pytest.approx(
         64 * 24 / (1536 * 576 * 3))
+    # Flat keys score all 1,536 keys and up keys, then read 512 values: 0.78 of the MLP.
+    flat = FeaturalConfig.from_hparams(576, {"keys": "flat", "topk": 512},
+                                       intermediate_size=1536, activation="silu", gated=True)
+    assert flat.cost_share(1536) == pytest.approx((2 * 1536 + 512) / (3 * 1536))
 
 
 def test_more_slots_than_neurons(teacher: torch.nn.Module) -> None:
@@ -119,8 +123,6 @@ def test_added_slots_leave_outputs_alone_and_are_routable(teacher: torch.nn.Modu
     x = torch.randn(32, hidden)
     with torch.no_grad():
         before = memory(x)
-        ids = _ids(teacher)
-        logits_before = student(input_ids=ids).logits
     query = torch.randn(hidden) * 4
     keys = query.view(1, -1) / query.norm()
     values = torch.randn(1, hidden)
@@ -136,10 +138,10 @@ def test_added_slots_leave_outputs_alone_and_are_routable(teacher: torch.nn.Modu
     save_student(student, tmp_path / "grown")
     loaded = load_student_model(tmp_path / "grown")
     assert memory_layers(loaded)[1].num_slots == memory.num_slots
+    ids = _ids(teacher)
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, student(input_ids=ids).logits,
                               atol=1e-6)
-        del logits_before
 
 
 def test_mapped_routed_student_matches_in_ram(teacher: torch.nn.Module, tmp_path) -> None:

@@ -139,8 +139,10 @@ class FeaturalConfig:
         if self.keys == "routed":
             return cost_share(self.hidden_size, self.slots, self.group_size, self.groups_read,
                               self.router_rank, neurons, self.gated)
+        # Flat keys score every key (and up key), then add the top-k values.
         m = 3 if self.gated else 2
-        return self.slots * self.hidden_size * m / (neurons * self.hidden_size * m)
+        scored = self.slots * self.hidden_size * (m - 1)
+        return (scored + self.effective_topk * self.hidden_size) / (neurons * self.hidden_size * m)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
