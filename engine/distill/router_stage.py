@@ -49,11 +49,11 @@ class RouterFitter(nn.Module):
             down, up, bias = self.routers[3 * position: 3 * position + 3]
             scores = torch.addmm(bias, x @ down.t(), up.t())
             with torch.no_grad():
-                contribution = routed.slot_weights(x).abs() * values.norm(dim=-1)
-                mass = contribution.view(x.shape[0], routed.num_groups, -1).sum(-1)
+                slot_mass = routed.slot_mass(x, values)
+                mass = routed.group_mass(x, values, slot_mass)
                 g = min(routed.groups_read, routed.num_groups)
                 chosen = scores.topk(g, dim=-1).indices
-                recalls.append(router_recall(chosen, routed.group_size, contribution))
+                recalls.append(router_recall(chosen, routed.group_size, slot_mass))
             losses.append(router_loss(scores, mass))
         self.last_recall = sum(recalls) / max(1, len(recalls))
         return torch.stack(losses).mean()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.errors import InputError
 from engine.model.memory_layers.config import FeaturalConfig
 from engine.model.memory_layers.flat_keys import FlatKeys
 from engine.model.memory_layers.product_keys import ProductKeys
@@ -100,15 +101,11 @@ class FeaturalMemory(nn.Module):
 
         routed = self.routed
         if routed is None:
-            from engine.errors import InputError
-
             raise InputError("only routed memories take new slots; this layer has "
                              f"{self.config.keys} keys")
         count, hidden = keys.shape
         size = routed.group_size
         if count > size or values.shape != (count, hidden) or query.shape != (hidden,):
-            from engine.errors import InputError
-
             raise InputError(f"add_slots takes up to {size} keys [n, {hidden}], values of the "
                              f"same shape and one query [{hidden}]")
 

@@ -138,10 +138,15 @@ class RoutedKeys(nn.Module):
         pre = torch.addmm(self.bias.reshape(-1), x, self.gate_up.reshape(G * width, hidden).t())
         return self._weights(pre.view(x.shape[0], G, width)).reshape(x.shape[0], -1)
 
-    def group_mass(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """How much each group adds to the output: sum over its slots of |weight|·‖value‖."""
-        contribution = self.slot_weights(x).abs() * values.norm(dim=-1)
-        return contribution.view(x.shape[0], self.num_groups, self.group_size).sum(-1)
+    def slot_mass(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """How much each slot adds to the output, |weight|·‖value‖: [T, slots]."""
+        return self.slot_weights(x).abs() * values.norm(dim=-1)
+
+    def group_mass(self, x: torch.Tensor, values: torch.Tensor,
+                   slot_mass: torch.Tensor | None = None) -> torch.Tensor:
+        """Each group's share of the output: the sum of its slots' mass, [T, G]."""
+        mass = self.slot_mass(x, values) if slot_mass is None else slot_mass
+        return mass.view(x.shape[0], self.num_groups, self.group_size).sum(-1)
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, x: torch.Tensor, values: torch.Tensor, out_bias: torch.Tensor) -> torch.Tensor:
