@@ -68,7 +68,10 @@ def test_read_paths_agree_with_a_masked_reference(teacher: torch.nn.Module) -> N
         one_by_one = torch.cat([memory(row.view(1, -1)) for row in x])  # generation path
     with torch.enable_grad():
         padded = memory(x)  # batched products, as in training
-    for got in (dispatched, one_by_one, padded.detach()):
+        one_with_grad = torch.cat([memory(row.view(1, -1)) for row in x])
+        one_with_grad.sum().backward()  # the single-token read is differentiable too
+    assert memory.routed.group_keys.grad is not None and memory.values.grad is not None
+    for got in (dispatched, one_by_one, padded.detach(), one_with_grad.detach()):
         assert (got - reference).abs().max() < 1e-5
 
 
@@ -156,6 +159,38 @@ def test_mapped_routed_student_matches_in_ram(teacher: torch.nn.Module, tmp_path
         assert torch.equal(mapped(input_ids=ids).logits, in_ram(input_ids=ids).logits)
     values = memory_layers(mapped)[0].values
     assert is_file_backed(values, directory / WEIGHTS_FILE)
+
+
+def test_students_saved_slot_major_still_load(teacher: torch.nn.Module, tmp_path) -> None:
+    """Files written before keys went input-major name them ``gate_up`` [G, parts·s, hidden];
+    both loaders (the student file and a plain state dict) lay them out again."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.model.student import WEIGHTS_FILE, load_student_model, save_student
+
+    directory = save_student(_routed(teacher, read_share=0.5), tmp_path / "routed")
+    ids = _ids(teacher)
+    with torch.no_grad():
+        expected = load_student_model(directory)(input_ids=ids).logits
+    tensors = load_file(directory / WEIGHTS_FILE)
+    legacy = {}
+    for name, tensor in tensors.items():
+        if name.endswith("routed.group_keys"):
+            name, tensor = name.replace("group_keys", "gate_up"), tensor.transpose(1, 2)
+        legacy[name] = tensor.contiguous()
+    assert any(name.endswith("gate_up") for name in legacy)
+    save_file(legacy, directory / WEIGHTS_FILE)
+    for map_memory in (True, False):
+        loaded = load_student_model(directory, map_memory=map_memory)
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, expected)
+    fresh = _routed(teacher, read_share=0.5)
+    with torch.no_grad():
+        for memory in memory_layers(fresh).values():
+            memory.routed.group_keys.zero_()  # only the legacy tensors can restore them
+    fresh.load_state_dict(legacy, strict=False)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, expected)
 
 
 @pytest.mark.parametrize("hparams, words", [

@@ -34,6 +34,7 @@ from engine.errors import InputError, MindsetError, ModelLoadError, flat_text
 from engine.model.anatomy import decoder_layers, mlp_size, mlp_size_field
 from engine.model.mapped_weights import map_float32, mapped_tensor_names, mapping_enabled
 from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits
+from engine.model.memory_layers.routed_keys import current_name, legacy_to_current
 from engine.model.model_files import (
     FAMILIES,
     STUDENT_FILE,
@@ -287,11 +288,12 @@ def read_weights_into(model: nn.Module, path: Path, *, mapped: Collection[str] =
     filled: set[int] = set()
     with path.open("rb") as handle:
         header, data_start = _header(handle, path)
-        unexpected = sorted(set(header) - set(state))
+        upgraded = {name: current_name(name) for name in header if name not in state}
+        renamed = {name: new for name, new in upgraded.items() if new is not None and new in state}
+        unexpected = sorted(set(header) - set(state) - set(renamed))
         if unexpected:
             raise ModelLoadError(f"{path} holds unexpected tensors: {', '.join(unexpected[:5])}")
         for name, meta in header.items():
-            target = state[name].data
             try:
                 shape: tuple[int, ...] = tuple(meta["shape"])  # type: ignore[arg-type]
                 dtype = DTYPES.get(str(meta["dtype"]))
@@ -300,9 +302,13 @@ def read_weights_into(model: nn.Module, path: Path, *, mapped: Collection[str] =
             except (KeyError, TypeError, ValueError) as exc:
                 raise ModelLoadError(f"{path} has a malformed entry for tensor {name} "
                                      f"({type(exc).__name__})") from exc
-            if dtype is None or shape != tuple(target.shape):
+            target = state[renamed.get(name, name)].data
+            expected = tuple(target.shape)
+            if name in renamed:  # saved slot-major: [G, parts·s, hidden]
+                expected = (expected[0], expected[2], expected[1])
+            if dtype is None or shape != expected:
                 raise ModelLoadError(f"{path}: tensor {name} is {meta['dtype']} {list(shape)}, "
-                                     f"the model expects {list(target.shape)}")
+                                     f"the model expects {list(expected)}")
             if not 0 <= begin <= end:
                 raise ModelLoadError(f"{path} has bad offsets for tensor {name}")
             if name in mapped and meta["dtype"] == "F32" and target.dtype == torch.float32:
@@ -311,13 +317,16 @@ def read_weights_into(model: nn.Module, path: Path, *, mapped: Collection[str] =
                     state[name].data = view
                     filled.add(view.untyped_storage().data_ptr())
                     continue
-            destination = target if (dtype == target.dtype and target.is_contiguous()) \
+            destination = target if (dtype == target.dtype and target.is_contiguous()
+                                     and name not in renamed) \
                 else torch.empty(shape, dtype=dtype)
             if destination.numel():
                 buffer: Any = destination.view(-1).view(torch.uint8).numpy()
                 handle.seek(data_start + begin)
                 if handle.readinto(memoryview(buffer)) != end - begin:
                     raise ModelLoadError(f"{path} is truncated (tensor {name})")
+            if name in renamed:
+                destination = legacy_to_current(destination)
             if destination is not target:
                 target.copy_(destination)
             filled.add(target.untyped_storage().data_ptr())

@@ -122,7 +122,7 @@ def fit_router(memory: FeaturalMemory, x: torch.Tensor | None) -> None:
     """Set the router in closed form (ridge regression to group-mass shares, or mean keys)."""
     routed = memory.routed
     assert routed is not None
-    hidden = routed.gate_up.shape[2]
+    hidden = routed.group_keys.shape[1]
     if x is not None:
         inputs = x.float()
         mass = routed.group_mass(inputs, memory.values)

@@ -19,8 +19,14 @@ For SmolLM2-135M (hidden 576, N = 1,536, SwiGLU) with s = 64, g = 8 of 24 groups
 
 With every group read (g = G) the layer is the MLP exactly, which the tests check.
 
-Three execution paths give the same sums: a single token (generation) gathers its ``g``
-groups with ``index_select`` and multiplies once; a batch without gradients dispatches the
+Keys are stored input-major, ``group_keys`` [G, hidden, parts·s]: a token's products with one
+group's keys are then a weighted sum of that group's ``hidden`` rows (weights = the token's
+features), which ``embedding_bag`` computes straight from the chosen groups' rows with no
+copy. Gathering the groups first (``index_select``) and multiplying costs more than the dense
+MLP at batch 1, since the copy moves as many bytes as the product reads.
+
+Three execution paths give the same sums: a single token (generation) reads its ``g`` groups'
+keys and values with two ``embedding_bag`` calls; a batch without gradients dispatches the
 tokens to their groups and multiplies group by group (an MoE dispatch, no padding); a batch
 with gradients pads every group to the busiest one and uses two batched products, which keeps
 the autograd graph small.
@@ -29,10 +35,30 @@ the autograd graph small.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+PLAIN_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+}
+LEGACY_KEYS = "gate_up"  # the keys' name in the slot-major layout, [G, parts·s, hidden]
+
+
+def current_name(name: str) -> str | None:
+    """The current name of a tensor saved in the slot-major layout; None for any other."""
+    head, _, leaf = name.rpartition(".")
+    if leaf == LEGACY_KEYS and head.endswith("routed"):
+        return f"{head}.group_keys"
+    return None
+
+
+def legacy_to_current(tensor: torch.Tensor) -> torch.Tensor:
+    """Slot-major keys [G, parts·s, hidden] laid out input-major, [G, hidden, parts·s]."""
+    return tensor.transpose(1, 2).contiguous()
 
 
 def cost_share(hidden: int, slots: int, group_size: int, groups_read: int, router_rank: int,
@@ -48,9 +74,16 @@ def cost_share(hidden: int, slots: int, group_size: int, groups_read: int, route
 class RoutedKeys(nn.Module):
     """Slot keys in contiguous groups and the router that chooses groups (see module doc).
 
-    ``gate_up`` [G, parts·s, hidden] holds each group's keys (and, gated, its up keys right
-    after them), so one product per group computes both; ``bias`` [G, parts·s] likewise.
+    ``group_keys`` [G, hidden, parts·s] holds each group's keys (and, gated, its up keys right
+    after them) input-major, so one product per group computes both; ``bias`` [G, parts·s]
+    likewise. Files written before the input-major layout (``gate_up`` [G, parts·s, hidden])
+    load through :func:`upgrade_legacy_tensor`.
     """
+
+    _feature_rows: torch.Tensor  # [G, hidden]: row g·hidden + j of the input-major key table
+    _slot_rows: torch.Tensor  # [G, s]: the slot numbers of each group
+    _bag_starts: torch.Tensor  # [G]: g·hidden, where group g's bag of feature rows starts
+    _group_starts: torch.Tensor  # [G]: g·s, where group g's bag of slots starts
 
     def __init__(self, hidden_size: int, slots: int, group_size: int, groups_read: int,
                  router_rank: int, activation: str, gated: bool) -> None:
@@ -58,24 +91,43 @@ class RoutedKeys(nn.Module):
         from transformers.activations import ACT2FN
 
         self.activation_name = activation
-        self.act = ACT2FN[activation]
+        # A plain function where one exists: calling the activation module costs a module
+        # dispatch per read, which at batch 1 is a visible share of the whole layer.
+        self.act = PLAIN_ACTIVATIONS.get(activation) or ACT2FN[activation]
         self.group_size = group_size
         self.groups_read = groups_read
         self.parts = 2 if gated else 1
         groups = slots // group_size
         bound = 1 / math.sqrt(hidden_size)
-        self.gate_up = nn.Parameter(torch.empty(groups, self.parts * group_size, hidden_size))
-        nn.init.uniform_(self.gate_up, -bound, bound)
+        self.group_keys = nn.Parameter(
+            torch.empty(groups, hidden_size, self.parts * group_size))
+        nn.init.uniform_(self.group_keys, -bound, bound)
         self.bias = nn.Parameter(torch.zeros(groups, self.parts * group_size))
         self.router_down = nn.Parameter(torch.empty(router_rank, hidden_size))
         nn.init.uniform_(self.router_down, -bound, bound)
         self.router_up = nn.Parameter(torch.empty(groups, router_rank))
         nn.init.uniform_(self.router_up, -1 / math.sqrt(router_rank), 1 / math.sqrt(router_rank))
         self.router_bias = nn.Parameter(torch.zeros(groups))
+        self._index_tables()
+
+    def _index_tables(self) -> None:
+        """Row numbers reused by every single-token read (not saved: rebuilt from the shapes,
+        and again when groups are added). Indexing prepared tables costs one op where
+        computing the rows would cost three, and at batch 1 each op costs as much as a read."""
+        G, hidden, _ = self.group_keys.shape
+        device = self.group_keys.device
+        self.register_buffer("_feature_rows", torch.arange(G * hidden, device=device)
+                             .view(G, hidden), persistent=False)
+        self.register_buffer("_slot_rows", torch.arange(G * self.group_size, device=device)
+                             .view(G, self.group_size), persistent=False)
+        self.register_buffer("_bag_starts", torch.arange(G, device=device) * hidden,
+                             persistent=False)
+        self.register_buffer("_group_starts", torch.arange(G, device=device) * self.group_size,
+                             persistent=False)
 
     @property
     def num_groups(self) -> int:
-        return int(self.gate_up.shape[0])
+        return int(self.group_keys.shape[0])
 
     @property
     def num_slots(self) -> int:
@@ -88,24 +140,24 @@ class RoutedKeys(nn.Module):
     @property
     def keys(self) -> torch.Tensor:
         """Each slot's key, [slots, hidden] (a copy for gated memories)."""
-        return self.gate_up[:, : self.group_size].reshape(self.num_slots, -1)
+        return self.group_keys[:, :, : self.group_size].transpose(1, 2).reshape(self.num_slots, -1)
 
     @property
     def up(self) -> torch.Tensor | None:
         if not self.gated:
             return None
-        return self.gate_up[:, self.group_size:].reshape(self.num_slots, -1)
+        return self.group_keys[:, :, self.group_size:].transpose(1, 2).reshape(self.num_slots, -1)
 
     @torch.no_grad()
     def set_slots(self, keys: torch.Tensor, bias: torch.Tensor, up: torch.Tensor | None,
                   up_bias: torch.Tensor | None) -> None:
         """Write per-slot keys [slots, hidden] and biases [slots] into the grouped layout."""
         G, s = self.num_groups, self.group_size
-        self.gate_up[:, :s] = keys.view(G, s, -1)
+        self.group_keys[:, :, :s] = keys.view(G, s, -1).transpose(1, 2)
         self.bias[:, :s] = bias.view(G, s)
         if self.gated:
             assert up is not None and up_bias is not None
-            self.gate_up[:, s:] = up.view(G, s, -1)
+            self.group_keys[:, :, s:] = up.view(G, s, -1).transpose(1, 2)
             self.bias[:, s:] = up_bias.view(G, s)
 
     def router_parameters(self) -> list[nn.Parameter]:
@@ -114,7 +166,7 @@ class RoutedKeys(nn.Module):
     # -- routing ------------------------------------------------------------------------------
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """The router's score of every group for rows of ``x`` [T, hidden]: [T, G]."""
-        return torch.addmm(self.router_bias, x @ self.router_down.t(), self.router_up.t())
+        return F.linear(F.linear(x, self.router_down), self.router_up, self.router_bias)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """The groups each row reads, [T, g] (all of them, in order, when g = G)."""
@@ -134,9 +186,9 @@ class RoutedKeys(nn.Module):
     def slot_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Every slot's weight for rows of ``x``: [T, slots]. Only for training targets,
         tracing and tests; the forward pass never computes it for a routed read."""
-        G, width, hidden = self.gate_up.shape
-        pre = torch.addmm(self.bias.reshape(-1), x, self.gate_up.reshape(G * width, hidden).t())
-        return self._weights(pre.view(x.shape[0], G, width)).reshape(x.shape[0], -1)
+        pre = torch.baddbmm(self.bias.unsqueeze(1), x.unsqueeze(0).expand(self.num_groups, -1, -1),
+                            self.group_keys)  # [G, T, parts·s]
+        return self._weights(pre).transpose(0, 1).reshape(x.shape[0], -1)
 
     def slot_mass(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """How much each slot adds to the output, |weight|·‖value‖: [T, slots]."""
@@ -157,21 +209,32 @@ class RoutedKeys(nn.Module):
         if torch.is_grad_enabled() and x.shape[0] > 1:
             return self._read_padded(x, chosen, values, out_bias)
         if x.shape[0] == 1:
-            return self._read_one(x, chosen[0], values, out_bias)
+            return self._read_one(x, chosen.view(-1), values, out_bias)
         return self._read_dispatched(x, chosen, values, out_bias)
 
     def _read_one(self, x: torch.Tensor, chosen: torch.Tensor, values: torch.Tensor,
                   out_bias: torch.Tensor) -> torch.Tensor:
-        """One token: its groups' keys gathered in one copy, values summed in place."""
-        s, hidden = self.group_size, x.shape[1]
-        picked = self.gate_up.index_select(0, chosen)  # [g, parts·s, hidden]
-        pre = torch.addmm(self.bias.index_select(0, chosen).view(-1, 1),
-                          picked.view(-1, hidden), x.view(hidden, 1))
-        weight = self._weights(pre.view(chosen.numel(), -1))  # [g, s]
-        rows = (chosen.unsqueeze(1) * s + torch.arange(s, device=x.device)).view(1, -1)
-        read = F.embedding_bag(rows, values, per_sample_weights=weight.reshape(1, -1),
-                               mode="sum")
-        return read + out_bias
+        """One token: keys and values of its groups read in place by two ``embedding_bag``
+        (the aten op itself: the functional wrapper's checks cost as much as the read)."""
+        keys: torch.Tensor = self.group_keys
+        bias: torch.Tensor = self.bias
+        if not torch.is_grad_enabled():
+            # A table that requires grad sends embedding_bag down its training path (it
+            # also builds bag maps for the backward pass), even with autograd switched off.
+            keys, bias, values = keys.detach(), bias.detach(), values.detach()
+        G, hidden, width = keys.shape
+        g = chosen.numel()
+        pre = torch.embedding_bag(keys.view(G * hidden, width),
+                                  self._feature_rows.index_select(0, chosen).view(-1),
+                                  self._bag_starts[:g], False, 0, False,
+                                  x.expand(g, hidden).reshape(-1), False)[0]
+        weight = self._weights(pre + bias.index_select(0, chosen))  # [g, s]
+        # One bag per group, summed after: embedding_bag spreads bags over threads, and a
+        # single bag would run on one.
+        read = torch.embedding_bag(values, self._slot_rows.index_select(0, chosen).view(-1),
+                                   self._group_starts[:g], False, 0, False,
+                                   weight.reshape(-1), False)[0]
+        return read.sum(0, keepdim=True) + out_bias
 
     def _dispatch(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token-group pairs sorted by group: (groups, tokens, count per group)."""
@@ -192,7 +255,7 @@ class RoutedKeys(nn.Module):
             if count == 0:
                 continue
             end = begin + count
-            pre = torch.addmm(self.bias[group], inputs[begin:end], self.gate_up[group].t())
+            pre = torch.addmm(self.bias[group], inputs[begin:end], self.group_keys[group])
             torch.mm(self._weights(pre), values[group * s:(group + 1) * s], out=reads[begin:end])
             begin = end
         out = out_bias.expand(x.shape[0], -1).clone()
@@ -208,7 +271,7 @@ class RoutedKeys(nn.Module):
         G, s, hidden = self.num_groups, self.group_size, x.shape[1]
         padded = x.new_zeros(G * capacity, hidden).index_copy(
             0, place, x.index_select(0, tokens)).view(G, capacity, hidden)
-        pre = torch.baddbmm(self.bias.unsqueeze(1), padded, self.gate_up.transpose(1, 2))
+        pre = torch.baddbmm(self.bias.unsqueeze(1), padded, self.group_keys)
         read = torch.bmm(self._weights(pre), values.view(G, s, hidden))
         out = out_bias.expand(x.shape[0], -1)
         return out.index_add(0, tokens, read.view(G * capacity, hidden).index_select(0, place))
@@ -237,11 +300,19 @@ class RoutedKeys(nn.Module):
             assert up is not None and up_bias is not None
             rows.append(up)
             biases.append(up_bias)
-        self.gate_up = grow(self.gate_up, torch.cat(rows).unsqueeze(0))
+        self.group_keys = grow(self.group_keys, torch.cat(rows).t().unsqueeze(0))
         self.bias = grow(self.bias, torch.cat(biases).unsqueeze(0))
         direction, router_bias = router_row
         self.router_up = grow(self.router_up, direction.view(1, -1))
         self.router_bias = grow(self.router_bias, torch.tensor([router_bias]))
+        self._index_tables()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any, **kwargs: Any) -> None:
+        legacy = state_dict.pop(prefix + LEGACY_KEYS, None)
+        if legacy is not None and prefix + "group_keys" not in state_dict:
+            state_dict[prefix + "group_keys"] = legacy_to_current(legacy)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"{self.num_slots} slots in {self.num_groups} groups of {self.group_size}, "
