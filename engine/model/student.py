@@ -91,6 +91,9 @@ def save_student(model: Any, directory: Path | str, tokenizer: Any = None) -> Pa
         (staging / STUDENT_FILE).write_text(json.dumps(spec.as_dict(), indent=2),
                                             encoding="utf-8")
         if final.exists():
+            from engine.model.edit_journal import EditJournal
+
+            EditJournal(final).copy_to(staging)  # the edit history stays with the student
             trash = final.parent / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
             final.rename(trash)
             staging.rename(final)
@@ -191,8 +194,29 @@ def load_student_model(directory: Path | str, *, dtype: Any = None,
                                      f"{' '.join(str(exc).split())}); re-save the student"
                                      ) from exc
     model.to(dtype or torch.float32)  # a mapped float32 tensor is kept as it is, not copied
+    _replay_edits(model, directory, spec)
     model.eval()
     return model
+
+
+def _replay_edits(model: Any, directory: Path, spec: StudentSpec) -> None:
+    """Apply journaled edits that the saved weights do not hold yet (a crash came between
+    an edit and its save; see :mod:`engine.model.edit_journal`)."""
+    from engine.model.edit_journal import APPLIED_NOTE, EditJournal, replay
+
+    journal = EditJournal(directory)
+    if not journal.exists():
+        return
+    applied = int(spec.notes.get(APPLIED_NOTE, 0))
+    try:
+        last = replay(model, journal, applied)
+    except (MindsetError, sqlite3.Error, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"the edit journal {journal.path} does not replay "
+                             f"({flat_text(exc)[:200]}); move it away to load the student "
+                             "as last saved") from exc
+    attached = student_spec(model)
+    if attached is not None:
+        attached.notes[APPLIED_NOTE] = last
 
 
 def build_skeleton(config: Any, spec: StudentSpec, auto_class: Any) -> Any:

@@ -223,7 +223,8 @@ def attach_memory_layers(model: nn.Module, spec: StudentSpec) -> nn.Module:
 
 
 def add_memory_slots(student: nn.Module, layer: int, keys: torch.Tensor, values: torch.Tensor,
-                     query: torch.Tensor, *, up: torch.Tensor | None = None) -> list[int]:
+                     query: torch.Tensor, *, up: torch.Tensor | None = None,
+                     selectivity: float = 1.0) -> list[int]:
     """Grow the routed memory of ``layer`` by slots that ``query`` routes to (see
     :meth:`FeaturalMemory.add_slots`); the student's spec records the layer's new size so
     that a saved student loads with it."""
@@ -236,7 +237,7 @@ def add_memory_slots(student: nn.Module, layer: int, keys: torch.Tensor, values:
     add = getattr(module, "add_slots", None)
     if add is None:
         raise InputError(f"layer {layer} holds an associative memory, which grows by itself")
-    slots: list[int] = add(keys, values, query, up=up)
+    slots: list[int] = add(keys, values, query, up=up, selectivity=selectivity)
     config: Any = module.config
     spec.layer_hparams[str(layer)] = {"slots": config.slots, "groups_fixed": config.groups_fixed}
     return slots

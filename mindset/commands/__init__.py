@@ -12,4 +12,5 @@ COMMAND_MODULES = [
     "mindset.commands.serve_cmd",
     "mindset.commands.logs_cmd",
     "mindset.commands.complete_cmd",
+    "mindset.commands.memory_cmd",
 ]

@@ -41,6 +41,9 @@ class AssociativeMemory(nn.Module):
         # Opt-in read recorder (memory-use panels): while set, the attention weight each
         # stored entry gets is summed here, per cache position.
         self.read_totals: torch.Tensor | None = None
+        # While a trace is open (engine.model.memory_trace): each forward pass appends
+        # (cache positions [T·heads, k], their attention weights [T·heads, k]).
+        self.trace_reads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -74,6 +77,11 @@ class AssociativeMemory(nn.Module):
         mixed = (weights.unsqueeze(-1) * cand_values).sum(1)
         out = self.out_proj(mixed.view(x.shape[0], c.heads * c.value_dim))
 
+        if self.trace_reads is not None:
+            empty = torch.zeros(rows, 0, device=x.device)
+            self.trace_reads.append(
+                (positions.detach() if positions is not None else empty.long(),
+                 weights[:, 1:].detach() if positions is not None else empty))
         if positions is not None and self.read_totals is not None:
             self._record_reads(positions, weights[:, 1:])  # index 0: the token's own entry
 

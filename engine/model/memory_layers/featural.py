@@ -6,6 +6,8 @@ Hugging Face decoder layer (and its ``generate`` with a KV cache) runs it unchan
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,17 @@ from engine.model.memory_layers.routed_keys import RoutedKeys
 GATE_OPEN = 1.2784645
 # Flat keys reading at least 1/DENSE_READ_SHARE of their slots use a masked dense product.
 DENSE_READ_SHARE = 16
+
+
+@dataclass(frozen=True)
+class FeaturalReads:
+    """One traced forward pass: ``slots`` and ``weights`` [T, k] (k = heads·top-k for
+    product keys), and the gate [T, value_dim] that multiplied the read (product keys with a
+    gate; None otherwise)."""
+
+    slots: torch.Tensor
+    weights: torch.Tensor
+    gate: torch.Tensor | None
 
 
 class FeaturalMemory(nn.Module):
@@ -62,6 +75,9 @@ class FeaturalMemory(nn.Module):
         # nn.init (not Tensor methods) so that loading a saved student can skip initialisation.
         self.values = nn.Parameter(torch.empty(slots, value_dim))
         nn.init.normal_(self.values, 0, value_dim**-0.5)
+        # While a trace is open (engine.model.memory_trace) every forward pass appends the
+        # reads it made, and computes its output from exactly those reads.
+        self.trace_reads: list[FeaturalReads] | None = None
 
     @property
     def num_slots(self) -> int:
@@ -86,16 +102,19 @@ class FeaturalMemory(nn.Module):
 
     @torch.no_grad()
     def add_slots(self, keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor, *,
-                  up: torch.Tensor | None = None, margin: float = 1.0) -> list[int]:
+                  up: torch.Tensor | None = None, margin: float = 1.0,
+                  selectivity: float = 1.0) -> list[int]:
         """Routed keys: append slots (one new group, padded with dead slots) that ``query``
         [hidden] routes to, and return their slot indexes.
 
         The new group's router row points along the query in the router's rank space, with
         a bias so low that only inputs close to the query choose it: ``query`` scores
         ``margin`` above its best existing group. Until an input routes to the new group,
-        every output is unchanged. Gated slots take ``up`` keys (default: zero-weight ``up``
-        rows of 1, so the weight is ``act(x·k)``). Parameters are replaced by larger ones:
-        an optimiser built before must be rebuilt.
+        every output is unchanged. ``selectivity`` > 1 lowers the floor further below the
+        query's score: inputs must come closer to the query to choose the group. Gated slots
+        take ``up`` keys (default: zero-weight ``up`` rows of 1, so the weight is
+        ``act(x·k)``). Parameters are replaced by larger ones: an optimiser built before must
+        be rebuilt.
         """
         import dataclasses
 
@@ -116,6 +135,7 @@ class FeaturalMemory(nn.Module):
         existing = routed.scores(query.view(1, -1).to(routed.router_down)).view(-1)
         floor = float(existing.min()) - float(existing.max() - existing.min()) - margin
         target = float(existing.max()) + margin
+        floor = target - selectivity * (target - floor)
         direction = rank_space * (target - floor) / rank_space.pow(2).sum().clamp_min(1e-12)
         up_rows = up_bias = None
         if routed.gated:
@@ -132,6 +152,19 @@ class FeaturalMemory(nn.Module):
         self.config = dataclasses.replace(self.config, slots=routed.num_slots,
                                           groups_fixed=routed.groups_read)
         return list(range(first, first + count))
+
+    @torch.no_grad()
+    def remove_last_group(self) -> None:
+        """Routed keys: drop the newest group of slots and their values (undoes
+        :meth:`add_slots` exactly). Parameters are replaced: rebuild any optimiser."""
+        import dataclasses
+
+        assert self.routed is not None, "only routed memories add and remove groups"
+        size = self.routed.group_size
+        self.routed.remove_last_group()
+        self.values = nn.Parameter(self.values.detach()[:-size].clone(),
+                                   requires_grad=self.values.requires_grad)
+        self.config = dataclasses.replace(self.config, slots=self.routed.num_slots)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradients are sparse tensors (the value table, when sparse)."""
@@ -165,6 +198,8 @@ class FeaturalMemory(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        if self.trace_reads is not None:
+            return self._traced_forward(x).view(shape)
         if self.routed is not None:
             assert self.out_bias is not None
             return self.routed.read(x, self.values, self.out_bias).view(shape)
@@ -192,6 +227,25 @@ class FeaturalMemory(nn.Module):
             read = read * F.silu(self.gate_proj(x))
         assert self.out_proj is not None
         return self.out_proj(read).view(shape)
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same sum as :meth:`forward`, from one explicit lookup that is recorded: the
+        slots and weights in the trace are the ones that made the output."""
+        assert self.trace_reads is not None
+        slots, weights = self.lookup(x)
+        read = F.embedding_bag(slots, self.values, per_sample_weights=weights, mode="sum")
+        gate = None
+        if self.out_bias is not None:
+            out = read + self.out_bias
+        else:
+            if self.gate_proj is not None:
+                gate = F.silu(self.gate_proj(x))
+                read = read * gate
+            assert self.out_proj is not None
+            out = self.out_proj(read)
+        self.trace_reads.append(FeaturalReads(slots.detach(), weights.detach(),
+                                              None if gate is None else gate.detach()))
+        return out
 
     def extra_repr(self) -> str:
         c = self.config

@@ -35,6 +35,7 @@ the autograd graph small.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,29 @@ def current_name(name: str) -> str | None:
 def legacy_to_current(tensor: torch.Tensor) -> torch.Tensor:
     """Slot-major keys [G, parts·s, hidden] laid out input-major, [G, hidden, parts·s]."""
     return tensor.transpose(1, 2).contiguous()
+
+
+SCRATCH_LIMIT = 1 << 23  # floats per scratch buffer (32 MiB): larger batches allocate
+
+_scratch = threading.local()
+
+
+def scratch(rows: int, width: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [rows, width] work buffers, reused by every layer's dispatched read in this
+    thread. A fresh 10 MB buffer per layer is a fresh mapping from the allocator, and
+    faulting its pages in cost as much as a third of the read; the buffers never leave the
+    read (its output is a new tensor)."""
+    if rows * width > SCRATCH_LIMIT:
+        return like.new_empty(rows, width), like.new_empty(rows, width)
+    held: torch.Tensor | None = getattr(_scratch, "buffer", None)
+    if (held is None or held.dtype != like.dtype or held.device != like.device
+            or held.shape[1] < rows * width):
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            held = torch.empty(2, max(rows * width, 1 << 20), dtype=like.dtype,
+                               device=like.device)
+        _scratch.buffer = held
+    return (held[0, : rows * width].view(rows, width),
+            held[1, : rows * width].view(rows, width))
 
 
 def cost_share(hidden: int, slots: int, group_size: int, groups_read: int, router_rank: int,
@@ -247,9 +271,9 @@ class RoutedKeys(nn.Module):
     def _read_dispatched(self, x: torch.Tensor, chosen: torch.Tensor, values: torch.Tensor,
                          out_bias: torch.Tensor) -> torch.Tensor:
         _, tokens, counts = self._dispatch(chosen)
-        inputs = x.index_select(0, tokens)
+        inputs, reads = scratch(tokens.numel(), x.shape[1], x)
+        torch.index_select(x, 0, tokens, out=inputs)
         s = self.group_size
-        reads = torch.empty_like(inputs)  # written group by group: no concatenation
         begin = 0
         for group, count in enumerate(counts.tolist()):
             if count == 0:
@@ -305,6 +329,17 @@ class RoutedKeys(nn.Module):
         direction, router_bias = router_row
         self.router_up = grow(self.router_up, direction.view(1, -1))
         self.router_bias = grow(self.router_bias, torch.tensor([router_bias]))
+        self._index_tables()
+
+    @torch.no_grad()
+    def remove_last_group(self) -> None:
+        """Drop the newest group (undoing :meth:`add_group` exactly, bit for bit)."""
+        if self.num_groups <= 1:
+            raise ValueError("a routed memory keeps at least one group")
+        for name in ("group_keys", "bias", "router_up", "router_bias"):
+            param = getattr(self, name)
+            setattr(self, name, nn.Parameter(param.detach()[:-1].clone(),
+                                             requires_grad=param.requires_grad))
         self._index_tables()
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
