@@ -244,6 +244,20 @@ def peak_memory(spec: str, threads: int, new_tokens: int) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def in_ram_copy(spec: str) -> Any:
+    """The teacher with every weight copied into process memory (ties kept)."""
+    import torch
+
+    from engine.model.loading import load_model
+
+    model = load_model(spec).model
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
+    model.tie_weights()
+    return model
+
+
 def cost_share(student: Any) -> float:
     from engine.model.surgery import memory_layers
 
@@ -305,16 +319,26 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 4)
     new_tokens = args.new_tokens or (8 if args.quick else 128)
     prompt = tokenizer("The history of the city", return_tensors="pt").input_ids
-    speed = timings(models, prompt, heldout["wikitext"][:1], rounds, new_tokens)
-    results["teacher_speed"] = speed["teacher"]
+    # The teacher as Hugging Face loads it (weights mapped from its file) ran 1.18x slower at
+    # batch 1 than the same weights copied into RAM, and a 1-layer student measured 1.18x
+    # "faster" against it. Speed ratios divide by the copy (the same architecture's best),
+    # and the ratios against the teacher as loaded are kept beside them.
+    in_ram = in_ram_copy(args.model)
+    speed = timings({**models, "teacher_in_ram": in_ram}, prompt, heldout["wikitext"][:1],
+                    rounds, new_tokens)
+    del in_ram
+    results["teacher_speed"] = speed["teacher_in_ram"]
+    results["teacher_as_loaded_speed"] = speed["teacher"]
     teacher_memory = peak_memory(args.model, args.threads, new_tokens)
     results["teacher_memory"] = teacher_memory
     for label in students:
         row = results["students"][label]
         row["prefill_tok_s"] = speed[label]["prefill"]
         row["generate_tok_s"] = speed[label]["generate"]
-        row["prefill_speed_ratio"] = speed[label]["prefill"] / speed["teacher"]["prefill"]
-        row["generate_speed_ratio"] = speed[label]["generate"] / speed["teacher"]["generate"]
+        for kind in ("prefill", "generate"):
+            row[f"{kind}_speed_ratio"] = speed[label][kind] / speed["teacher_in_ram"][kind]
+            row[f"{kind}_speed_ratio_vs_loaded_teacher"] = (speed[label][kind]
+                                                            / speed["teacher"][kind])
         memory = peak_memory(row["student"], args.threads, new_tokens)
         row.update(memory)
         row["rss_ratio"] = memory["peak_rss_mb"] / teacher_memory["peak_rss_mb"]

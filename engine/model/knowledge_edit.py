@@ -33,6 +33,7 @@ FIRE_THRESHOLD = 0.5  # c: the share of the way from the mean input to x* where 
 SHARPNESS = 8.0  # β: pre-activation at x* is β·(1 − c)
 ROUTER_SELECTIVITY = 4.0  # how close an input must come to the key's query to route there
 DECAY = 1e-3  # keeps the fitted value's norm near what the answer needs
+EARLY_STOP_NLL = 0.3  # per answer token (p ≈ 0.74): fitting further only grows the value
 
 
 @dataclass
@@ -259,7 +260,13 @@ def _fit_value(model: nn.Module, module: FeaturalMemory, slot: int,
     values.requires_grad_(True)
     reference = values.detach()[:slot].norm(dim=-1).median().clamp_min(1e-6)
     target = torch.tensor(answer)
-    batches = [torch.cat([ids[0], target[:-1]]).view(1, -1) for ids in contexts]
+    # One right-padded batch: pads only follow real tokens, which causal attention never
+    # lets the real tokens see, so no mask is needed.
+    sequences = [torch.cat([ids[0], target[:-1]]) for ids in contexts]
+    batch = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
+    rows = torch.arange(len(sequences)).repeat_interleave(len(answer))
+    columns = torch.cat([torch.arange(len(answer)) + ids.shape[1] - 1 for ids in contexts])
+    targets = target.repeat(len(sequences))
     # Adam moves every coordinate by about lr per step: scaled so that the row moves about
     # lr times a typical value's norm per step.
     step = float(lr) * float(reference) / values.shape[1] ** 0.5
@@ -269,14 +276,15 @@ def _fit_value(model: nn.Module, module: FeaturalMemory, slot: int,
     try:
         for _ in range(steps):
             optimizer.zero_grad()
-            loss = torch.zeros(())
-            for ids in batches:
-                logits = model(input_ids=ids).logits[0, -len(answer):]
-                # Summed over the answer's tokens: its first token, the one the prompt
-                # decides, is not outweighed by the ones that follow from it.
-                loss = loss + torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+            logits = model(input_ids=batch).logits[rows, columns]
+            # Summed over the answer's tokens: its first token, the one the prompt decides,
+            # is not outweighed by the ones that follow from it.
+            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+            if float(nll) / len(targets) < EARLY_STOP_NLL:
+                break  # the answer is already likely after every context
+            loss = nll / len(sequences)
             row = values[slot]
-            loss = loss / len(batches) + DECAY * row.pow(2).sum() / reference.pow(2)
+            loss = loss + DECAY * row.pow(2).sum() / reference.pow(2)
             loss.backward()
             assert values.grad is not None
             grad = values.grad[slot].clone()

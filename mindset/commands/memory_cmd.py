@@ -41,6 +41,13 @@ def register(commands: Any) -> None:
     trace.add_argument("--target", default=None,
                        help="the answer to explain (default: the predicted next token)")
     trace.add_argument("--top", type=positive_int, default=10, help="entries to list")
+    annotate = action("annotate", "label entries: their triggering contexts in a text and "
+                      "the tokens they measurably promote")
+    annotate.add_argument("--data", required=True, help="a UTF-8 calibration text")
+    annotate.add_argument("--layer", type=non_negative_int, action="append", default=None,
+                          help="a featural memory layer (repeatable; default: all)")
+    annotate.add_argument("--tokens", type=positive_int, default=4096,
+                          help="tokens of the text to read (default 4096)")
     edit = action("edit", "scale entries' values, or point them at a token")
     edit.add_argument("--layer", type=non_negative_int, required=True)
     edit.add_argument("--entry", type=_entries, required=True, help="slot numbers, a,b,c")
@@ -100,14 +107,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "history":
         return _history(args)
+    if args.action == "annotate":
+        from engine.textdata import read_text_file
+
+        _load_spec_only(args.student)
+        args.text = read_text_file(args.data)  # a bad path fails before the model loads
     for field in ("prompt", "subject", "target"):
         value = getattr(args, field, None)
         if value is not None and not value.strip() and not (field == "target"
                                                              and args.action == "trace"):
             raise InputError(f"--{field} is empty; give some text")
     loaded = _load(args.student)
-    handlers = {"trace": _trace, "edit": _edit, "delete": _edit, "insert": _insert,
-                "undo": _undo}
+    handlers = {"trace": _trace, "annotate": _annotate, "edit": _edit, "delete": _edit,
+                "insert": _insert, "undo": _undo}
     return handlers[args.action](args, loaded)
 
 
@@ -123,16 +135,37 @@ def _trace(args: argparse.Namespace, loaded: Any) -> int:
     trace = trace_ids(loaded.model, ids, target=target)
     word = loaded.tokenizer.decode([trace.target])
     ranked = trace.ranked(args.top)
+    from engine.model.annotate import Annotations
+
+    notes = Annotations(Path(args.student).expanduser())
+    labels = [(notes.get(e.layer, e.entry) or {}).get("label", "") if e.kind == "featural"
+              else "" for e in ranked]
     data = {"target": word, "target_id": trace.target, "logit": trace.target_logit,
             "layers": {str(k): {"direct": v.direct, "bias": v.bias}
                        for k, v in trace.layers.items()},
-            "entries": [vars(e) for e in ranked]}
+            "entries": [{**vars(e), "label": label} for e, label in zip(ranked, labels,
+                                                                         strict=True)]}
     lines = [f"next token {word!r} (logit {trace.target_logit:.3f}); direct effect by "
              "layer: " + ", ".join(f"{k}: {v.direct:+.3f}" for k, v in trace.layers.items()),
-             "  layer  entry  head   weight  influence"]
+             "  layer  entry  head   weight  influence  label"]
     lines += [f"  {e.layer:5d}  {e.entry:5d}  {e.head:4d}  {e.weight:7.3f}  {e.influence:+9.4f}"
-              for e in ranked]
+              f"  {label}" for e, label in zip(ranked, labels, strict=True)]
     _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _annotate(args: argparse.Namespace, loaded: Any) -> int:
+    from engine.model.annotate import Annotations, annotate
+
+    found = annotate(loaded.model, loaded.tokenizer, args.text, layers=args.layer,
+                     tokens=args.tokens)
+    Annotations(Path(args.student).expanduser()).save(found)
+    strongest = sorted(found, key=lambda a: a.strength, reverse=True)[:5]
+    lines = [f"annotated {len(found)} entries; the strongest:"]
+    lines += [f"  layer {a.layer} entry {a.slot}: {a.label}   e.g. {a.triggers[0]}"
+              for a in strongest]
+    _emit(args, {"annotated": len(found), "strongest": [vars(a) for a in strongest]},
+          "\n".join(lines))
     return 0
 
 
