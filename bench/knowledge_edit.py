@@ -15,10 +15,12 @@ scored, where "A beats B after P" compares the mean log-probability of each answ
   ``locality_prompt`` (``specificity_before`` gives the same share before any edit);
 * ppl_change: relative change of perplexity on the held-out text.
 
-Two ways: each edit alone (then undone; perplexity on every 10th), and every edit applied in
-sequence, then scored together. The teacher has no memory to insert into, so only its
-preference baseline is reported. ``--quick`` edits 8 records and writes a temp file unless
-``--out`` is given; committed results are never touched by it.
+Two ways: each edit alone (then undone; perplexity on every 10th), and all of them together:
+each edit as fitted alone, applied one after another to the same student (every new group's
+router row set against the groups already there), then all scored. The teacher has no
+memory to insert into, so only its preference baseline is reported. ``--quick`` edits 8
+records and writes a temp file unless ``--out`` is given; committed results are never
+touched by it.
 """
 
 from __future__ import annotations
@@ -87,12 +89,49 @@ def share(rows: list[dict[str, bool]], key: str) -> float:
     return sum(r[key] for r in rows) / max(1, len(rows))
 
 
+def rebased(model: Any, edit: Any) -> Any:
+    """An insert fitted alone, renumbered to append to the layer as it is now."""
+    import dataclasses
+
+    from engine.model.surgery import memory_layers
+
+    first = memory_layers(model)[edit.layer].num_slots
+    return dataclasses.replace(edit, slots=[first + i for i in range(len(edit.slots))],
+                               info={**edit.info, "first_slot": first})
+
+
+def summary(args: argparse.Namespace, chosen: list[dict[str, Any]], scanned: int,
+            layers: list[int], singles: list[dict[str, bool]], before: list[dict[str, bool]],
+            single_ppl: list[float], restored_ppl: float, base_ppl: float, ppl_tokens: int,
+            teacher_prefers: list[bool], started: float) -> dict[str, Any]:
+    return {
+        "student": str(args.student),
+        "teacher": json.loads((args.student / "mindset_student.json").read_text())["teacher"],
+        "records_scanned": scanned, "edit_steps": args.steps,
+        "layers_used": sorted(set(layers)),
+        "efficacy": share(singles, "efficacy"), "paraphrase": share(singles, "paraphrase"),
+        "specificity": share(singles, "specificity"),
+        "specificity_before": share(before, "specificity"),
+        "paraphrase_before": share(before, "paraphrase"),
+        "ppl_change": sum(single_ppl) / max(1, len(single_ppl)),
+        "ppl_change_max": max(single_ppl, default=0.0),
+        "ppl_after_undo_change": restored_ppl / base_ppl - 1,
+        "sequential_efficacy": None, "sequential_paraphrase": None,
+        "sequential_specificity": None, "sequential_ppl_change": None,
+        "base_ppl": base_ppl, "heldout_tokens": ppl_tokens,
+        "teacher_prefers_ground_truth": sum(teacher_prefers) / max(1, len(teacher_prefers)),
+        "edits": [r["case_id"] for r in chosen],
+        "cpu_seconds": time.process_time() - started,
+        "quick": args.quick,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
     from engine.evaluation import perplexity
-    from engine.model.knowledge_edit import insert_fact, undo_edit
+    from engine.model.knowledge_edit import apply_edit, insert_fact, undo_edit
     from engine.model.loading import load_model
 
     torch.set_num_threads(2)
@@ -129,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(chosen)} records chosen of {scanned} scanned; base ppl {base_ppl:.3f}",
           flush=True)
 
+    edits: list[Any] = []
     singles: list[dict[str, bool]] = []
     single_ppl: list[float] = []
     layers: list[int] = []
@@ -136,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         edit = insert_fact(model, tokenizer, record["prompt"], record["subject"],
                            record["target_new"], layer=args.layer, steps=args.steps)
         layers.append(edit.layer)
+        edits.append(edit)
         singles.append(scores(model, tokenizer, record))
         if index % 10 == 0:
             single_ppl.append(ppl() / base_ppl - 1)
@@ -146,36 +187,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"specificity {share(singles, 'specificity'):.2f}", flush=True)
     restored_ppl = ppl()
 
-    for record in chosen:  # all together, in sequence
-        insert_fact(model, tokenizer, record["prompt"], record["subject"],
-                    record["target_new"], layer=args.layer, steps=args.steps)
+    results = summary(args, chosen, scanned, layers, singles, before, single_ppl,
+                      restored_ppl, base_ppl, ppl_tokens, teacher_prefers, started)
+    out = args.out or (Path(tempfile.mkstemp(suffix=".json")[1]) if args.quick else RESULTS)
+    out.write_text(json.dumps(results, indent=2), encoding="utf-8")  # singles, if stopped
+    for edit in edits:  # all together: each edit as fitted alone, applied in sequence
+        apply_edit(model, rebased(model, edit))
     sequential = [scores(model, tokenizer, r) for r in chosen]
     sequential_ppl = ppl() / base_ppl - 1
 
-    results = {
-        "student": str(args.student), "teacher": student.spec if hasattr(student, "spec")
-        else None, "records_scanned": scanned, "edit_steps": args.steps,
-        "layers_used": sorted(set(layers)),
-        "efficacy": share(singles, "efficacy"), "paraphrase": share(singles, "paraphrase"),
-        "specificity": share(singles, "specificity"),
-        "specificity_before": share(before, "specificity"),
-        "paraphrase_before": share(before, "paraphrase"),
-        "ppl_change": sum(single_ppl) / max(1, len(single_ppl)),
-        "ppl_change_max": max(single_ppl, default=0.0),
-        "ppl_after_undo_change": restored_ppl / base_ppl - 1,
+    results.update({
         "sequential_efficacy": share(sequential, "efficacy"),
         "sequential_paraphrase": share(sequential, "paraphrase"),
         "sequential_specificity": share(sequential, "specificity"),
         "sequential_ppl_change": sequential_ppl,
-        "base_ppl": base_ppl, "heldout_tokens": ppl_tokens,
-        "teacher_prefers_ground_truth": sum(teacher_prefers) / max(1, len(teacher_prefers)),
-        "edits": [r["case_id"] for r in chosen],
         "cpu_seconds": time.process_time() - started,
-        "quick": args.quick,
-    }
-    results["teacher"] = json.loads((args.student / "mindset_student.json").read_text())[
-        "teacher"]
-    out = args.out or (Path(tempfile.mkstemp(suffix=".json")[1]) if args.quick else RESULTS)
+    })
     out.write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
                       for k, v in results.items() if k != "edits"}, indent=1))

@@ -280,7 +280,7 @@ def _fit_value(model: nn.Module, module: FeaturalMemory, slot: int,
             # Summed over the answer's tokens: its first token, the one the prompt decides,
             # is not outweighed by the ones that follow from it.
             nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-            if float(nll) / len(targets) < EARLY_STOP_NLL:
+            if float(nll.detach()) / len(targets) < EARLY_STOP_NLL:
                 break  # the answer is already likely after every context
             loss = nll / len(sequences)
             row = values[slot]
