@@ -95,7 +95,9 @@ def _answer(loaded: Any, prompt: str) -> str:
     with torch.no_grad():
         out = loaded.model.generate(ids, max_new_tokens=6, do_sample=False,
                                     pad_token_id=loaded.tokenizer.eos_token_id or 0)
-    return str(loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    text = str(loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    lead = " " if text[:1].isspace() else ""
+    return lead + " ".join(text.split())
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
