@@ -135,6 +135,12 @@ def test_cli_insert_trace_history_undo(student_dir: Path, tmp_path: Path,
     assert "undo" in capsys.readouterr().out
     assert _cli("undo", str(student_dir), "2") == 0
     capsys.readouterr()
+    saved = _digest(student_dir)
+    assert _cli("undo", str(student_dir), "2") == 2  # twice: refused, nothing changes
+    assert "already undone by edit 3" in capsys.readouterr().err
+    assert _cli("undo", str(student_dir), "3") == 2  # an undo is not undone
+    assert "itself an undo" in capsys.readouterr().err
+    assert _digest(student_dir) == saved
     export = tmp_path / "history.json"
     assert _cli("history", str(student_dir), "--export", str(export)) == 0
     listing = capsys.readouterr().out

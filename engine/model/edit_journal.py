@@ -103,13 +103,18 @@ class EditJournal:
                  json.dumps(edit.info), note, _pack(edit)))
             return int(cursor.lastrowid or 0)
 
-    def record_undo(self, target: int, note: str = "") -> int:
+    def undoable(self, target: int) -> JournalEntry:
+        """The entry ``target``, or an error saying why it cannot be undone."""
         entry = self.entry(target)
         if entry.op == "undo":
             raise InputError(f"edit {target} is itself an undo; undo the edit it undid "
                              "again by editing, or pick an edit id from `history`")
         if entry.undone_by is not None:
             raise InputError(f"edit {target} was already undone by edit {entry.undone_by}")
+        return entry
+
+    def record_undo(self, target: int, note: str = "") -> int:
+        entry = self.undoable(target)
         with self._connect() as db:
             cursor = db.execute(
                 "INSERT INTO edits (created, op, layer, slots, info, note, tensors, undoes) "
@@ -120,16 +125,17 @@ class EditJournal:
             return undo_id
 
     def entries(self, after: int = 0) -> list[JournalEntry]:
-        if not self.exists():
-            return []
+        return self._rows("id > ?", after) if self.exists() else []
+
+    def _rows(self, where: str, value: int) -> list[JournalEntry]:
         with self._connect() as db:
             rows = db.execute("SELECT id, created, op, layer, slots, info, note, undoes, "
-                              "undone_by FROM edits WHERE id > ? ORDER BY id", (after,))
+                              f"undone_by FROM edits WHERE {where} ORDER BY id", (value,))
             return [JournalEntry(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]),
                                  r[6], r[7], r[8]) for r in rows.fetchall()]
 
     def entry(self, edit_id: int) -> JournalEntry:
-        found = [e for e in self.entries(edit_id - 1) if e.id == edit_id]
+        found = [e for e in self._rows("id = ?", edit_id)] if self.exists() else []
         if not found:
             raise InputError(f"there is no edit {edit_id} in this student's history; see "
                              "`mindset memory history`")

@@ -33,9 +33,7 @@ def undo(model: nn.Module, directory: Path | str, edit_id: int, note: str = "",
          tokenizer: Any = None) -> int:
     """Undo journal entry ``edit_id`` on ``model``, journal the undo and save; its id."""
     journal = EditJournal(directory)
-    entry = journal.entry(edit_id)
-    if entry.op == "undo" or entry.undone_by is not None:
-        journal.record_undo(edit_id)  # raises the reason
+    journal.undoable(edit_id)  # before the model changes
     undo_edit(model, journal.edit(edit_id))
     undo_id = journal.record_undo(edit_id, note)
     spec = student_spec(model)

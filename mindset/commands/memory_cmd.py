@@ -77,15 +77,10 @@ def register(commands: Any) -> None:
 
 
 def _load(student: str) -> Any:
-    from engine.errors import InputError
     from engine.model.loading import load_model
-    from engine.model.student import is_student_dir
 
-    directory = Path(student).expanduser()
-    if not is_student_dir(directory):
-        raise InputError(f"{student} is not a student directory; give the folder a "
-                         "distillation or `save` wrote")
-    return load_model(str(directory))
+    _load_spec_only(student)
+    return load_model(str(Path(student).expanduser()))
 
 
 def _answer(loaded: Any, prompt: str) -> str:
@@ -241,7 +236,7 @@ def _undo(args: argparse.Namespace, loaded: Any) -> int:
 def _history(args: argparse.Namespace) -> int:
     from engine.model.edit_journal import EditJournal
 
-    _ = _load_spec_only(args.student)
+    _load_spec_only(args.student)
     entries = [e.as_dict() for e in EditJournal(Path(args.student).expanduser()).entries()]
     if args.export is not None:
         args.export.write_text(json.dumps(entries, indent=2), encoding="utf-8")
