@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25, help="value-fitting steps per edit")
     parser.add_argument("--layer", type=int, default=None,
                         help="memory layer to insert into (default: ranked by the trace)")
+    parser.add_argument("--sequential", choices=("fitted", "applied"), default="fitted",
+                        help="all edits together: each fitted on the model the earlier "
+                        "edits already changed (fitted, the default), or each as fitted "
+                        "alone, applied one after another (applied)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
@@ -191,12 +195,20 @@ def main(argv: list[str] | None = None) -> int:
                       restored_ppl, base_ppl, ppl_tokens, teacher_prefers, started)
     out = args.out or (Path(tempfile.mkstemp(suffix=".json")[1]) if args.quick else RESULTS)
     out.write_text(json.dumps(results, indent=2), encoding="utf-8")  # singles, if stopped
-    for edit in edits:  # all together: each edit as fitted alone, applied in sequence
-        apply_edit(model, rebased(model, edit))
+    if args.sequential == "applied":  # each edit as fitted alone, applied in sequence
+        for edit in edits:
+            apply_edit(model, rebased(model, edit))
+    else:  # each edit fitted on the model that holds every earlier edit
+        for index, record in enumerate(chosen):
+            insert_fact(model, tokenizer, record["prompt"], record["subject"],
+                        record["target_new"], layer=args.layer, steps=args.steps)
+            if index % 10 == 9:
+                print(f"  sequential {index + 1} inserted", flush=True)
     sequential = [scores(model, tokenizer, r) for r in chosen]
     sequential_ppl = ppl() / base_ppl - 1
 
     results.update({
+        "sequential_mode": args.sequential,
         "sequential_efficacy": share(sequential, "efficacy"),
         "sequential_paraphrase": share(sequential, "paraphrase"),
         "sequential_specificity": share(sequential, "specificity"),

@@ -28,6 +28,7 @@ from engine.views import Availability, ModelNode, short_spec
 if TYPE_CHECKING:
     from engine.model.loading import LoadedModel
     from engine.services.chat import ChatService
+    from engine.services.knowledge import KnowledgeService
 
 # The role names are part of the engine's public vocabulary: front ends name models by them.
 __all__ = ["REMOTE", "STUDENT", "TEACHER", "Engine"]
@@ -66,6 +67,13 @@ class Engine:
     @job_overrides.setter
     def job_overrides(self, overrides: dict[str, Any]) -> None:
         self.jobs.job_overrides = overrides
+
+    @cached_property
+    def knowledge(self) -> KnowledgeService:
+        """Trace a student's reply to the memory entries it used; edit, insert and undo."""
+        from engine.services.knowledge import KnowledgeService
+
+        return KnowledgeService(self.runtime, self.memory)
 
     async def close(self) -> None:
         """Release the adapters, the store and the worker threads; safe to call twice."""

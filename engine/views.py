@@ -43,6 +43,13 @@ class EntryView:
     last_access: str
     norm: float
     top_tokens: list[str] = field(default_factory=list)
+    # From the student's annotations (``mindset memory annotate``): measured promotes (else
+    # ``top_tokens`` is the raw projection of the value), triggers, and a label to show when
+    # the user has given none.
+    promotes_measured: bool = False
+    triggers: list[str] = field(default_factory=list)
+    auto_label: str = ""
+    slot: int | None = None  # a featural mirror row's slot
 
 
 @dataclass
@@ -106,3 +113,44 @@ def short_spec(spec: str) -> str:
         return spec
     parts = Path(spec).parts
     return "/".join(parts[-2:])
+
+
+@dataclass
+class TracedRow:
+    """One memory read of a traced reply token, ranked by its influence on that token."""
+
+    layer: int
+    kind: str  # "featural" or "associative"
+    table: str  # the mirror table that holds the entry
+    entry_id: int | None  # its row id there (None: not mirrored, or deleted)
+    slot: int  # featural slot or associative cache position
+    head: int
+    weight: float
+    influence: float
+    label: str = ""
+
+
+@dataclass
+class ReplyTrace:
+    """Which memory entries one token of a reply used (see :mod:`engine.model.memory_trace`)."""
+
+    tokens: list[str]  # the reply, token by token
+    token: int  # the index of the traced token in ``tokens``
+    logit: float
+    rows: list[TracedRow]
+    layers: list[int]  # memory layers by summed positive influence, highest first
+
+
+@dataclass
+class EditRecord:
+    """One journaled knowledge edit, as the history lists it."""
+
+    id: int
+    time: str
+    op: str  # "value", "insert" or "undo"
+    layer: int
+    slots: list[int]
+    what: str
+    note: str
+    undone_by: int | None = None
+    undoes: int | None = None

@@ -32,7 +32,7 @@ from mindset.config import WorkbenchConfig, load_config, read_theme_files, save_
 from mindset.screens.help import HelpScreen, key_label
 from mindset.screens.quick_start import QuickStartScreen
 from mindset.widgets.commands import WorkbenchCommands
-from mindset.widgets.messages import JobsChanged, ModelLoaded, ModelLoadFailed
+from mindset.widgets.messages import JobsChanged, ModelLoaded, ModelLoadFailed, OpenMemoryEntry
 from mindset.widgets.status_bar import StatusBar
 
 DEFAULT_THEME = "mindset-dusk"
@@ -52,6 +52,10 @@ PANE_APIS: dict[str, Callable[[Engine], object]] = {
     "model": lambda engine: engine,
     "training": lambda engine: engine.jobs,
     "chat": lambda engine: engine.chat,
+}
+# Tab id -> further engine parts its pane takes as keyword arguments.
+PANE_EXTRAS: dict[str, Callable[[Engine], dict[str, object]]] = {
+    "chat": lambda engine: {"knowledge": engine.knowledge},
 }
 FIRST_TAB = "memory"
 PANE_WAIT_TRIES = 500  # x 20 ms: how long a palette action waits for its pane to be built
@@ -124,7 +128,8 @@ class MindsetApp(App[None]):
 
     def _new_pane(self, tab_id: str, cls: type[Widget]) -> Widget:
         factory: Any = cls  # every pane takes (its part of the engine, id=...)
-        pane: Widget = factory(PANE_APIS[tab_id](self.engine), id=f"{tab_id}-pane")
+        extras = PANE_EXTRAS[tab_id](self.engine) if tab_id in PANE_EXTRAS else {}
+        pane: Widget = factory(PANE_APIS[tab_id](self.engine), id=f"{tab_id}-pane", **extras)
         return pane
 
     async def _build_hidden_panes(self) -> None:
@@ -214,6 +219,12 @@ class MindsetApp(App[None]):
         self.notify(message.error, title=f"{message.role} model not loaded", severity="error",
                     timeout=12)
         self._post_to_panes(lambda: ModelLoadFailed(message.role, message.error))
+
+    @on(OpenMemoryEntry)
+    async def _open_memory_entry(self, message: OpenMemoryEntry) -> None:
+        """Show one memory entry in the Memory pane (from the trace screen)."""
+        self.action_show_tab("memory")
+        (await self._pane("memory")).show_entry(message.table, message.entry_id)
 
     @on(JobsChanged)
     def _jobs_changed(self, message: JobsChanged) -> None:

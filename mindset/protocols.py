@@ -16,11 +16,13 @@ if TYPE_CHECKING:
     from engine.views import (
         Availability,
         DeletedEntries,
+        EditRecord,
         EntryView,
         JobRequest,
         JobView,
         MemoryUse,
         ModelNode,
+        ReplyTrace,
     )
 
 
@@ -59,6 +61,8 @@ class MemoryAPI(Protocol):
 
     async def save_student(self) -> str: ...
 
+    async def annotate(self, table: str, path: str) -> int: ...
+
     def take_warnings(self) -> list[str]: ...
 
 
@@ -88,6 +92,25 @@ class ChatAPI(Protocol):
     ) -> AsyncIterator[str]: ...
 
     def last_memory_usage(self, target: str) -> list[MemoryUse] | None: ...
+
+
+class KnowledgeAPI(Protocol):
+    """The trace screen's calls (``engine.knowledge``): trace a reply, edit, undo."""
+
+    async def trace_reply(self, messages: Sequence[ChatMessage], reply: str,
+                          token: int = 0, limit: int = 15) -> ReplyTrace: ...
+
+    async def scale(self, layer: int, slots: list[int], factor: float,
+                    note: str = "") -> EditRecord: ...
+
+    async def delete(self, layer: int, slots: list[int], note: str = "") -> EditRecord: ...
+
+    async def insert_fact(self, messages: Sequence[ChatMessage], subject: str, answer: str,
+                          *, layer: int | None = None, note: str = "") -> EditRecord: ...
+
+    async def undo(self, edit_id: int | None = None, note: str = "") -> EditRecord: ...
+
+    async def history(self) -> list[EditRecord]: ...
 
 
 class JobsAPI(Protocol):

@@ -147,6 +147,60 @@ def test_added_slots_leave_outputs_alone_and_are_routable(teacher: torch.nn.Modu
                               atol=1e-6)
 
 
+def test_fact_groups_are_read_in_addition_and_never_displace(teacher: torch.nn.Module,
+                                                              tmp_path) -> None:
+    from engine.model.memory_trace import memory_trace
+    from engine.model.student import load_student_model, save_student
+
+    student = _routed(teacher, read_share=0.25)
+    memory = memory_layers(student)[1]
+    routed = memory.routed
+    hidden = teacher.config.hidden_size
+    x = torch.randn(32, hidden)
+    query = torch.randn(hidden) * 4
+    x[0] = query
+    with torch.no_grad():
+        before = memory(x)
+        regular = routed.route(x)
+    for _ in range(2):  # two facts on the same query: both read there, neither elsewhere
+        keys = query.view(1, -1) / query.norm()
+        add_memory_slots(student, 1, keys, torch.randn(1, hidden), query, fact=True)
+    assert routed.fact_groups == 2 and memory.config.fact_groups == 2
+    with pytest.raises(InputError, match="only more facts"):
+        add_memory_slots(student, 1, keys, torch.randn(1, hidden), query)
+    s = routed.group_size
+    with torch.no_grad():
+        assert torch.equal(routed.route(x), regular)  # facts take no regular read away
+        facts = routed.route_facts(x)
+        assert facts[0].all() and not facts[1:].any()
+        after = memory(x)
+        assert torch.equal(after[1:], before[1:])
+        added = routed.slot_weights(x[:1])[:, -2 * s:] @ memory.values[-2 * s:]
+        assert torch.allclose(after[0] - before[0], added[0], rtol=1e-4, atol=1e-4)
+        one_by_one = torch.cat([memory(row.view(1, -1)) for row in x])
+        memory.trace_reads = []
+        traced = memory(x)
+        reads = memory.trace_reads[0]
+        memory.trace_reads = None
+    with torch.enable_grad():
+        padded = memory(x)
+    for got in (one_by_one, traced, padded.detach()):
+        assert torch.allclose(got, after, rtol=1e-5, atol=1e-5)
+    fact_slots = set(range(memory.num_slots - 2 * s, memory.num_slots))
+    assert fact_slots & set(reads.slots[0].tolist())
+    assert not fact_slots & set(reads.slots[1:].flatten().tolist())
+    save_student(student, tmp_path / "facts")
+    loaded = load_student_model(tmp_path / "facts")
+    assert memory_layers(loaded)[1].routed.fact_groups == 2
+    with torch.no_grad(), memory_trace(loaded):
+        assert torch.allclose(memory_layers(loaded)[1](x), after, rtol=1e-5, atol=1e-5)
+    memory.remove_last_group()
+    memory.remove_last_group()
+    assert routed.fact_groups == 0 and memory.config.fact_groups == 0
+    with torch.no_grad():
+        assert torch.equal(memory(x), before)
+
+
 def test_mapped_routed_student_matches_in_ram(teacher: torch.nn.Module, tmp_path) -> None:
     from engine.model.mapped_weights import is_file_backed
     from engine.model.student import WEIGHTS_FILE, load_student_model, save_student

@@ -74,12 +74,7 @@ class LocalAdapter(BaseAdapter):
 
     def _encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         tokenizer = self.loaded.tokenizer
-        dicts = [m.as_dict() for m in messages]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(dicts, add_generation_prompt=True,
-                                                 tokenize=False)
-        else:  # base models without a template: a plain transcript
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in dicts) + "assistant:"
+        text = chat_prompt_text(tokenizer, [m.as_dict() for m in messages])
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _encode_text(self, prompt: str) -> list[int]:
@@ -168,6 +163,16 @@ class LocalAdapter(BaseAdapter):
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def chat_prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The text a chat becomes before the model's reply (its chat template, or a plain
+    transcript for base models without one); tokenise it without special tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        text: str = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+        return text
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 def generate_tokens(model: Any, prompt_ids: list[int], params: SamplingParams, budget: int,

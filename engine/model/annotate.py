@@ -191,27 +191,36 @@ class Annotations:
                        (layer, slot, label))
 
     def get(self, layer: int, slot: int) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        with self._connect() as db:
-            row = db.execute("SELECT label, user_label, triggers, promotes, strength FROM "
-                             "annotations WHERE layer = ? AND slot = ?", (layer, slot)).fetchone()
-        if row is None:
-            return None
-        return {"layer": layer, "slot": slot, "label": row[1] or row[0] or "",
-                "triggers": json.loads(row[2] or "[]"), "promotes": json.loads(row[3] or "[]"),
-                "strength": row[4]}
+        return self.get_many(layer, [slot]).get(slot)
 
-    def search(self, text: str, limit: int = 20) -> list[dict[str, Any]]:
-        """Slots whose label, triggers or promoted tokens contain ``text`` (any case)."""
+    def get_many(self, layer: int, slots: list[int]) -> dict[int, dict[str, Any]]:
+        """The annotations of ``slots`` of ``layer`` that exist, by slot (one query)."""
+        if not self.path.is_file() or not slots:
+            return {}
+        marks = ",".join("?" * len(slots))
+        with self._connect() as db:
+            rows = db.execute("SELECT slot, label, user_label, triggers, promotes, strength "
+                              f"FROM annotations WHERE layer = ? AND slot IN ({marks})",
+                              (layer, *slots)).fetchall()
+        return {int(r[0]): {"layer": layer, "slot": int(r[0]), "label": r[2] or r[1] or "",
+                            "triggers": json.loads(r[3] or "[]"),
+                            "promotes": json.loads(r[4] or "[]"), "strength": r[5]}
+                for r in rows}
+
+    def search(self, text: str, limit: int = 20,
+               layer: int | None = None) -> list[dict[str, Any]]:
+        """Slots (of ``layer``, or any) whose label, triggers or promoted tokens contain
+        ``text`` (any case), the strongest first."""
         if not self.path.is_file():
             return []
         pattern = f"%{text.lower()}%"
+        where = "" if layer is None else " AND layer = ?"
+        arguments: tuple[Any, ...] = (pattern,) if layer is None else (pattern, layer)
         with self._connect() as db:
             rows = db.execute(
                 "SELECT layer, slot FROM annotations WHERE lower(coalesce(user_label, '') || "
                 "' ' || coalesce(label, '') || ' ' || coalesce(triggers, '') || ' ' || "
-                "coalesce(promotes, '')) LIKE ? ORDER BY strength DESC LIMIT ?",
-                (pattern, limit)).fetchall()
+                f"coalesce(promotes, '')) LIKE ?{where} ORDER BY strength DESC LIMIT ?",
+                (*arguments, limit)).fetchall()
         found = [self.get(layer, slot) for layer, slot in rows]
         return [f for f in found if f is not None]

@@ -18,6 +18,7 @@ not depend on the prompt starting the text).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from engine.errors import InputError
 from engine.model.memory_layers.featural import FeaturalMemory
-from engine.model.surgery import add_memory_slots, memory_layers, student_spec
+from engine.model.surgery import add_memory_slots, memory_layers, record_layer_size
 
 GENERIC_PREFIXES = ("", "Here is a fact. ", "I read this today: ", "Note: ")
 FIRE_THRESHOLD = 0.5  # c: the share of the way from the mean input to x* where a slot starts
@@ -119,7 +120,8 @@ def apply_edit(model: nn.Module, edit: Edit) -> None:
                              f"{module.num_slots}")
         after = edit.after
         add_memory_slots(model, edit.layer, after["keys"], after["values"], after["query"],
-                         selectivity=float(edit.info.get("selectivity", 1.0)))
+                         selectivity=float(edit.info.get("selectivity", 1.0)),
+                         fact=bool(edit.info.get("fact", False)))
         _set_group(module, len(edit.slots), after)
     else:
         raise InputError(f"unknown edit operation {edit.op!r}")
@@ -137,10 +139,7 @@ def undo_edit(model: nn.Module, edit: Edit) -> None:
     first = int(edit.info["first_slot"])
     if module.num_slots == first + routed.group_size:
         module.remove_last_group()  # the newest group: remove it, exactly as before
-        spec = student_spec(model)
-        if spec is not None:
-            spec.layer_hparams[str(edit.layer)] = {"slots": module.config.slots,
-                                                   "groups_fixed": module.config.groups_fixed}
+        record_layer_size(model, edit.layer)
         return
     # Later inserts follow: keep the layout, make the group unreachable and silent.
     group = first // routed.group_size
@@ -174,9 +173,11 @@ def subject_last_token(tokenizer: Any, prompt: str, subject: str) -> int:
     return len(encoded["input_ids"]) - 1
 
 
-def target_ids(tokenizer: Any, target: str) -> list[int]:
-    ids = tokenizer(target if target.startswith(" ") else " " + target,
-                    add_special_tokens=False)["input_ids"]
+def target_ids(tokenizer: Any, target: str, *, leading_space: bool = True) -> list[int]:
+    """The answer's tokens as they follow a prompt: after a space mid-text, as they are at
+    the start of a chat reply (``leading_space=False``)."""
+    text = " " + target.lstrip() if leading_space else target.lstrip()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not target.strip() or not ids:
         raise InputError(f"the new answer {target!r} tokenises to nothing; give some text")
     return list(ids)
@@ -196,11 +197,14 @@ def layer_inputs(model: nn.Module, layer: int, ids: torch.Tensor) -> torch.Tenso
     return seen[0]
 
 
-def default_layer(model: nn.Module, tokenizer: Any, prompt: str) -> int:
-    """The routed memory layer whose reads the trace of ``prompt`` ranks highest."""
+def default_layer(model: nn.Module, tokenizer: Any, prompt: str,
+                  ids: torch.Tensor | None = None) -> int:
+    """The routed memory layer whose reads the trace of ``prompt`` (or its token ``ids``
+    [1, T]) ranks highest."""
     from engine.model.memory_trace import trace_ids
 
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids is None:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     routed = [layer for layer, m in memory_layers(model).items()
               if isinstance(m, FeaturalMemory) and m.routed is not None]
     if not routed:
@@ -211,23 +215,43 @@ def default_layer(model: nn.Module, tokenizer: Any, prompt: str) -> int:
 
 
 def insert_fact(model: nn.Module, tokenizer: Any, prompt: str, subject: str, target: str, *,
-                layer: int | None = None, steps: int = 25, lr: float = 0.5) -> Edit:
-    """Insert "``prompt`` → ``target``" as one new slot of a routed layer (module docstring)."""
+                layer: int | None = None, steps: int = 25, lr: float = 0.5,
+                wrap: Callable[[str], str] | None = None) -> Edit:
+    """Insert "``prompt`` → ``target``" as one new slot of a routed layer (module docstring).
+
+    ``wrap`` turns a prompt into the model's whole input text, such as a chat rendered
+    through its template with the prompt as the last user message; the answer is then fitted
+    as the start of the reply. An empty ``subject`` takes the key at the input's last token
+    (where the answer is predicted): it needs no later layer to carry the fact there, but
+    fires for any input that ends the same way, so it is less specific."""
     if not prompt.strip():
         raise InputError("the prompt is empty; give the text that should lead to the answer")
-    answer = target_ids(tokenizer, target)
-    position = subject_last_token(tokenizer, prompt, subject)
-    chosen = default_layer(model, tokenizer, prompt) if layer is None else layer
+    answer = target_ids(tokenizer, target, leading_space=wrap is None)
+
+    def encode(text: str) -> torch.Tensor:
+        if wrap is None:
+            return tokenizer(text, return_tensors="pt")["input_ids"]
+        return tokenizer(wrap(text), add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    prompt_ids = encode(prompt)
+    if not subject.strip():  # no subject named: the key is the input's last token
+        position = prompt_ids.shape[1] - 1
+    elif wrap is None:
+        position = subject_last_token(tokenizer, prompt, subject)
+        position += prompt_ids.shape[1] - len(tokenizer(prompt, add_special_tokens=False)
+                                              ["input_ids"])
+    else:
+        if subject not in prompt:
+            raise InputError(f"the subject {subject!r} does not occur in the prompt {prompt!r}")
+        position = subject_last_token(tokenizer, wrap(prompt), subject)
+    chosen = default_layer(model, tokenizer, prompt, prompt_ids) if layer is None else layer
     module = featural_layer(model, chosen)
     routed = module.routed
     if routed is None:
         raise InputError(f"layer {chosen} has {module.config.keys} keys; inserting a fact "
                          "needs routed keys")
-    contexts = [tokenizer(prefix + prompt, return_tensors="pt")["input_ids"]
-                for prefix in GENERIC_PREFIXES]
-    prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    offset = prompt_ids.shape[1] - len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    query = layer_inputs(model, chosen, prompt_ids)[position + offset]
+    contexts = [encode(prefix + prompt) for prefix in GENERIC_PREFIXES]
+    query = layer_inputs(model, chosen, prompt_ids)[position]
     others = torch.cat([layer_inputs(model, chosen, ids) for ids in contexts])
     far = (others - query).norm(dim=-1) > 1e-3 * query.norm()
     mean = others[far].mean(0) if far.any() else torch.zeros_like(query)
@@ -238,7 +262,7 @@ def insert_fact(model: nn.Module, tokenizer: Any, prompt: str, subject: str, tar
     first = module.num_slots
     hidden = query.shape[0]
     slots = add_memory_slots(model, chosen, key.view(1, -1), torch.zeros(1, hidden), query,
-                             selectivity=ROUTER_SELECTIVITY)
+                             selectivity=ROUTER_SELECTIVITY, fact=True)
     with torch.no_grad():
         routed.bias[routed.num_groups - 1, 0] = bias
     value = _fit_value(model, module, first, contexts, answer, steps, lr)
@@ -246,7 +270,7 @@ def insert_fact(model: nn.Module, tokenizer: Any, prompt: str, subject: str, tar
         "keys": key.view(1, -1).clone(), "values": value.view(1, -1).clone(),
         "query": query.clone(), "bias": torch.tensor([bias])},
         {"first_slot": first, "prompt": prompt, "subject": subject, "target": target,
-         "selectivity": ROUTER_SELECTIVITY})
+         "selectivity": ROUTER_SELECTIVITY, "fact": True})
 
 
 def _fit_value(model: nn.Module, module: FeaturalMemory, slot: int,

@@ -198,9 +198,14 @@ def _featural(layer: int, module: FeaturalMemory, reads: Any, position: int,
         bias = float(module.out_bias.detach().float() @ u)
         per_head = slots.numel()
     contributions = weights * (values @ readout)
+    # Fact groups a token does not read stand in the lookup as weight-0 fillers: not reads.
+    regular = slots.numel()
+    if module.routed is not None and module.routed.fact_groups:
+        regular -= module.routed.fact_groups * module.routed.group_size
     entries = [TracedEntry(layer, "featural", int(slot), index // per_head, float(w), float(c))
                for index, (slot, w, c) in enumerate(zip(slots.tolist(), weights.tolist(),
-                                                        contributions.tolist(), strict=True))]
+                                                        contributions.tolist(), strict=True))
+               if index < regular or w != 0.0]
     return LayerTrace(layer, "featural", entries, bias, float(output.float() @ u))
 
 

@@ -224,7 +224,7 @@ def attach_memory_layers(model: nn.Module, spec: StudentSpec) -> nn.Module:
 
 def add_memory_slots(student: nn.Module, layer: int, keys: torch.Tensor, values: torch.Tensor,
                      query: torch.Tensor, *, up: torch.Tensor | None = None,
-                     selectivity: float = 1.0) -> list[int]:
+                     selectivity: float = 1.0, fact: bool = False) -> list[int]:
     """Grow the routed memory of ``layer`` by slots that ``query`` routes to (see
     :meth:`FeaturalMemory.add_slots`); the student's spec records the layer's new size so
     that a saved student loads with it."""
@@ -237,7 +237,16 @@ def add_memory_slots(student: nn.Module, layer: int, keys: torch.Tensor, values:
     add = getattr(module, "add_slots", None)
     if add is None:
         raise InputError(f"layer {layer} holds an associative memory, which grows by itself")
-    slots: list[int] = add(keys, values, query, up=up, selectivity=selectivity)
-    config: Any = module.config
-    spec.layer_hparams[str(layer)] = {"slots": config.slots, "groups_fixed": config.groups_fixed}
+    slots: list[int] = add(keys, values, query, up=up, selectivity=selectivity, fact=fact)
+    record_layer_size(student, layer)
     return slots
+
+
+def record_layer_size(student: nn.Module, layer: int) -> None:
+    """Write a routed layer's current size into the student's spec (a save keeps it)."""
+    spec = student_spec(student)
+    config: Any = memory_layers(student)[layer].config
+    if spec is not None:
+        spec.layer_hparams[str(layer)] = {"slots": config.slots,
+                                          "groups_fixed": config.groups_fixed,
+                                          "fact_groups": config.fact_groups}

@@ -20,16 +20,28 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import MindsetError, one_line
 from engine.runtime import STUDENT, TEACHER, Runtime, module_exists
 from engine.services.memory_live import LiveMirrors
-from engine.services.memory_mirror import AssociativeTable, FeaturalTable, MemoryTracker
+from engine.services.memory_mirror import (
+    AssociativeTable,
+    FeaturalTable,
+    MemoryTracker,
+    featural_table_name,
+)
+from engine.services.memory_notes import (
+    annotate_views,
+    annotated_ids,
+    student_annotations,
+    traced_rows,
+)
 from engine.services.memory_reconcile import is_ledger, with_pending
 from engine.services.memory_rows import entry_view, promoted_tokens, text_vectors
-from engine.views import Availability, DeletedEntries, EntryView
+from engine.views import Availability, DeletedEntries, EntryView, TracedRow
 
 if TYPE_CHECKING:
     import numpy as np
 
     from engine.memory import MemoryRow, MemoryStore
     from engine.model.loading import LoadedModel
+    from engine.model.memory_trace import TracedEntry
 
 
 class MemoryService:
@@ -190,16 +202,20 @@ class MemoryService:
         return views
 
     async def search_text(self, table: str, text: str, k: int = 20) -> list[EntryView]:
-        """The entries nearest to what ``text`` looks like to the memory layer."""
+        """Entries whose annotations (label, triggers, promotes) mention ``text``, then the
+        entries nearest to what ``text`` looks like to the memory layer."""
         query, _ = await self._vectors_for_text(table, text)
+        featural = self.live.featural.get(table)
 
         def search() -> list[MemoryRow]:
             import numpy as np
 
             handle = self._open_store().table(table)
+            found = annotated_ids(student_annotations(self.runtime), featural, text, k) \
+                if featural is not None else []
             result = handle.query(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
-            found = [int(i) for i in result.ids[0] if int(i) >= 0]
-            return handle.get(found) if found else []
+            found += [int(i) for i in result.ids[0] if int(i) >= 0 and int(i) not in found]
+            return handle.get(found[:k]) if found else []
 
         rows = await self.runtime.in_store(search)
         views = [entry_view(row) for row in rows]
@@ -223,11 +239,55 @@ class MemoryService:
         self, table: str, rows: list[MemoryRow], views: list[EntryView], top: int = 5
     ) -> None:
         """What each value promotes through the output embedding, when a model is loaded."""
-        tokens = await promoted_tokens(self.runtime, table, rows, self.live.featural.get(table),
+        featural = self.live.featural.get(table)
+        tokens = await promoted_tokens(self.runtime, table, rows, featural,
                                        self.live.associative.get(table), top)
         if tokens is not None:
             for view, words in zip(views, tokens, strict=True):
                 view.top_tokens = words
+        if featural is not None:  # measured promotes and triggers replace the projection
+            await self.runtime.in_store(annotate_views, student_annotations(self.runtime),
+                                        featural, rows, views)
+
+    async def traced_rows(self, entries: list[TracedEntry]) -> list[TracedRow]:
+        """Traced reads named by their mirror rows, with the rows' labels."""
+        def name() -> list[TracedRow]:
+            store = None
+            with contextlib.suppress(MindsetError):  # no store: reads keep only their slots
+                store = self._open_store()
+            return traced_rows(self.live, store, student_annotations(self.runtime), entries)
+
+        return await self.runtime.in_store(name)
+
+    async def annotate(self, table: str, path: str, tokens: int = 2048) -> int:
+        """Annotate a featural mirror's slots from the text file ``path`` (their triggers,
+        measured promotes and auto-labels, kept in the student directory); how many."""
+        featural = self.live.featural.get(table)
+        loaded = self.runtime.model(STUDENT)
+        annotations = student_annotations(self.runtime)
+        if featural is None or loaded is None or annotations is None:
+            raise MindsetError(f"{table} is not a featural memory table of a loaded student; "
+                               "annotations describe a student's featural layers")
+        from engine.textdata import read_text_file
+
+        text = read_text_file(path)
+
+        def run() -> int:
+            from engine.model.annotate import annotate
+
+            found = annotate(loaded.model, loaded.tokenizer, text, layers=[featural.layer],
+                             tokens=tokens)
+            annotations.save(found)
+            return len(found)
+
+        # On the store's thread: no knowledge edit changes the layer while it is read.
+        return await self.runtime.in_store(run)
+
+    def slots_changed(self, layer: int, slots: list[int], label: str | None = None) -> None:
+        """After a knowledge edit of ``layer`` (on the store's thread): its mirror rows hold
+        the live slots again."""
+        if self._store is not None:
+            self.live.slots_changed(self._store, featural_table_name(layer), slots, label)
 
     # ---------------------------------------------------------------------------- writes
 

@@ -191,6 +191,42 @@ class LiveMirrors:
             if rows else np.zeros((0, handle.value_dim), dtype=np.float32)
         self.values_changed(table, handle, rows, values)
 
+    def slots_changed(self, store: MemoryStore, table: str, slots: list[int],
+                      label: str | None = None) -> None:
+        """After a knowledge edit of a featural layer (it changed the values of ``slots``,
+        or added or removed a group of slots): its mirror rows hold the live state again.
+        Rows of slots that are gone are deleted; new slots get rows (``label`` on the first
+        of ``slots``)."""
+        import numpy as np
+
+        mirror = self.featural.get(table)
+        if mirror is None:
+            return
+        handle = store.table(table)
+        module = mirror.module
+        count = module.num_slots
+        ids = mirror.ids
+        if len(ids) > count:  # an insert was undone: its slots are gone
+            gone = ids[count:][ids[count:] >= 0]
+            if len(gone):
+                handle.delete(gone)
+            self._pending(table).difference_update(gone.tolist())
+            ids = ids[:count]
+        values = module.values.detach().float().cpu().numpy()
+        new = np.arange(len(ids), count)
+        if len(new):  # an insert: its group's slots get rows
+            keys = module.slot_keys.detach().float().cpu().numpy()[new]
+            labels = [label if label and int(s) == slots[0] else None for s in new]
+            added = handle.insert(keys, values[new], labels=labels,
+                                  meta=[{"slot": int(s), "slots": count} for s in new],
+                                  provenance=mirror.source)
+            ids = np.concatenate([ids, np.asarray(added, dtype=np.int64)])
+        touched = np.asarray([s for s in slots if s < len(ids) - len(new) and ids[s] >= 0],
+                             dtype=np.int64)
+        if len(touched):
+            handle.update(ids[touched], values=values[touched])
+        mirror.ids = ids
+
     def saved(self, store: MemoryStore) -> None:
         """The student directory now holds every mirror's state: nothing is pending, no
         removal needs remembering."""

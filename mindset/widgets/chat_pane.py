@@ -11,8 +11,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Input, Markdown, Select, Static
 
 from engine.errors import MindsetError
+from engine.facade import STUDENT
 from engine.services.chat import ChatMessage
-from mindset.protocols import ChatAPI
+from mindset.protocols import ChatAPI, KnowledgeAPI
 from mindset.widgets.chat_tree import ChatTree, Turn
 from mindset.widgets.messages import ModelLoaded
 
@@ -44,11 +45,14 @@ class ChatPane(Vertical):
         Binding("alt+right", "branch(1)", "Next branch", id="chat.branch_next"),
         Binding("escape", "stop", "Stop reply", id="chat.stop"),
         Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
+        Binding("ctrl+g", "trace", "Trace reply", id="chat.trace"),
     ]
 
-    def __init__(self, chat: ChatAPI, *, id: str | None = None) -> None:
+    def __init__(self, chat: ChatAPI, *, knowledge: KnowledgeAPI | None = None,
+                 id: str | None = None) -> None:
         super().__init__(id=id)
         self.chat = chat
+        self.knowledge = knowledge
         self.conversation = ChatTree()
         self.editing: Turn | None = None
         self.max_tokens = 128
@@ -189,6 +193,26 @@ class ChatPane(Vertical):
             return
         self.conversation.switch(turn, step)
         await self._render_path()
+
+    def action_trace(self) -> None:
+        """Open the memory entries behind the student's last (or focused) reply."""
+        turn = self._focused_turn("assistant")
+        if turn is None or turn.parent is None or not turn.content:
+            self.notify("no reply to trace yet: ask the student something first",
+                        severity="warning")
+            return
+        if self.knowledge is None:
+            self.notify("tracing is not available in this workbench", severity="error")
+            return
+        if str(self.query_one("#chat-model", Select).value) != STUDENT:
+            self.notify("tracing explains a student's memory: choose the student in the model "
+                        "switcher and ask again", severity="warning", timeout=8)
+            return
+        from mindset.screens.trace import TraceScreen
+
+        history = [*self.conversation.history_before(turn.parent), turn.parent]
+        messages = [ChatMessage(t.role, t.content) for t in history]
+        self.app.push_screen(TraceScreen(self.knowledge, self.chat, messages, turn.content))
 
     def action_stop(self) -> None:
         self.workers.cancel_group(self, "chat")

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from rich.cells import cell_len
+from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -20,6 +21,7 @@ from mindset.screens.entry_edit import EntryEdit, EntryEditScreen, EntryInsertSc
 from mindset.widgets.messages import ModelLoaded
 
 PAGE_SIZE = 50
+RAW = "raw: "  # marks promotes read straight through the output embedding (no annotations)
 COLUMNS = ("id", "label", "access", "last access", "norm", "promotes")
 
 
@@ -37,6 +39,7 @@ class MemoryPane(Vertical):
         Binding("v", "evict", "Run eviction", id="memory.evict"),
         Binding("m", "recombine", "Run recombination", id="memory.recombine"),
         Binding("r", "refresh", "Refresh", id="memory.refresh"),
+        Binding("a", "annotate", "Annotate from a text", id="memory.annotate"),
         # Edits of a featural table change the live student only, until it is saved.
         Binding("w", "save_student", "Save student", id="memory.save_student", show=False),
     ]
@@ -59,6 +62,7 @@ class MemoryPane(Vertical):
         yield Static("", id="memory-stats")
         table: DataTable[str] = DataTable(id="memory-rows", cursor_type="row", zebra_stripes=True)
         yield table
+        yield Static("", id="memory-detail")
         yield Static("", id="memory-page", classes="hint")
 
     def on_mount(self) -> None:
@@ -150,8 +154,8 @@ class MemoryPane(Vertical):
         self.rows = rows
         table = self.query_one("#memory-rows", DataTable)
         cursor = table.cursor_row
-        cells = [(str(row.id), row.label, str(row.access_count), row.last_access,
-                  f"{row.norm:.3f}", " ".join(row.top_tokens)) for row in rows]
+        cells = [(str(row.id), escape(_label(row)), str(row.access_count), row.last_access,
+                  f"{row.norm:.3f}", escape(_promotes(row))) for row in rows]
         table.clear(columns=True)
         # Columns sized to the page's content here, not when the table next idles: a frame
         # drawn before that (a busy app) would show the new rows cut to the old widths.
@@ -162,6 +166,7 @@ class MemoryPane(Vertical):
             table.add_row(*cell, key=str(row.id))
         if rows:
             table.move_cursor(row=min(cursor, len(rows) - 1))
+        self._show_detail()
         page = self.query_one("#memory-page", Static)
         if self.search_results is not None:
             page.update(f"{len(rows)} search results  ·  r: back to the table")
@@ -169,6 +174,30 @@ class MemoryPane(Vertical):
             last = min(self.page_offset + len(rows), self.table_size)
             first = self.page_offset + 1 if rows else 0
             page.update(f"rows {first}-{last} of {self.table_size}  ·  n/p: next/previous page")
+
+    @on(DataTable.RowHighlighted, "#memory-rows")
+    def _row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
+        self._show_detail()
+
+    def _show_detail(self) -> None:
+        """The highlighted entry's triggers and what its promotes column means."""
+        entry = self._current()
+        detail = self.query_one("#memory-detail", Static)
+        if entry is None:
+            detail.update("")
+            return
+        if entry.promotes_measured:
+            lines = [f"[b]#{entry.id}[/b] {escape(_label(entry))}  ·  promotes (measured: the "
+                     f"logit drop when its read is removed): {escape(' '.join(entry.top_tokens))}"]
+            lines += [f"  [dim]trigger:[/dim] {escape(t)}" for t in entry.triggers[:3]]
+        elif entry.slot is not None:
+            lines = [f"[b]#{entry.id}[/b] slot {entry.slot}  ·  not annotated: promotes shows the "
+                     "raw projection of its value onto the vocabulary; a: annotate the layer "
+                     "from a text (its triggers, measured promotes and labels)"]
+        else:
+            lines = [f"[b]#{entry.id}[/b] {escape(entry.label)}  ·  promotes: the raw "
+                     "projection of its value onto the vocabulary"]
+        detail.update("\n".join(lines))
 
     @on(ModelLoaded)
     def _model_loaded(self, message: ModelLoaded) -> None:
@@ -208,6 +237,41 @@ class MemoryPane(Vertical):
             self.notify(str(exc), title="student not saved", severity="error", timeout=12)
             return
         self.notify(f"student saved to {directory}", title="student saved")
+
+    def show_entry(self, table: str, entry_id: int) -> None:
+        """Show the entry ``entry_id`` of ``table`` (opened from a trace)."""
+        self.table_name = table
+        select = self.query_one("#memory-table", Select)
+        with select.prevent(Select.Changed):
+            select.value = table
+        self.query_one("#memory-search", Input).value = f"#{entry_id}"
+        self.run_search(f"#{entry_id}")
+
+    def action_annotate(self) -> None:
+        if self.table_name is None:
+            self.notify("choose a table first", severity="warning")
+            return
+        from mindset.screens.trace import AskScreen
+
+        table_name = self.table_name
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.annotate(table_name, path)
+
+        self.app.push_screen(AskScreen("Annotate this layer's entries from a text file (their "
+                                       "triggers, measured promotes, labels): path"), chosen)
+
+    @work(group="memory-write", exit_on_error=False)
+    async def annotate(self, table_name: str, path: str) -> None:
+        self.notify(f"annotating {table_name} from {path}…", title="annotate")
+        try:
+            count = await self.memory.annotate(table_name, path)
+        except MindsetError as exc:
+            self.notify(str(exc), title="not annotated", severity="error", timeout=12)
+            return
+        self.notify(f"{count} entries of {table_name} annotated", title="annotate")
+        self.load_page()
 
     def action_search(self) -> None:
         self.query_one("#memory-search", Input).focus()
@@ -341,3 +405,13 @@ class MemoryPane(Vertical):
             return
         self.notify(f"{name} done: {result}")
         self.load_page()
+
+
+def _label(row: EntryView) -> str:
+    """The user's label, else the annotation's (marked as automatic)."""
+    return row.label or (f"auto: {row.auto_label}" if row.auto_label else "")
+
+
+def _promotes(row: EntryView) -> str:
+    words = " ".join(row.top_tokens)
+    return words if row.promotes_measured or not words else RAW + words

@@ -103,6 +103,7 @@ class FeaturalConfig:
     read_share: float = ROUTED_READ_SHARE  # routed keys: share of the groups each token reads
     router_rank: int = 64  # routed keys: rank of the group router
     groups_fixed: int = 0  # routed keys: groups read, kept when slots were added (0: share)
+    fact_groups: int = 0  # routed keys: trailing inserted groups, read in addition
 
     @property
     def num_slots(self) -> int:
@@ -230,6 +231,9 @@ class FeaturalConfig:
         _positive("router_rank", self.router_rank)
         if self.groups_fixed < 0:
             raise InputError(f"groups_fixed={self.groups_fixed} must not be negative")
+        if not 0 <= self.fact_groups < self.num_groups:
+            raise InputError(f"fact_groups={self.fact_groups} must be at least 0 and fewer "
+                             f"than the {self.num_groups} groups")
         if self.slots % self.group_size:
             raise InputError(f"group_size={self.group_size} does not divide the {self.slots} "
                              "slots; give a group size that divides it (64 for 1,536 slots)")

@@ -68,6 +68,7 @@ class FeaturalMemory(nn.Module):
         elif config.keys == "routed":
             self.routed = RoutedKeys(hidden, slots, config.group_size, config.groups_read,
                                      config.router_rank, config.activation, config.gated)
+            self.routed.fact_groups = config.fact_groups
             self.out_bias = nn.Parameter(torch.zeros(hidden))
         else:
             self.flat = FlatKeys(hidden, slots, config.activation, config.gated)
@@ -103,7 +104,7 @@ class FeaturalMemory(nn.Module):
     @torch.no_grad()
     def add_slots(self, keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor, *,
                   up: torch.Tensor | None = None, margin: float = 1.0,
-                  selectivity: float = 1.0) -> list[int]:
+                  selectivity: float = 1.0, fact: bool = False) -> list[int]:
         """Routed keys: append slots (one new group, padded with dead slots) that ``query``
         [hidden] routes to, and return their slot indexes.
 
@@ -113,8 +114,10 @@ class FeaturalMemory(nn.Module):
         every output is unchanged. ``selectivity`` > 1 lowers the floor further below the
         query's score: inputs must come closer to the query to choose the group. Gated slots
         take ``up`` keys (default: zero-weight ``up`` rows of 1, so the weight is
-        ``act(x·k)``). Parameters are replaced by larger ones: an optimiser built before must
-        be rebuilt.
+        ``act(x·k)``). ``fact``: the group is a fact group, read in addition to a token's
+        regular groups instead of displacing one (see :mod:`routed_keys`); fact groups come
+        after every other group. Parameters are replaced by larger ones: an optimiser built
+        before must be rebuilt.
         """
         import dataclasses
 
@@ -122,6 +125,9 @@ class FeaturalMemory(nn.Module):
         if routed is None:
             raise InputError("only routed memories take new slots; this layer has "
                              f"{self.config.keys} keys")
+        if routed.fact_groups and not fact:
+            raise InputError("this layer holds inserted facts, which come last: it takes only "
+                             "more facts now (undo the facts to add other groups)")
         count, hidden = keys.shape
         size = routed.group_size
         if count > size or values.shape != (count, hidden) or query.shape != (hidden,):
@@ -133,6 +139,7 @@ class FeaturalMemory(nn.Module):
 
         rank_space = routed.router_down.float() @ query.float()
         existing = routed.scores(query.view(1, -1).to(routed.router_down)).view(-1)
+        existing = existing[:routed.regular_groups]  # a fact competes with regular groups
         floor = float(existing.min()) - float(existing.max() - existing.min()) - margin
         target = float(existing.max()) + margin
         floor = target - selectivity * (target - floor)
@@ -148,9 +155,12 @@ class FeaturalMemory(nn.Module):
         routed.add_group(padded(keys), torch.zeros(size), up_rows, up_bias, (direction, floor))
         self.values = nn.Parameter(torch.cat([self.values.detach(), padded(values).to(
             self.values)]), requires_grad=self.values.requires_grad)
+        if fact:
+            routed.fact_groups += 1
         # The read count stays what it was: more groups must not change existing outputs.
         self.config = dataclasses.replace(self.config, slots=routed.num_slots,
-                                          groups_fixed=routed.groups_read)
+                                          groups_fixed=routed.groups_read,
+                                          fact_groups=routed.fact_groups)
         return list(range(first, first + count))
 
     @torch.no_grad()
@@ -164,7 +174,8 @@ class FeaturalMemory(nn.Module):
         self.routed.remove_last_group()
         self.values = nn.Parameter(self.values.detach()[:-size].clone(),
                                    requires_grad=self.values.requires_grad)
-        self.config = dataclasses.replace(self.config, slots=self.routed.num_slots)
+        self.config = dataclasses.replace(self.config, slots=self.routed.num_slots,
+                                          fact_groups=self.routed.fact_groups)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradients are sparse tensors (the value table, when sparse)."""

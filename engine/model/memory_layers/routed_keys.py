@@ -25,6 +25,11 @@ features), which ``embedding_bag`` computes straight from the chosen groups' row
 copy. Gathering the groups first (``index_select``) and multiplying costs more than the dense
 MLP at batch 1, since the copy moves as many bytes as the product reads.
 
+**Fact groups.** Groups inserted by knowledge editing can be *fact groups* (the last
+``fact_groups`` groups): they are never among a token's top ``g``; a token reads a fact group
+in addition when the router scores it above every regular group. An inserted fact then takes
+no reads away from the groups the model was distilled with, on any input.
+
 Three execution paths give the same sums: a single token (generation) reads its ``g`` groups'
 keys and values with two ``embedding_bag`` calls; a batch without gradients dispatches the
 tokens to their groups and multiplies group by group (an MoE dispatch, no padding); a batch
@@ -120,6 +125,7 @@ class RoutedKeys(nn.Module):
         self.act = PLAIN_ACTIVATIONS.get(activation) or ACT2FN[activation]
         self.group_size = group_size
         self.groups_read = groups_read
+        self.fact_groups = 0  # trailing groups read in addition (see the module docstring)
         self.parts = 2 if gated else 1
         groups = slots // group_size
         bound = 1 / math.sqrt(hidden_size)
@@ -192,13 +198,43 @@ class RoutedKeys(nn.Module):
         """The router's score of every group for rows of ``x`` [T, hidden]: [T, G]."""
         return F.linear(F.linear(x, self.router_down), self.router_up, self.router_bias)
 
+    @property
+    def regular_groups(self) -> int:
+        """The groups that are not fact groups."""
+        return self.num_groups - self.fact_groups
+
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        """The groups each row reads, [T, g] (all of them, in order, when g = G)."""
-        g = min(self.groups_read, self.num_groups)
-        if g >= self.num_groups:
-            return torch.arange(self.num_groups, device=x.device).expand(x.shape[0], -1)
+        """The regular groups each row reads, [T, g] (all of them, in order, when g covers
+        them); fact groups are routed by :meth:`route_facts`."""
+        base = self.regular_groups
+        g = min(self.groups_read, base)
+        if g >= base:
+            return torch.arange(base, device=x.device).expand(x.shape[0], -1)
         with torch.no_grad():
-            return self.scores(x).topk(g, dim=-1).indices
+            scores = self.scores(x)
+            return scores[:, :base].topk(g, dim=-1).indices
+
+    def route_facts(self, x: torch.Tensor) -> torch.Tensor:
+        """Which fact groups each row reads: [T, fact_groups] booleans, true where the
+        router scores the fact group above every regular group."""
+        base = self.regular_groups
+        with torch.no_grad():
+            scores = self.scores(x)
+            return scores[:, base:] > scores[:, :base].max(dim=-1, keepdim=True).values
+
+    def _read_facts(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+        """What the fact groups add to rows of ``x`` [T, hidden] (None: no row reads one)."""
+        routed = self.route_facts(x)
+        rows = routed.any(dim=-1).nonzero().view(-1)
+        if rows.numel() == 0:
+            return None
+        base, s = self.regular_groups, self.group_size
+        inputs = x.index_select(0, rows)
+        pre = torch.einsum("th,nhw->tnw", inputs, self.group_keys[base:]) + self.bias[base:]
+        weights = self._weights(pre) * routed.index_select(0, rows).unsqueeze(-1).to(pre)
+        facts = values[base * s:].view(self.fact_groups, s, -1)
+        added = torch.einsum("tns,nsh->th", weights, facts)
+        return x.new_zeros(x.shape[0], added.shape[-1]).index_add(0, rows, added)
 
     def _weights(self, pre: torch.Tensor) -> torch.Tensor:
         """Slot weights from pre-activations [..., parts·s] of whole groups: [..., s]."""
@@ -227,7 +263,20 @@ class RoutedKeys(nn.Module):
     # -- reading ------------------------------------------------------------------------------
     def read(self, x: torch.Tensor, values: torch.Tensor, out_bias: torch.Tensor) -> torch.Tensor:
         """``sum over read slots of weight_i·v_i + out_bias`` for rows of ``x`` [T, hidden]."""
-        if self.groups_read >= self.num_groups:
+        out = self._read_regular(x, values, out_bias)
+        if self.fact_groups:
+            facts = self._read_facts(x, values)
+            if facts is not None:
+                out = out + facts
+        return out
+
+    def _read_regular(self, x: torch.Tensor, values: torch.Tensor,
+                      out_bias: torch.Tensor) -> torch.Tensor:
+        base = self.regular_groups
+        if self.groups_read >= base:
+            if self.fact_groups:
+                weights = self.slot_weights(x)[:, :base * self.group_size]
+                return torch.addmm(out_bias, weights, values[:base * self.group_size])
             return torch.addmm(out_bias, self.slot_weights(x), values)
         chosen = self.route(x)
         if torch.is_grad_enabled() and x.shape[0] > 1:
@@ -301,11 +350,24 @@ class RoutedKeys(nn.Module):
         return out.index_add(0, tokens, read.view(G * capacity, hidden).index_select(0, place))
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slots each row reads and their weights, both [T, g·s] (for tracing)."""
+        """The slots each row reads and their weights, both [T, g·s], plus [T, f·s] for the
+        f fact groups (for tracing). A fact group a row does not read stands there as the
+        row's first regular slot with weight 0, so the sums are the read's."""
         chosen = self.route(x)
         s = self.group_size
-        slots = (chosen.unsqueeze(-1) * s + torch.arange(s, device=x.device)).flatten(1)
-        return slots, self.slot_weights(x).gather(-1, slots)
+        offsets = torch.arange(s, device=x.device)
+        slots = (chosen.unsqueeze(-1) * s + offsets).flatten(1)
+        weights = self.slot_weights(x)
+        if self.fact_groups:
+            base = self.regular_groups
+            routed = self.route_facts(x).repeat_interleave(s, dim=1)  # [T, f·s]
+            facts = (torch.arange(base, self.num_groups, device=x.device).unsqueeze(-1) * s
+                     + offsets).flatten().expand(x.shape[0], -1)
+            fact_slots = torch.where(routed, facts, slots[:, :1])
+            fact_weights = weights[:, base * s:] * routed.to(weights)
+            return (torch.cat([slots, fact_slots], dim=1),
+                    torch.cat([weights.gather(-1, slots), fact_weights], dim=1))
+        return slots, weights.gather(-1, slots)
 
     # -- growing ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -336,6 +398,7 @@ class RoutedKeys(nn.Module):
         """Drop the newest group (undoing :meth:`add_group` exactly, bit for bit)."""
         if self.num_groups <= 1:
             raise ValueError("a routed memory keeps at least one group")
+        self.fact_groups = max(0, self.fact_groups - 1)
         for name in ("group_keys", "bias", "router_up", "router_bias"):
             param = getattr(self, name)
             setattr(self, name, nn.Parameter(param.detach()[:-1].clone(),
