@@ -142,3 +142,23 @@ async def test_annotations_fill_the_memory_rows_and_their_search(student_dir: Pa
     assert found and found[0].promotes_measured  # annotation matches come first
     assert word.lower() in " ".join([*found[0].triggers, found[0].auto_label]).lower()
     await engine.close()
+
+
+async def test_a_memory_pane_value_edit_is_journaled_and_undoable(student_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    engine = _engine(student_dir, tmp_path)
+    await engine.load_model(STUDENT)
+    original = _values(engine)
+    table = featural_table_name(LAYER)
+    mirror = engine.memory.live.featural[table]
+    slot = 3
+    await engine.memory.update_entry(table, int(mirror.ids[slot]), scale=3.0)
+    assert torch.allclose(_values(engine)[slot], original[slot] * 3.0)
+    history = await engine.knowledge.history()
+    assert [(h.op, h.slots, h.what) for h in history] == [("value", [slot],
+                                                           "Memory pane: scale x3")]
+    await engine.knowledge.undo()
+    assert torch.equal(_values(engine), original)
+    row = (await engine.memory.find_entry(table, int(mirror.ids[slot])))[0]
+    assert row.norm == pytest.approx(float(original[slot].norm()), rel=1e-5)
+    await engine.close()

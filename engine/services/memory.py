@@ -29,6 +29,7 @@ from engine.services.memory_mirror import (
 from engine.services.memory_notes import (
     annotate_views,
     annotated_ids,
+    journal_value_edit,
     student_annotations,
     traced_rows,
 )
@@ -321,7 +322,13 @@ class MemoryService:
             ids = np.asarray([entry_id], dtype=np.int64)
             meta = None
             if new_value is not None:
-                meta = self.live.edited_meta(table, handle.get([entry_id])[0])
+                row = handle.get([entry_id])[0]
+                featural, slot = self.live.featural.get(table), row.meta.get("slot")
+                if featural is not None and isinstance(slot, int):
+                    what = f"scale x{scale:g}" if value is None else "new value"
+                    journal_value_edit(self.runtime, featural, slot, new_value,
+                                       f"Memory pane: {what}")
+                meta = self.live.edited_meta(table, row)
             handle.update(ids, values=new_value, label=label, tags=tags, meta=meta)
             if new_value is not None:
                 self.live.values_changed(table, handle, handle.get([entry_id]), new_value)

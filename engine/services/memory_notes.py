@@ -1,6 +1,6 @@
-"""What makes a student's memory rows readable in the workbench: their annotations (triggers,
-measured promotes, auto-labels; see :mod:`engine.model.annotate`) and the names of the rows a
-trace ranks.
+"""What the student directory adds to its memory rows in the workbench: annotations
+(triggers, measured promotes, auto-labels; see :mod:`engine.model.annotate`), the names of the
+rows a trace ranks, and the edit journal that a featural row's value edit is written to.
 
 Annotations live in the student directory (``memory/annotations.sqlite``) and are keyed by
 layer and slot; a featural mirror row names its slot in ``meta["slot"]``. Every function here
@@ -17,6 +17,8 @@ from engine.services.memory_mirror import associative_table_name, featural_table
 from engine.views import EntryView, TracedRow
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from engine.memory import MemoryRow, MemoryStore
     from engine.model.annotate import Annotations
     from engine.model.memory_trace import TracedEntry
@@ -24,16 +26,47 @@ if TYPE_CHECKING:
     from engine.services.memory_mirror import FeaturalTable
 
 
-def student_annotations(runtime: Runtime) -> Annotations | None:
-    """The loaded student's annotations, when it was loaded from a student directory."""
+def student_directory(runtime: Runtime) -> Path | None:
+    """The loaded student's directory (None: no student, or not loaded from one)."""
     loaded = runtime.model(STUDENT)
     if loaded is None:
         return None
-    from engine.model.annotate import Annotations
     from engine.model.student import is_student_dir
 
     directory = Path(str(loaded.source or loaded.spec))
-    return Annotations(directory) if is_student_dir(directory) else None
+    return directory if is_student_dir(directory) else None
+
+
+def student_annotations(runtime: Runtime) -> Annotations | None:
+    """The loaded student's annotations, when it was loaded from a student directory."""
+    from engine.model.annotate import Annotations
+
+    directory = student_directory(runtime)
+    return Annotations(directory) if directory is not None else None
+
+
+def journal_value_edit(runtime: Runtime, mirror: FeaturalTable, slot: int,
+                       value: np.ndarray, note: str) -> None:
+    """Journal a featural slot's new ``value`` (before it is written into the live slot),
+    so a Memory pane edit is in the history and can be undone like any knowledge edit."""
+    import torch
+
+    from engine.model.edit_journal import APPLIED_NOTE, EditJournal
+    from engine.model.knowledge_edit import Edit
+    from engine.model.surgery import student_spec
+
+    directory = student_directory(runtime)
+    loaded = runtime.model(STUDENT)
+    if directory is None or loaded is None or not 0 <= slot < mirror.module.num_slots:
+        return
+    before = mirror.module.values.detach()[slot:slot + 1].clone()
+    after = torch.as_tensor(value, dtype=before.dtype).reshape(1, -1)
+    edit = Edit("value", mirror.layer, [slot], {"values": before}, {"values": after},
+                {"what": note})
+    edit_id = EditJournal(directory).record(edit, note)
+    spec = student_spec(loaded.model)
+    if spec is not None:
+        spec.notes[APPLIED_NOTE] = edit_id
 
 
 def annotate_views(annotations: Annotations | None, mirror: FeaturalTable,
