@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.model.annotate import Annotations, annotate, find_triggers, measure_promotes
+from engine.model.annotate import (
+    Annotations,
+    annotate,
+    find_triggers,
+    measure_all_promotes,
+    measure_promotes,
+)
 from engine.model.loading import load_model
 from engine.model.memory_trace import memory_trace
 from engine.model.student import save_student
@@ -71,6 +77,48 @@ def test_promotes_are_the_tokens_the_read_raises() -> None:
     drop = full - zeroed
     assert drop[promoted[0]] > 0
     assert drop[promoted[0]] >= drop.median()
+
+
+def _removed_one_at_a_time(student: torch.nn.Module, windows: list[torch.Tensor], slot: int,
+                           places: list[tuple[int, int]]) -> torch.Tensor:
+    """The mean logit drop, each ablation run alone on its prefix (the reference)."""
+    module = memory_layers(student)[1]
+    drops = []
+    for w, p in places:
+        ids = windows[w][: p + 1].view(1, -1)
+        with torch.no_grad(), memory_trace(student) as recorded:
+            full = student(input_ids=ids).logits[0, -1]
+        reads = recorded[1][-1]
+        weight = float(reads.weights[p][reads.slots[p] == slot].sum())
+        removed = weight * module.values.detach()[slot]
+
+        def hook(_m, _i, out, p=p, removed=removed):  # type: ignore[no-untyped-def]
+            out = out.clone()
+            out[0, p] -= removed
+            return out
+
+        handle = module.register_forward_hook(hook)
+        with torch.no_grad():
+            drops.append(full - student(input_ids=ids).logits[0, -1])
+        handle.remove()
+    return torch.stack(drops).mean(0)
+
+
+def test_batched_ablations_match_one_at_a_time() -> None:
+    student, tokenizer = _student()
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][0][:96]
+    windows = [ids[:48], ids[48:96]]
+    strength, window_of, position_of = find_triggers(student, windows, 1, 3)
+    slots = strength[:, 0].topk(6).indices.tolist()
+    places = {s: [(int(w), int(p)) for w, p, v in zip(window_of[s], position_of[s], strength[s],
+                                                      strict=True) if v > 0] for s in slots}
+    got = measure_all_promotes(student, windows, 1, places, 3, batch=4)
+    for slot in slots:
+        reference = _removed_one_at_a_time(student, windows, slot, places[slot])
+        expected = reference.topk(3).indices.tolist()
+        # the same tokens, up to ties within float noise
+        assert got[slot][0] == expected[0] or torch.isclose(
+            reference[got[slot][0]], reference[expected[0]], atol=1e-5)
 
 
 def test_annotations_are_stored_searchable_and_shown_by_trace(

@@ -32,6 +32,8 @@ from engine.model.surgery import memory_layers
 
 ANNOTATIONS_FILE = "annotations.sqlite"
 CONTEXT_BEFORE = 12  # tokens of a trigger window shown before the trigger token
+ABLATION_BATCH = 16  # ablated copies of a window run in one forward pass
+SLOT_CHUNK = 512  # slots whose summed logit drops (one vocabulary-sized row each) are held
 
 
 @dataclass
@@ -85,35 +87,76 @@ def find_triggers(model: nn.Module, windows: list[torch.Tensor], layer: int,
 def measure_promotes(model: nn.Module, windows: list[torch.Tensor], layer: int,
                      slot: int, places: list[tuple[int, int]], top: int) -> list[int]:
     """Token ids whose logit falls most when ``slot``'s read is removed at its triggers."""
+    return measure_all_promotes(model, windows, layer, {slot: places}, top)[slot]
+
+
+@torch.no_grad()
+def measure_all_promotes(model: nn.Module, windows: list[torch.Tensor], layer: int,
+                         places: dict[int, list[tuple[int, int]]], top: int,
+                         batch: int = ABLATION_BATCH) -> dict[int, list[int]]:
+    """For each slot, the ``top`` token ids whose logit falls most, on average over its
+    trigger places (window, position), when its read there is removed.
+
+    One plain forward per window, then the ablations of that window in batches: row b of a
+    batch is the window with one slot's ``w·v`` taken out of the layer's output at its
+    position. Slots are handled :data:`SLOT_CHUNK` at a time, so the summed logit drops in
+    memory stay bounded."""
     module = memory_layers(model)[layer]
     assert isinstance(module, FeaturalMemory)
-    drops = []
-    for window_index, position in places:
-        ids = windows[window_index][: position + 1].view(1, -1)
-        with memory_trace(model) as recorded:
-            full = model(input_ids=ids).logits[0, -1]
-        reads = recorded[layer][-1]
-        hit = reads.slots[position] == slot
-        weight = float(reads.weights[position][hit].sum())
-        contribution = weight * module.values.detach()[slot]
-        if module.out_proj is not None:
-            gate = reads.gate[position] if reads.gate is not None else 1.0
-            contribution = module.out_proj.weight @ (contribution * gate)
+    causal_lm: Any = model  # a Hugging Face causal LM: its trunk and output embedding
+    base, head = causal_lm.base_model, causal_lm.get_output_embeddings()
+    slots = sorted(places)
+    out: dict[int, list[int]] = {}
+    for first in range(0, len(slots), SLOT_CHUNK):
+        chunk = slots[first:first + SLOT_CHUNK]
+        by_window: dict[int, list[tuple[int, int]]] = {}
+        for slot in chunk:
+            for window, position in places[slot]:
+                by_window.setdefault(window, []).append((slot, position))
+        drops: dict[int, torch.Tensor] = {}
+        for window_index, jobs in sorted(by_window.items()):
+            ids = windows[window_index]
+            with memory_trace(model) as recorded:
+                plain = base(input_ids=ids.view(1, -1)).last_hidden_state[0]
+            reads = recorded[layer][-1]
+            for start in range(0, len(jobs), batch):
+                part = jobs[start:start + batch]
+                positions = torch.tensor([position for _, position in part])
+                removed = torch.stack([_read_output(module, reads, slot, position)
+                                       for slot, position in part])
+                rows = torch.arange(len(part))
 
-        def remove(_m: nn.Module, _i: Any, out: torch.Tensor, position: int = position,
-                   contribution: torch.Tensor = contribution) -> torch.Tensor:
-            out = out.clone()
-            out[0, position] -= contribution.to(out)
-            return out
+                def remove(_m: nn.Module, _i: Any, output: torch.Tensor,
+                           rows: torch.Tensor = rows, positions: torch.Tensor = positions,
+                           removed: torch.Tensor = removed) -> torch.Tensor:
+                    output = output.clone()
+                    output[rows, positions] -= removed.to(output)
+                    return output
 
-        handle = module.register_forward_hook(remove)
-        try:
-            ablated = model(input_ids=ids).logits[0, -1]
-        finally:
-            handle.remove()
-        drops.append(full.float() - ablated.float())
-    mean = torch.stack(drops).mean(0)
-    return mean.topk(top).indices.tolist()
+                length = int(positions.max()) + 1
+                handle = module.register_forward_hook(remove)
+                try:
+                    ablated = base(input_ids=ids[:length].expand(len(part), -1)
+                                   ).last_hidden_state[rows, positions]
+                finally:
+                    handle.remove()
+                fallen = (head(plain[positions]) - head(ablated)).float()
+                for (slot, _), drop in zip(part, fallen, strict=True):
+                    drops[slot] = drops[slot] + drop if slot in drops else drop
+        for slot in chunk:
+            out[slot] = (drops[slot] / len(places[slot])).topk(top).indices.tolist()
+    return out
+
+
+def _read_output(module: FeaturalMemory, reads: Any, slot: int, position: int) -> torch.Tensor:
+    """What ``slot``'s read added to the layer's output at ``position`` (``w·v``, through
+    the output projection and gate for product keys)."""
+    hit = reads.slots[position] == slot
+    contribution = float(reads.weights[position][hit].sum()) * module.values.detach()[slot]
+    if module.out_proj is not None:
+        gate = reads.gate[position] if reads.gate is not None else 1.0
+        contribution = module.out_proj.weight @ (contribution * gate)
+    return contribution
 
 
 def _trigger_text(tokenizer: Any, window: torch.Tensor, position: int) -> str:
@@ -144,15 +187,16 @@ def annotate(model: nn.Module, tokenizer: Any, text: str, *, layers: list[int] |
     out: list[SlotAnnotation] = []
     for layer in chosen:
         strength, window_of, position_of = find_triggers(model, windows, layer, triggers)
-        for slot in torch.nonzero(strength[:, 0] > 0).flatten().tolist():
-            places = [(int(w), int(p)) for w, p, s in zip(window_of[slot], position_of[slot],
-                                                          strength[slot], strict=True) if s > 0]
-            texts = [_trigger_text(tokenizer, windows[w], p) for w, p in places]
+        places = {slot: [(int(w), int(p)) for w, p, s in zip(window_of[slot], position_of[slot],
+                                                             strength[slot], strict=True) if s > 0]
+                  for slot in torch.nonzero(strength[:, 0] > 0).flatten().tolist()}
+        measured = measure_all_promotes(model, windows, layer, places, promotes)
+        for slot, where in places.items():
+            texts = [_trigger_text(tokenizer, windows[w], p) for w, p in where]
             promoted = [tokenizer.decode([t]).strip() or repr(tokenizer.decode([t]))
-                        for t in measure_promotes(model, windows, layer, slot, places,
-                                                  promotes)]
+                        for t in measured[slot]]
             common = Counter(tokenizer.decode(windows[w][p:p + 1].tolist()).strip()
-                             for w, p in places).most_common(1)[0][0]
+                             for w, p in where).most_common(1)[0][0]
             out.append(SlotAnnotation(layer, slot, texts, float(strength[slot, 0]), promoted,
                                       f"{common or '·'} → {', '.join(promoted[:2])}"))
     return out
