@@ -30,9 +30,10 @@ from engine.facade import STUDENT, TEACHER, Engine
 from engine.views import short_spec
 from mindset.config import WorkbenchConfig, load_config, read_theme_files, save_theme
 from mindset.screens.help import HelpScreen, key_label
+from mindset.screens.messages import OpenMemoryEntry
 from mindset.screens.quick_start import QuickStartScreen
 from mindset.widgets.commands import WorkbenchCommands
-from mindset.widgets.messages import JobsChanged, ModelLoaded, ModelLoadFailed, OpenMemoryEntry
+from mindset.widgets.messages import JobsChanged, ModelLoaded, ModelLoadFailed
 from mindset.widgets.status_bar import StatusBar
 
 DEFAULT_THEME = "mindset-dusk"

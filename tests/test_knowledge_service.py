@@ -11,6 +11,7 @@ import torch
 
 from engine.errors import MindsetError
 from engine.facade import STUDENT, Engine
+from engine.model.annotate import Annotations
 from engine.model.loading import load_model
 from engine.model.student import save_student
 from engine.model.surgery import convert, memory_layers
@@ -141,6 +142,9 @@ async def test_annotations_fill_the_memory_rows_and_their_search(student_dir: Pa
     found = await engine.memory.search_text(table, word)
     assert found and found[0].promotes_measured  # annotation matches come first
     assert word.lower() in " ".join([*found[0].triggers, found[0].auto_label]).lower()
+    await engine.memory.update_entry(table, first.id, label="the mill")  # the user's label
+    assert Annotations(student_dir).get(LAYER, int(first.slot or 0))["label"] == "the mill"
+    assert (await engine.memory.find_entry(table, first.id))[0].label == "the mill"
     await engine.close()
 
 

@@ -30,6 +30,7 @@ from engine.services.memory_notes import (
     annotate_views,
     annotated_ids,
     journal_value_edit,
+    label_annotation,
     student_annotations,
     traced_rows,
 )
@@ -332,6 +333,9 @@ class MemoryService:
             handle.update(ids, values=new_value, label=label, tags=tags, meta=meta)
             if new_value is not None:
                 self.live.values_changed(table, handle, handle.get([entry_id]), new_value)
+            if label is not None:  # the user's label replaces the automatic one everywhere
+                label_annotation(self.runtime, self.live.featural.get(table),
+                                 handle.get([entry_id])[0], label)
 
         await self.runtime.in_store(update)
 

@@ -90,6 +90,16 @@ def annotate_views(annotations: Annotations | None, mirror: FeaturalTable,
             view.promotes_measured = True
 
 
+def label_annotation(runtime: Runtime, mirror: FeaturalTable | None, row: MemoryRow,
+                     label: str) -> None:
+    """Keep a featural row's user label in the student's annotations too (``memory trace``
+    in the CLI shows it)."""
+    annotations = student_annotations(runtime)
+    slot = row.meta.get("slot")
+    if mirror is not None and annotations is not None and isinstance(slot, int):
+        annotations.set_label(mirror.layer, slot, label)
+
+
 def annotated_ids(annotations: Annotations | None, mirror: FeaturalTable, text: str,
                   limit: int) -> list[int]:
     """Row ids of the mirror's slots whose annotations mention ``text``, strongest first."""

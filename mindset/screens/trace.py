@@ -26,7 +26,7 @@ from engine.facade import STUDENT
 from engine.services.chat import ChatMessage
 from engine.views import EditRecord, ReplyTrace, TracedRow
 from mindset.protocols import ChatAPI, KnowledgeAPI
-from mindset.widgets.messages import OpenMemoryEntry
+from mindset.screens.messages import OpenMemoryEntry
 
 COLUMNS = ("#", "layer", "entry", "slot", "weight", "influence", "label")
 

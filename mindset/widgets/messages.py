@@ -29,11 +29,3 @@ class JobsChanged(Message, bubble=False):
         super().__init__()
         self.running = running
 
-
-class OpenMemoryEntry(Message):
-    """Show one entry of a memory table in the Memory pane (bubbles up to the app)."""
-
-    def __init__(self, table: str, entry_id: int) -> None:
-        super().__init__()
-        self.table = table
-        self.entry_id = entry_id
