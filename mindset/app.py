@@ -288,6 +288,16 @@ class MindsetApp(App[None]):
             await asyncio.sleep(0.02)
         return self._main(f"#{tab_id}-pane")
 
+    def deliver_screenshot(self, filename: str | None = None, path: str | None = None,
+                           time_format: str | None = None) -> str | None:
+        """Screenshots go to ~/Downloads when it exists, else to the data directory's
+        ``screenshots`` folder (Textual's default fails where there is no Downloads)."""
+        if path is None:
+            path = str(screenshot_dir())
+        key = super().deliver_screenshot(filename, path, time_format)
+        self.notify(f"screenshot saved in {path}", title="screenshot")
+        return key
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.binding_sections(), self._keymap))
 
@@ -333,6 +343,18 @@ class MindsetApp(App[None]):
 
     async def on_unmount(self) -> None:
         await self.engine.close()
+
+
+def screenshot_dir() -> Path:
+    """Where screenshots are saved: ~/Downloads if there is one, else the data directory."""
+    downloads = Path.home() / "Downloads"
+    if downloads.is_dir():
+        return downloads
+    from engine.paths import data_dir
+
+    target = data_dir() / "screenshots"
+    target.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def _bindings(owner: type) -> list[Binding]:

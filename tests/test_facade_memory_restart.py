@@ -14,6 +14,7 @@ import torch
 
 from engine.facade import STUDENT, Engine
 from engine.memory import MemoryRow, MemoryStore
+from engine.model.edit_journal import EditJournal
 from engine.model.memory_layers.featural import FeaturalMemory
 from engine.services.chat import ChatMessage
 from engine.services.memory_mirror import FeaturalTable
@@ -103,7 +104,9 @@ async def test_a_delete_survives_a_relaunch_with_every_other_edit(student_dir: P
         assert mirror(engine).ids[5] == -1
         assert [int(i) for i in mirror(engine).ids[[3, 4]]] == [labelled, edited]
         warnings = engine.memory.reconcile_warnings(TABLE)
-        assert any("re-applied" in w for w in warnings)
+        # The value edit was journaled: loading replayed it, so nothing needed re-applying.
+        assert [(e.op, e.slots) for e in EditJournal(student_dir).entries()] == [("value", [4])]
+        assert not any("re-applied" in w for w in warnings)
         assert any("stay deleted" in w for w in warnings)
         assert not any("rebuilt" in w for w in warnings)
     finally:

@@ -175,3 +175,20 @@ def test_cli_bad_inputs_exit_2_and_change_nothing(student_dir: Path, argv: list[
     assert words in err and len(err.splitlines()) == 1
     assert _digest(student_dir) == saved
     assert not EditJournal(student_dir).entries()
+
+
+def test_another_student_saved_over_an_edited_one_does_not_replay_its_edits(
+        student_dir: Path) -> None:
+    loaded = load_model(str(student_dir))
+    edit = insert_fact(loaded.model, loaded.tokenizer, PROMPT, SUBJECT, " zebra", layer=1,
+                       steps=2)
+    commit(loaded.model, student_dir, edit, "fact", loaded.tokenizer)
+    teacher = load_model("tiny-llama")
+    torch.manual_seed(1)  # a retrained student, written to the same directory
+    other = convert(teacher, [0, 1], "featural", keys="routed", group_size=8,
+                    read_share=0.5, calibration=torch.randint(0, 256, (4, 32)))
+    expected = _logits(other, teacher.tokenizer)
+    save_student(other, student_dir, teacher.tokenizer)
+    again = load_model(str(student_dir))  # the insert is not replayed onto other weights
+    assert torch.equal(_logits(again.model, again.tokenizer), expected)
+    assert [e.op for e in EditJournal(student_dir).entries()] == ["insert"]  # history kept

@@ -184,3 +184,21 @@ def test_first_frame_needs_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=REPO, check=True)
     assert result.stdout.strip() == "[]"
+
+
+async def test_a_screenshot_without_downloads_goes_to_the_data_directory(
+        tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a home without ~/Downloads
+    monkeypatch.setenv("MINDSET_HOME", str(tmp_path / "data"))
+    app = MindsetApp(engine_for(tmp_path), load_models=False, offer_quick_start=False)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        app.deliver_screenshot()
+        await wait_for(pilot, lambda: any((tmp_path / "data" / "screenshots").glob("*.svg")))
+        shot = next((tmp_path / "data" / "screenshots").glob("*.svg"))
+        assert "<svg" in shot.read_text(encoding="utf-8")[:500]
+        await pilot.press("f1")  # the help says how to close it and lists the palette key
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        table = app.screen.query_one("#help-table")
+        rows = [list(table.get_row_at(i)) for i in range(table.row_count)]  # type: ignore[attr-defined]
+        assert any(row[1] == "ctrl+p" for row in rows)
+        assert "closes this help" in str(app.screen.query_one("#help-title").render())

@@ -88,6 +88,7 @@ def save_student(model: Any, directory: Path | str, tokenizer: Any = None) -> Pa
                 save_tables(staging / MEMORY_DIR, f"layer{layer}")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
+        _claim_journal(spec, final)
         (staging / STUDENT_FILE).write_text(json.dumps(spec.as_dict(), indent=2),
                                             encoding="utf-8")
         if final.exists():
@@ -197,6 +198,17 @@ def load_student_model(directory: Path | str, *, dtype: Any = None,
     _replay_edits(model, directory, spec)
     model.eval()
     return model
+
+
+def _claim_journal(spec: StudentSpec, directory: Path) -> None:
+    """A model saved over a student directory whose edit journal it never read (another or
+    a retrained student: its spec records no applied edit) takes the journal as history
+    only: none of those edits is replayed onto its weights."""
+    from engine.model.edit_journal import APPLIED_NOTE, EditJournal
+
+    journal = EditJournal(directory)
+    if APPLIED_NOTE not in spec.notes and journal.exists():
+        spec.notes[APPLIED_NOTE] = journal.last_id()
 
 
 def _replay_edits(model: Any, directory: Path, spec: StudentSpec) -> None:

@@ -34,8 +34,8 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-body"):
             yield Static(
-                "[b]Mindset keys[/b]  ·  remap any key in the config file's \\[keys] table "
-                "by its id, e.g.  \"tab.chat\" = \"f8\"",
+                "[b]Mindset keys[/b]  ·  esc, q or F1 closes this help  ·  remap any key in "
+                "the config file's \\[keys] table by its id, e.g.  \"tab.chat\" = \"f8\"",
                 id="help-title",
             )
             yield DataTable(id="help-table", cursor_type="row", zebra_stripes=True)
@@ -43,6 +43,8 @@ class HelpScreen(ModalScreen[None]):
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
         table.add_columns("where", "key", "does", "id")
+        # The palette's key belongs to Textual, not to a binding of ours: listed by hand.
+        table.add_row("App", "ctrl+p", "command palette: every action, and screenshots", "")
         for section, bindings in self.sections:
             for binding in bindings:
                 table.add_row(
