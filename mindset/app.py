@@ -28,7 +28,13 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 from engine.errors import MindsetError
 from engine.facade import STUDENT, TEACHER, Engine
 from engine.views import short_spec
-from mindset.config import WorkbenchConfig, load_config, read_theme_files, save_theme
+from mindset.config import (
+    WorkbenchConfig,
+    load_config,
+    read_theme_files,
+    save_theme,
+    screenshot_dir,
+)
 from mindset.screens.help import HelpScreen, key_label
 from mindset.screens.messages import OpenMemoryEntry
 from mindset.screens.quick_start import QuickStartScreen
@@ -343,18 +349,6 @@ class MindsetApp(App[None]):
 
     async def on_unmount(self) -> None:
         await self.engine.close()
-
-
-def screenshot_dir() -> Path:
-    """Where screenshots are saved: ~/Downloads if there is one, else the data directory."""
-    downloads = Path.home() / "Downloads"
-    if downloads.is_dir():
-        return downloads
-    from engine.paths import data_dir
-
-    target = data_dir() / "screenshots"
-    target.mkdir(parents=True, exist_ok=True)
-    return target
 
 
 def _bindings(owner: type) -> list[Binding]:

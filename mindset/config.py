@@ -23,7 +23,17 @@ import tomlkit
 
 from engine.config_file import read_config_file
 from engine.errors import InputError
-from engine.paths import config_path
+from engine.paths import config_path, data_dir
+
+
+def screenshot_dir() -> Path:
+    """Where screenshots are saved: ~/Downloads if there is one, else the data directory."""
+    downloads = Path.home() / "Downloads"
+    if downloads.is_dir():
+        return downloads
+    target = data_dir() / "screenshots"
+    target.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 @dataclass

@@ -167,6 +167,7 @@ async def test_corrupt_database_is_reported_not_raised(tmp_path: Path) -> None:
 
 async def test_save_student_keeps_featural_edits(tmp_path: Path) -> None:
     from engine.model.loading import load_student
+    from engine.model.student import WEIGHTS_FILE
     from engine.model.surgery import memory_layers
 
     student_dir = make_student(tmp_path / "student")
@@ -174,7 +175,14 @@ async def test_save_student_keeps_featural_edits(tmp_path: Path) -> None:
     def slots_on_disk() -> np.ndarray:
         return memory_layers(load_student(student_dir))[1].values.detach().numpy().copy()
 
+    def slots_in_weights() -> np.ndarray:
+        from safetensors.numpy import load_file
+
+        weights = load_file(str(student_dir / WEIGHTS_FILE))
+        return next(v for k, v in weights.items() if k.endswith("layers.1.mlp.values"))
+
     original = slots_on_disk()
+    np.testing.assert_array_equal(slots_in_weights(), original)
     database = tmp_path / "memory.db"
     engine = student_engine(student_dir, database, tmp_path)
     app = make_app(engine)
@@ -193,8 +201,12 @@ async def test_save_student_keeps_featural_edits(tmp_path: Path) -> None:
                                                       before.value))
         slot = before.meta["slot"]
         np.testing.assert_allclose(original[slot], before.value, rtol=1e-6)
-        # Not saved yet: the directory still holds the old slots.
-        np.testing.assert_array_equal(slots_on_disk(), original)
+        # Not saved yet: the weights file still holds the old slots, and the edit is in the
+        # journal, which loading replays (a crash now would lose nothing).
+        np.testing.assert_array_equal(slots_in_weights(), original)
+        replayed = original.copy()
+        replayed[slot] *= 3
+        np.testing.assert_allclose(slots_on_disk(), replayed, rtol=1e-6)
 
         await pilot.press("w")
         await wait_for(pilot, lambda: any("student saved" in n.message
