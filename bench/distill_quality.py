@@ -86,9 +86,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's)")
     parser.add_argument("--runs-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" /
-                        "distill_quality.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the results file (default: bench/results/distill_quality.json; "
+                        "a --quick run writes to a temporary folder unless given --out, so "
+                        "it never touches the committed results)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = (Path(tempfile.mkdtemp(prefix="distill-quality-")) / "distill_quality.json"
+                    if args.quick else ROOT / "bench" / "results" / "distill_quality.json")
     quick = args.quick
     flat = args.keys == "flat"
     defaults = dict(steps=(4 if quick else 60), local_steps=(4 if quick else 300),

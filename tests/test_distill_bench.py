@@ -38,3 +38,24 @@ def test_quick_benchmark_writes_every_key(tmp_path: Path) -> None:
     assert json.loads((kept / "mindset_student.json").read_text()) == student
     assert json.loads((kept / "config.json").read_text())["num_hidden_layers"] > 0
     assert results["complete"] is True
+
+
+def _committed_results() -> dict[str, bytes]:
+    results = REPO_ROOT / "bench" / "results"
+    files = [results / "distill_quality.json",
+             *sorted((results / "distill_quality_students").rglob("*.json"))]
+    return {str(path): path.read_bytes() for path in files if path.is_file()}
+
+
+def test_a_quick_run_without_out_never_touches_committed_results(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "distill_quality", REPO_ROOT / "bench" / "distill_quality.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = _committed_results()
+    assert before  # the committed figures exist
+    assert module.main(["--model", str(teacher_dir()), "--data", str(text_file()), "--quick",
+                        "--sets", "1_layer", "--block-size", "32", "--finetune-steps", "1",
+                        "--threads", "1", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert _committed_results() == before
