@@ -30,8 +30,13 @@ from engine.model.memory_layers.featural import FeaturalMemory
 from engine.model.surgery import add_memory_slots, memory_layers, record_layer_size
 
 GENERIC_PREFIXES = ("", "Here is a fact. ", "I read this today: ", "Note: ")
-FIRE_THRESHOLD = 0.5  # c: the share of the way from the mean input to x* where a slot starts
-SHARPNESS = 8.0  # β: pre-activation at x* is β·(1 − c)
+# c and β were chosen from how the keys of 100 CounterFact facts (records disjoint from the
+# benchmark's) fire on each other's subjects at layer 22 of the default student: at c = 0.5,
+# β = 8 a fact's prompt received about 6 other facts' worth of value (SiLU's negative tail
+# summed over 99 facts, plus the 11% of pairs above c); at c = 0.7, β = 16 about 0.9, while
+# paraphrases still read 57% of the slot's full weight on average.
+FIRE_THRESHOLD = 0.7  # c: the share of the way from the mean input to x* where a slot starts
+SHARPNESS = 16.0  # β: pre-activation at x* is β·(1 − c)
 ROUTER_SELECTIVITY = 4.0  # how close an input must come to the key's query to route there
 DECAY = 1e-3  # keeps the fitted value's norm near what the answer needs
 EARLY_STOP_NLL = 0.3  # per answer token (p ≈ 0.74): fitting further only grows the value
