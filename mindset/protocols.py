@@ -65,6 +65,8 @@ class MemoryAPI(Protocol):
 
     def take_warnings(self) -> list[str]: ...
 
+    def fixed_slots(self, table: str) -> bool: ...
+
 
 class ModelsAPI(Protocol):
     """The Model pane's calls (the engine itself: models are engine-wide)."""

@@ -78,11 +78,15 @@ async def test_a_delete_survives_a_relaunch_with_every_other_edit(student_dir: P
         labelled, edited, gone = slots[3].id, slots[4].id, slots[5].id
         await engine.memory.update_entry(TABLE, labelled, label="capitals", tags=["geo"])
         await engine.memory.update_entry(TABLE, edited, scale=2.0)
-        await engine.memory.search_text(TABLE, "hello there", k=10)  # access counts
+        found = await engine.memory.search_text(TABLE, "hello there", k=10)
+        assert found and not any(row.access_count for row in found)  # looking is no read
         await engine.memory.delete_entries(TABLE, [gone])  # no undo, student not saved
         assert not live_values(engine)[5].any()
     finally:
         await engine.close()
+    with MemoryStore.open(database) as store:  # reads that count: access statistics
+        table = store.table(TABLE)
+        table.query(np.stack([row.key for row in table.page(0, 4)]), 4)
     before = rows_of(database)
     assert gone not in before and len(before) == SLOTS - 1
     assert sum(row.access_count for row in before.values()) > 0

@@ -58,6 +58,11 @@ async def test_edit_delete_undo_reach_the_database(student_dir: Path, tmp_path: 
         rows_table = app.query_one("#memory-rows", DataTable)
         assert rows_table.row_count == 32
         rows_table.focus()
+        await pilot.pause()
+        offered = {binding.action for _, binding, enabled, _ in
+                   app.screen.active_bindings.values() if enabled}
+        assert "edit" in offered  # a featural table's keys, without those it refuses
+        assert not {"evict", "recombine", "insert"} & offered
         await pilot.press("down", "down")
         entry = pane.rows[2]
         before = read_row(database, entry.id)
@@ -281,6 +286,12 @@ class FakeMemory:
 
     def take_warnings(self) -> list[str]:
         return []
+
+    def fixed_slots(self, table: str) -> bool:
+        return False
+
+    async def annotate(self, table: str, path: str) -> int:
+        return 0
 
 
 async def test_pane_pages_and_undoes_against_its_protocol() -> None:

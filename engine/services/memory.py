@@ -68,6 +68,11 @@ class MemoryService:
         """The live memory layer mirrored into ``table``, if it is a mirror."""
         return self.live.get(table)
 
+    def fixed_slots(self, table: str) -> bool:
+        """Whether ``table`` mirrors a featural layer: a fixed number of slots, so no insert,
+        eviction or recombination."""
+        return table in self.live.featural
+
     def tracker(self) -> MemoryTracker | None:
         """A recorder of the memory entries one reply of the student reads (None when the
         student has no mirrored memory layers)."""
@@ -215,7 +220,9 @@ class MemoryService:
             handle = self._open_store().table(table)
             found = annotated_ids(student_annotations(self.runtime), featural, text, k) \
                 if featural is not None else []
-            result = handle.query(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
+            # A person looking is not the model reading: a search counts no access.
+            result = handle.query(np.asarray(query, dtype=np.float32).reshape(1, -1), k,
+                                  record_access=False)
             found += [int(i) for i in result.ids[0] if int(i) >= 0 and int(i) not in found]
             return handle.get(found[:k]) if found else []
 

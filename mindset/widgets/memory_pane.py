@@ -21,6 +21,7 @@ from mindset.screens.entry_edit import EntryEdit, EntryEditScreen, EntryInsertSc
 from mindset.widgets.messages import ModelLoaded
 
 PAGE_SIZE = 50
+FIXED_SLOT_REFUSALS = ("insert", "evict", "recombine")  # actions a featural table refuses
 RAW = "raw: "  # marks promotes read straight through the output embedding (no annotations)
 COLUMNS = ("id", "label", "access", "last access", "norm", "promotes")
 
@@ -53,6 +54,12 @@ class MemoryPane(Vertical):
         self.search_results: list[EntryView] | None = None
         self.rows: list[EntryView] = []
         self.undo_stack: list[DeletedEntries] = []
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Keys are offered only where they apply: a featural table has fixed slots."""
+        if action in FIXED_SLOT_REFUSALS and self.table_name is not None:
+            return not self.memory.fixed_slots(self.table_name)
+        return True
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="memory-top"):
@@ -121,6 +128,7 @@ class MemoryPane(Vertical):
     async def load_page(self) -> None:
         if self.table_name is None:
             return
+        self.refresh_bindings()  # the footer offers what this table takes
         try:
             stats = await self.memory.table_stats(self.table_name)
             if self.search_results is not None:
