@@ -90,8 +90,10 @@ class ChatAPI(Protocol):
 
     def stream_chat(
         self, target: str, messages: Sequence[ChatMessage], *, max_tokens: int = ...,
-        temperature: float = ...,
+        temperature: float | None = ..., top_p: float | None = ...,
     ) -> AsyncIterator[str]: ...
+
+    async def sampling_defaults(self, target: str) -> dict[str, float | int]: ...
 
     def last_memory_usage(self, target: str) -> list[MemoryUse] | None: ...
 

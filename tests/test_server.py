@@ -79,6 +79,24 @@ async def test_chat_without_streaming(served: Served) -> None:
     assert entry.messages == HELLO and entry.response == "\n" * 6
 
 
+async def test_left_out_sampling_is_the_model_default(served: Served) -> None:
+    from engine.llm.defaults import SMALL_MODEL_DEFAULTS
+
+    async with served.client() as client:
+        await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "defaults left"}],
+            max_tokens=2)
+        await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "defaults chosen"}],
+            max_tokens=2, top_p=0.5)
+    [defaulted] = served.log.search("defaults left", 5)
+    [chosen] = served.log.search("defaults chosen", 5)
+    assert defaulted.params["temperature"] == SMALL_MODEL_DEFAULTS["temperature"]
+    assert defaulted.params["top_p"] == SMALL_MODEL_DEFAULTS["top_p"]
+    assert chosen.params["top_p"] == 0.5  # a given value wins
+    assert chosen.params["temperature"] == SMALL_MODEL_DEFAULTS["temperature"]
+
+
 async def test_chat_streaming_matches_the_whole_reply_and_reports_usage(served: Served) -> None:
     arguments: dict[str, Any] = dict(model=MODEL, messages=HELLO, max_tokens=20,
                                      temperature=0.9, seed=5)

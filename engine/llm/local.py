@@ -18,6 +18,7 @@ from typing import Any
 from engine.errors import InputError
 from engine.llm.adapter import BaseAdapter, GenerationRequest
 from engine.llm.decoding import IncrementalDecoder, StopMatcher
+from engine.llm.defaults import generation_defaults
 from engine.llm.log import InteractionLog
 from engine.llm.types import ChatMessage, SamplingParams, StreamChunk, Usage
 
@@ -36,6 +37,8 @@ class LocalAdapter(BaseAdapter):
         self.loaded = loaded
         self.context_length = _context_length(loaded.model.config)
         self.eos_ids = _eos_ids(loaded.model.config, loaded.tokenizer)
+        # What a request that names no sampling parameter gets (engine.llm.defaults).
+        self.sampling_defaults = generation_defaults(loaded.model)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mindset-generate")
         self._turn: asyncio.Lock | None = None
         self._counter_lock = threading.Lock()

@@ -57,15 +57,20 @@ class ChatService:
         messages: Sequence[ChatMessage],
         *,
         max_tokens: int = 128,
-        temperature: float = 0.0,
+        temperature: float | None = None,
+        top_p: float | None = None,
         conversation_id: str | None = None,
     ) -> AsyncIterator[str]:
         """Stream a reply from ``target`` (teacher, student or remote) through the LLM
-        adapters, piece by piece. Failures arrive as :class:`MindsetError`."""
+        adapters, piece by piece; sampling left out (None) is the model's default (see
+        :mod:`engine.llm.defaults`). Failures arrive as :class:`MindsetError`."""
         from engine.llm import SamplingParams
+        from engine.llm.defaults import filled
 
         adapter = await self._adapter(target)
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        chosen = filled(getattr(adapter, "sampling_defaults", {}), temperature=temperature,
+                        top_p=top_p)
+        params = SamplingParams(max_tokens=max_tokens, **chosen).validate()  # InputError
         payload = [{"role": m.role, "content": m.content} for m in messages]
         tracker = None
         if target == STUDENT and self._tracker is not None:
@@ -85,6 +90,16 @@ class ChatService:
             if tracker is not None:
                 tracker.detach()
                 self._memory_usage[target] = tracker.top()
+
+    async def sampling_defaults(self, target: str) -> dict[str, float | int]:
+        """The sampling a reply from ``target`` gets when none is chosen: its generation
+        config's, or conservative small-model defaults; empty for a remote API (its own)."""
+        if target == REMOTE:
+            return {}
+        from engine.llm.defaults import filled
+
+        adapter = await self._adapter(target)
+        return filled(getattr(adapter, "sampling_defaults", {}), temperature=None, top_p=None)
 
     async def _adapter(self, target: str) -> BaseAdapter:
         """One adapter per chat target, built on the models the runtime already loaded."""

@@ -27,12 +27,14 @@ def register(commands: Any) -> None:
     parser.add_argument("--chat", action="store_true",
                         help="send the prompt as a user message with the chat template")
     parser.add_argument("--max-tokens", type=positive_int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.7,
-                        help="0 for greedy, else 1e-05 to 2 (default 0.7)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=whole_number, default=0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="0.01 to 10; 1 means none (default)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 for greedy, else 1e-05 to 2 (default: the model's own, from "
+                        "its generation config, else 0.2 with top-p 0.9 for a local model)")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the model's")
+    parser.add_argument("--top-k", type=whole_number, default=None,
+                        help="default: the model's")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="0.01 to 10; 1 means none (default: the model's)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=whole_number, default=None)
     parser.set_defaults(handler=run)
@@ -47,16 +49,22 @@ def model_spec(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from engine.llm.config import build_adapter
+    from engine.llm.defaults import filled
     from engine.llm.types import SamplingParams
     from engine.process_memory import PeakMemory
 
-    # Checked before a model loads (seconds); non-UTF-8 argv bytes are refused by the CLI.
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k,
-                            repetition_penalty=args.repetition_penalty, stop=args.stop,
-                            seed=args.seed).validate()
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+             "repetition_penalty": args.repetition_penalty}
+
+    def sampling(defaults: dict[str, float | int]) -> SamplingParams:
+        return SamplingParams(max_tokens=args.max_tokens, stop=args.stop, seed=args.seed,
+                              **filled(defaults, **given)).validate()
+
+    sampling({})  # what was given is checked before a model loads (seconds)
 
     async def stream(adapter: Any) -> None:
+        # Left out: the model's own defaults (a remote API applies its own).
+        params = sampling(getattr(adapter, "sampling_defaults", {}))
         try:
             chunks = (adapter.stream_chat([{"role": "user", "content": args.prompt}], params)
                       if args.chat else adapter.stream_complete(args.prompt, params))

@@ -46,6 +46,7 @@ class ChatPane(Vertical):
         Binding("escape", "stop", "Stop reply", id="chat.stop"),
         Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
         Binding("ctrl+g", "trace", "Trace reply", id="chat.trace"),
+        Binding("ctrl+s", "sampling", "Sampling", id="chat.sampling"),
     ]
 
     def __init__(self, chat: ChatAPI, *, knowledge: KnowledgeAPI | None = None,
@@ -56,7 +57,9 @@ class ChatPane(Vertical):
         self.conversation = ChatTree()
         self.editing: Turn | None = None
         self.max_tokens = 128
-        self.temperature = 0.7
+        # This conversation's sampling; None: the model's defaults (engine.llm.defaults).
+        self.temperature: float | None = None
+        self.top_p: float | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="chat-top"):
@@ -65,6 +68,7 @@ class ChatPane(Vertical):
                 value=self.chat.chat_targets()[0], allow_blank=False, id="chat-model",
             )
             yield Static("", id="chat-state")
+            yield Static("", id="chat-sampling")
         with Horizontal(id="chat-main"):
             yield VerticalScroll(id="chat-log")
             with Vertical(id="chat-side"):
@@ -91,6 +95,62 @@ class ChatPane(Vertical):
         select.set_options([(t, t) for t in targets])
         if current in targets:
             select.value = current
+        self.show_sampling()
+
+    @on(Select.Changed, "#chat-model")
+    def _target_changed(self, _event: Select.Changed) -> None:
+        self.show_sampling()
+
+    @work(exclusive=True, group="chat-sampling", exit_on_error=False)
+    async def show_sampling(self) -> None:
+        """The sampling the next reply gets: this conversation's, or the model's defaults."""
+        label = self.query_one("#chat-sampling", Static)
+        target = str(self.query_one("#chat-model", Select).value)
+        try:
+            defaults = await self.chat.sampling_defaults(target)
+        except MindsetError:
+            label.update("")
+            return
+        if not defaults and self.temperature is None and self.top_p is None:
+            label.update("[dim]sampling: the API's defaults  ·  ctrl+s: change[/dim]")
+            return
+        temperature = self.temperature if self.temperature is not None \
+            else defaults.get("temperature", 1.0)
+        top_p = self.top_p if self.top_p is not None else defaults.get("top_p", 1.0)
+        whose = "this chat's" if (self.temperature, self.top_p) != (None, None) \
+            else "the model's defaults"
+        label.update(f"[dim]temperature {temperature:g} · top-p {top_p:g} ({whose})  ·  "
+                     "ctrl+s: change[/dim]")
+
+    def action_sampling(self) -> None:
+        from mindset.screens.trace import AskScreen
+
+        def chosen(text: str | None) -> None:
+            if text is None:
+                return
+            parts = text.replace(",", " ").split()
+            if not parts:  # empty: back to the model's defaults
+                self.temperature = self.top_p = None
+                self.show_sampling()
+                return
+            try:
+                temperature = float(parts[0])
+                top_p = float(parts[1]) if len(parts) > 1 else None
+            except ValueError:
+                self.notify(f"give a temperature and optionally a top-p, such as 0.2 0.9; "
+                            f"not {text!r}", severity="error")
+                return
+            if not (temperature == 0 or 1e-5 <= temperature <= 2) or \
+                    (top_p is not None and not 0 < top_p <= 1):
+                self.notify("temperature must be 0 (greedy) or 1e-05 to 2, and top-p in "
+                            "(0, 1]", severity="error")
+                return
+            self.temperature, self.top_p = temperature, top_p
+            self.show_sampling()
+
+        self.app.push_screen(AskScreen("Sampling for this chat: temperature and top-p, such "
+                                       "as 0.2 0.9 (0: greedy; empty: the model's defaults)",
+                                       ""), chosen)
 
     # -------------------------------------------------------------------------- sending
 
@@ -127,7 +187,8 @@ class ChatPane(Vertical):
         stream = Markdown.get_stream(body)
         try:
             async for piece in self.chat.stream_chat(
-                target, messages, max_tokens=self.max_tokens, temperature=self.temperature
+                target, messages, max_tokens=self.max_tokens, temperature=self.temperature,
+                top_p=self.top_p,
             ):
                 reply.content += piece
                 await stream.write(piece)
@@ -220,4 +281,6 @@ class ChatPane(Vertical):
     async def action_new_chat(self) -> None:
         self.workers.cancel_group(self, "chat")
         self.conversation = ChatTree()
+        self.temperature = self.top_p = None  # sampling is chosen per conversation
+        self.show_sampling()
         await self._render_path()

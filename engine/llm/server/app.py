@@ -126,7 +126,7 @@ def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = No
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         adapter = adapter_for(body.model)
-        params = sampling(body, body.max_completion_tokens)
+        params = sampling(body, body.max_completion_tokens, adapter.sampling_defaults)
         messages = [m.as_message() for m in body.messages]
         usage = Usage(prompt_tokens=await check_context(adapter, messages=messages))
         if body.stream:
@@ -143,7 +143,7 @@ def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = No
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
     async def completions(body: CompletionRequest, request: Request) -> Any:
         adapter = adapter_for(body.model)
-        params = sampling(body, None)
+        params = sampling(body, None, adapter.sampling_defaults)
         if isinstance(body.prompt, list):
             if len(body.prompt) != 1:
                 raise APIError(400, "give one prompt (a string, or a list of exactly one)",
@@ -167,10 +167,10 @@ def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = No
 # Requests --------------------------------------------------------------------------------
 
 
-def sampling(body: ChatCompletionRequest | CompletionRequest,
-             max_tokens: int | None) -> SamplingParams:
+def sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
+             defaults: dict[str, float | int]) -> SamplingParams:
     try:
-        return body.sampling(max_tokens)
+        return body.sampling(max_tokens, defaults)
     except InputError as exc:
         raise from_input_error(exc) from None
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from engine.llm.defaults import filled
 from engine.llm.types import (
     MAX_REPETITION_PENALTY,
     MAX_TEMPERATURE,
@@ -62,13 +63,16 @@ class SamplingFields(BaseModel):
 
     model: Text = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=MAX_TEMPERATURE,
-                               description="0 for greedy, else at least 1e-5")
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY,
-                                      le=MAX_REPETITION_PENALTY,
-                                      description="at least 0.01; 1 means none")
+    # Left out: the model's own default (its generation config, or engine.llm.defaults).
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE,
+                                      description="0 for greedy, else at least 1e-5; "
+                                      "default: the model's")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="default: the model's")
+    top_k: int | None = Field(default=None, ge=0, description="default: the model's")
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY,
+                                             le=MAX_REPETITION_PENALTY,
+                                             description="at least 0.01; 1 means none; "
+                                             "default: the model's")
     stop: Text | list[Text] | None = Field(default=None)
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
@@ -76,16 +80,17 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: Text | None = None
 
-    def sampling(self, max_tokens: int | None = None) -> SamplingParams:
+    def sampling(self, max_tokens: int | None = None,
+                 defaults: dict[str, float | int] | None = None) -> SamplingParams:
+        """The request's sampling; what it leaves out comes from ``defaults`` (the model's)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        chosen = filled(defaults or {}, temperature=self.temperature, top_p=self.top_p,
+                        top_k=self.top_k, repetition_penalty=self.repetition_penalty)
         return SamplingParams(
             max_tokens=max_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
             stop=stop,
             seed=self.seed,
+            **chosen,
         ).validate()
 
     @property
