@@ -35,9 +35,20 @@ async def test_launch_follow_finish_and_reappear(tmp_path: Path) -> None:
         pane = await mounted(pilot, app, TrainingPane)
         app.query_one("#form-layers", Input).value = "1"
         app.query_one("#form-steps", Input).value = "6"
+        app.query_one("#form-steps", Input).focus()
+
+        def offered() -> set[str]:
+            return {binding.action for _, binding, enabled, _ in
+                    app.screen.active_bindings.values() if enabled}
+
+        await pilot.pause()
+        assert "control('pause')" not in offered()  # a letter here would type into the field
         await pilot.press("ctrl+l")
         await wait_for(pilot, lambda: len(pane.jobs) == 1, timeout=30)
         job_id = pane.jobs[0].id
+        await wait_for(pilot, lambda: app.focused is app.query_one("#jobs-table"))
+        await pilot.pause()
+        assert "control('pause')" in offered()  # the job keys act on the list now
         await wait_for(pilot, lambda: pane.jobs[0].state == "completed", timeout=150)
         await wait_for(pilot, lambda: len(pane.points) == 6)
         # The plot holds exactly the steps and losses the training process wrote...

@@ -288,6 +288,16 @@ class TrainingPane(Horizontal):
         self.notify(f"job {job.id} started")
         self.select_job(job.id)
         self.refresh_jobs()
+        # The job keys (pause, resume, cancel) act on the list: a letter typed in the form
+        # would go into its field instead.
+        self.query_one("#jobs-table", DataTable).focus()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The job keys are letters: while a form field has the focus they would type into
+        it, so the footer offers them only elsewhere."""
+        if action == "control" and isinstance(self.app.focused, Input | Select):
+            return False
+        return True
 
     @work(group="jobs-control", exit_on_error=False)
     async def action_control(self, command: str) -> None:
