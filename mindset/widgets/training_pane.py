@@ -295,9 +295,7 @@ class TrainingPane(Horizontal):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """The job keys are letters: while a form field has the focus they would type into
         it, so the footer offers them only elsewhere."""
-        if action == "control" and isinstance(self.app.focused, Input | Select):
-            return False
-        return True
+        return not (action == "control" and isinstance(self.app.focused, Input | Select))
 
     @work(group="jobs-control", exit_on_error=False)
     async def action_control(self, command: str) -> None:
