@@ -12,6 +12,7 @@ from textual.widgets import Input, Log, ProgressBar
 from engine.facade import Engine
 from engine.services.jobs import (
     DoneEvent,
+    ErrorEvent,
     JobEvent,
     ResumedEvent,
     StateEvent,
@@ -169,4 +170,9 @@ async def test_the_followed_jobs_events_arrive_as_messages() -> None:
         await wait_for(pilot, lambda: "done:" in log(), timeout=10)
         assert bar.progress == 4
         assert "done: ppl_teacher 10, ppl_student 11, gap_closed 0.97" in log()
+        detail = app.query_one("#job-detail")
+        assert "eta 0:01" in str(detail.render()) and "eta" not in str(bar.render())  # one ETA
+        await jobs.events.put(ErrorEvent(message="the teacher ran out of memory", step=3))
+        await wait_for(pilot, lambda: "failed: the teacher ran out of memory"
+                       in str(detail.render()), timeout=10)  # the error, not a progress line
         await jobs.events.put(None)

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -94,7 +95,8 @@ class TrainingPane(Horizontal):
             yield jobs
             yield PlotextPlot(id="loss-plot")
             with Horizontal(id="job-progress-row"):
-                yield ProgressBar(total=1, show_eta=True, id="job-progress")  # no job: 0%, still
+                # The job's own ETA (from its step times) is in the detail: one ETA, not two.
+                yield ProgressBar(total=1, show_eta=False, id="job-progress")  # no job: 0%
                 yield Static("", id="job-detail")
             yield Log(id="job-log", max_lines=500)
 
@@ -188,6 +190,9 @@ class TrainingPane(Horizontal):
             self._show_progress(event)
         elif isinstance(event, ErrorEvent):
             log.write_line(f"error: {event.message}")
+            # A failed job shows its error where its progress was, not a stale progress line.
+            self.query_one("#job-detail", Static).update(
+                f"[b]failed:[/b] {escape(event.message)}")
             self.notify(event.message, title=f"job {self.selected} failed", severity="error",
                         timeout=12)
         elif isinstance(event, EvalEvent):
@@ -223,7 +228,7 @@ class TrainingPane(Horizontal):
         if event.total_steps > 0:
             self.query_one(ProgressBar).update(total=event.total_steps, progress=event.step)
         detail = [f"loss {_fmt(event.loss)}", f"{event.tokens_per_s:.0f} tok/s",
-                  f"eta {event.eta_s:.0f}s"]
+                  f"eta {_clock(event.eta_s)}"]
         self.query_one("#job-detail", Static).update("  ".join(detail))
         if event.step <= 3 or event.step % 10 == 0:
             self.query_one(Log).write_line(f"step {event.step}: " + "  ".join(detail))
@@ -317,3 +322,13 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _clock(seconds: float) -> str:
+    """An ETA as h:mm:ss (or m:ss); '--' while unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "--"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
