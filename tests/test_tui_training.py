@@ -159,6 +159,9 @@ async def test_the_followed_jobs_events_arrive_as_messages() -> None:
         assert pane.points == [(1, 3.0), (2, 2.25), (3, 2.0)]
         bar = app.query_one(ProgressBar)
         assert (bar.total, bar.progress) == (4, 3)
+        # The job list's own figures say step 0: its step and loss follow the live job.
+        row = app.query_one("#jobs-table").get_row("job-1")  # type: ignore[attr-defined]
+        assert row[2:4] == ["3/4", "2.0000"]
         assert "state: running at step 0" in log() and "resumed: from_step 1" in log()
         assert "weather: sky clear" in log()  # a newer worker's event type, shown as it is
         await jobs.events.put(DoneEvent(

@@ -127,25 +127,35 @@ class TrainingPane(Horizontal):
             self.query_one("#jobs-missing", Static).update(f"[b]Jobs:[/b] {exc}")
             return
         self.jobs = jobs
-        rows: list[tuple[str, ...]] = [
-            (job.id, job.state, f"{job.step}/{job.total_steps}",
-             f"{job.loss:.4f}" if job.loss is not None else "", job.teacher, job.layers,
-             job.memory)
-            for job in jobs
-        ]
-        if rows != self._rows:  # rebuilding the table every second costs the UI a repaint
-            self._rows = rows
-            table = self.query_one("#jobs-table", DataTable)
-            cursor = table.cursor_row
-            table.clear()
-            for row in rows:
-                table.add_row(*row, key=row[0])
-            if jobs:
-                table.move_cursor(row=max(0, min(cursor, len(jobs) - 1)))
+        self._show_jobs()
         running = sum(1 for job in jobs if job.state in ("starting", "running"))
         self.app.post_message(JobsChanged(running))
         if self.selected is None and jobs:
             self.select_job(jobs[0].id)
+
+    def _job_row(self, job: JobView) -> tuple[str, ...]:
+        """One job's cells; the followed job's step and loss come from its live events (the
+        job list's own figures lag behind them)."""
+        step, total, loss = job.step, job.total_steps, job.loss
+        live = self.last_step
+        if job.id == self.selected and live is not None and live.step >= step:
+            step, total = live.step, live.total_steps or total
+            loss = live.loss if math.isfinite(live.loss) else loss
+        return (job.id, job.state, f"{step}/{total}",
+                f"{loss:.4f}" if loss is not None else "", job.teacher, job.layers, job.memory)
+
+    def _show_jobs(self) -> None:
+        rows = [self._job_row(job) for job in self.jobs]
+        if rows == self._rows:  # rebuilding the table every second costs the UI a repaint
+            return
+        self._rows = rows
+        table = self.query_one("#jobs-table", DataTable)
+        cursor = table.cursor_row
+        table.clear()
+        for row in rows:
+            table.add_row(*row, key=row[0])
+        if rows:
+            table.move_cursor(row=max(0, min(cursor, len(rows) - 1)))
 
     @on(DataTable.RowHighlighted, "#jobs-table")
     def _job_highlighted(self, event: DataTable.RowHighlighted) -> None:
@@ -188,6 +198,7 @@ class TrainingPane(Horizontal):
                 self.points.append((event.step, event.loss))
                 self._plot_stale = True  # drawn by the timer: a job logs many steps a second
             self._show_progress(event)
+            self._show_jobs()  # the list's step and loss columns follow the live job
         elif isinstance(event, ErrorEvent):
             log.write_line(f"error: {event.message}")
             # A failed job shows its error where its progress was, not a stale progress line.
