@@ -7,8 +7,10 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from textual.widgets import Input, Log, ProgressBar
+import pytest
+from textual.widgets import Input, Log, ProgressBar, Static
 
+from engine.errors import MindsetError
 from engine.facade import Engine
 from engine.services.jobs import (
     DoneEvent,
@@ -128,6 +130,9 @@ class FakeJobs:
         return [JobView(id="job-1", state="running", step=0, total_steps=4,
                         teacher="tiny-llama", layers="1", memory="featural")]
 
+    async def check_request(self, request: JobRequest) -> dict[str, str]:
+        return {}
+
     async def launch_job(self, request: JobRequest) -> JobView:
         raise AssertionError("not launched in this test")
 
@@ -179,3 +184,25 @@ async def test_the_followed_jobs_events_arrive_as_messages() -> None:
         await wait_for(pilot, lambda: "failed: the teacher ran out of memory"
                        in str(detail.render()), timeout=10)  # the error, not a progress line
         await jobs.events.put(None)
+
+
+async def test_the_form_refuses_bad_fields_beside_them_without_starting_a_job(
+        tmp_path: Path) -> None:
+    engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=tmp_path / "runs")
+    app = make_app(engine)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        await pilot.press("f4")
+        pane = await mounted(pilot, app, TrainingPane)
+        app.query_one("#form-layers", Input).value = "99"
+        app.query_one("#form-data", Input).value = str(tmp_path / "missing.txt")
+        app.query_one("#form-lr", Input).value = "-1"
+        await pilot.press("ctrl+l")
+        layers_error = app.query_one("#form-layers-error", Static)
+        await wait_for(pilot, lambda: "layer 99" in str(layers_error.render()))
+        assert "4 layers" in str(layers_error.render())  # the teacher's own count
+        assert "no such file" in str(app.query_one("#form-data-error", Static).render())
+        assert "positive" in str(app.query_one("#form-lr-error", Static).render())
+        assert not app.query_one("#form-steps-error", Static).display  # a good field: silent
+        assert await engine.jobs.list_jobs() == [] and pane.jobs == []  # nothing started
+        with pytest.raises(MindsetError, match="layers"):  # the engine refuses it as well
+            await engine.jobs.launch_job(JobRequest(teacher="tiny-llama", layers="99"))

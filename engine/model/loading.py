@@ -94,7 +94,13 @@ def _load_model(spec: str, *, dtype: Any = None) -> LoadedModel:
 
 def model_config(spec: str) -> Any:
     """The config of the model ``spec`` names, read without loading (or converting) weights:
-    enough for :mod:`engine.model.anatomy` to tell its family, sizes and layers."""
+    enough for :mod:`engine.model.anatomy` to tell its family, sizes and layers. Taken in
+    turn with model builds: it may import transformers (see :data:`MODEL_BUILD_LOCK`)."""
+    with MODEL_BUILD_LOCK:
+        return _model_config(spec)
+
+
+def _model_config(spec: str) -> Any:
     check_spec_text(spec)
     if spec in TINY_SPECS:
         return tiny_config(TINY_SPECS[spec])

@@ -30,7 +30,7 @@ from engine.distill.job_events import (
     UnknownEvent,
     event_type,
 )
-from engine.errors import MindsetError
+from engine.errors import InputError, MindsetError, one_line
 from engine.runtime import module_exists
 from engine.views import Availability, JobRequest, JobView
 
@@ -98,8 +98,21 @@ class JobService:
                           data=None, steps=QUICK_START_STEPS, lr=3e-4,
                           options=dict(QUICK_START_OPTIONS))
 
+    async def check_request(self, request: JobRequest) -> dict[str, str]:
+        """What is wrong with ``request``, by form field (teacher, layers, memory, data,
+        steps, lr; "form" for the rest), checked as the job would check it but before any
+        model loads: the teacher's config, the layers against its layer count, the data
+        path, the settings. Empty: it can start."""
+        return await asyncio.to_thread(request_problems, request,
+                                       {**request.options, **self.job_overrides})
+
     async def launch_job(self, request: JobRequest) -> JobView:
-        """Start a distillation job in its own process; it outlives the workbench."""
+        """Start a distillation job in its own process; it outlives the workbench. A request
+        :meth:`check_request` finds wrong is refused before anything starts."""
+        problems = await self.check_request(request)
+        if problems:
+            field, message = next(iter(problems.items()))
+            raise MindsetError(message if field == "form" else f"{field}: {message}")
         layers = request.layers.strip()
         if layers == "middle":  # shown resolved in the job list, as the run will train it
             layers = str(await asyncio.to_thread(middle_layer_of, request.teacher))
@@ -170,6 +183,44 @@ class JobService:
             return max(candidates)[1] if candidates else None
 
         return await asyncio.to_thread(find)
+
+
+def request_problems(request: JobRequest, options: dict[str, Any]) -> dict[str, str]:
+    """The form fields of ``request`` that a job would refuse, with why (see
+    :meth:`JobService.check_request`)."""
+    from engine.distill.config import DistillConfig
+    from engine.model.anatomy import resolve_layers
+    from engine.model.loading import model_config
+
+    problems: dict[str, str] = {}
+    try:
+        config = model_config(request.teacher)
+    except Exception as exc:  # any failure to read it is the teacher field's problem
+        problems["teacher"] = one_line(exc)
+        config = None
+    if config is not None:
+        try:
+            resolve_layers(request.layers.strip() or "middle", config)
+        except InputError as exc:
+            problems["layers"] = str(exc)
+    if request.data:
+        path = Path(request.data).expanduser()
+        if not path.exists():
+            problems["data"] = f"{path}: no such file or folder"
+        elif not (path.is_file() or path.is_dir()):
+            problems["data"] = f"{path} is not a file or a folder of text files"
+    try:
+        DistillConfig(teacher=request.teacher, layers=request.layers or "middle",
+                      memory=request.memory, steps=request.steps, lr=request.lr,
+                      **options).validate()
+    except InputError as exc:
+        message = str(exc)
+        field = next((name for name in ("steps", "lr", "memory") if message.startswith(name)
+                      or f"{name}=" in message.split(" ")[0]), "form")
+        problems.setdefault(field, message)
+    except TypeError as exc:
+        problems.setdefault("form", one_line(exc))
+    return problems
 
 
 def middle_layer_of(teacher: str) -> int:

@@ -77,17 +77,24 @@ class TrainingPane(Horizontal):
             yield Static("[b]New distillation job[/b]")
             yield Label("teacher")
             yield Input(self.service.default_teacher, id="form-teacher")
+            yield Static("", id="form-teacher-error", classes="field-error")
             yield Label("layers (e.g. 15, 8-10, all)")
             yield Input("middle", id="form-layers")
+            yield Static("", id="form-layers-error", classes="field-error")
             yield Label("memory kind")
             yield Select([(k, k) for k in MEMORY_KINDS], value="featural", allow_blank=False,
                          id="form-memory")
+            yield Static("", id="form-memory-error", classes="field-error")
             yield Label("data (file or folder; empty: sampled from the teacher)")
             yield Input("", id="form-data")
+            yield Static("", id="form-data-error", classes="field-error")
             yield Label("steps")
             yield Input("200", id="form-steps", type="integer")
+            yield Static("", id="form-steps-error", classes="field-error")
             yield Label("learning rate")
             yield Input("0.001", id="form-lr", type="number")
+            yield Static("", id="form-lr-error", classes="field-error")
+            yield Static("", id="form-form-error", classes="field-error")
             yield Button("Launch (ctrl+l)", variant="primary", id="form-launch")
         with Vertical(id="jobs-side"):
             yield Static("", id="jobs-missing")
@@ -263,12 +270,18 @@ class TrainingPane(Horizontal):
         def value(widget_id: str) -> str:
             return self.query_one(widget_id, Input).value.strip()
 
+        problems: dict[str, str] = {}
+        steps, lr = 0, 0.0
         try:
             steps = int(value("#form-steps"))
+        except ValueError:
+            problems["steps"] = "give a whole number of steps"
+        try:
             lr = float(value("#form-lr"))
         except ValueError:
-            self.notify("steps must be a whole number and the learning rate a number",
-                        severity="error")
+            problems["lr"] = "give the learning rate as a number, such as 0.001"
+        if problems:
+            self._show_problems(problems)
             return None
         memory = self.query_one("#form-memory", Select).value
         return JobRequest(
@@ -290,11 +303,28 @@ class TrainingPane(Horizontal):
         """One layer of the teacher, a few minutes, followed live."""
         self.launch(self.service.quick_start_request())
 
+    def _show_problems(self, problems: dict[str, str]) -> None:
+        """Each problem beside its field (and nothing beside the others)."""
+        for error in self.query(".field-error").results(Static):
+            field = (error.id or "").removeprefix("form-").removesuffix("-error")
+            message = problems.get(field, "")
+            error.update(escape(message))
+            error.display = bool(message)  # an empty one takes no line of the form
+        if problems:
+            self.notify("the job was not started: see the marked fields", severity="error")
+
     @work(group="jobs-launch", exit_on_error=False)
     async def launch(self, request: JobRequest) -> None:
         status = self.service.availability()
         if not status.ok:
             self.notify(status.reason, severity="error")
+            return
+        try:  # checked here in seconds, not by a worker that failed a minute later
+            problems = await self.service.check_request(request)
+        except MindsetError as exc:
+            problems = {"form": str(exc)}
+        self._show_problems(problems)
+        if problems:
             return
         try:
             job = await self.service.launch_job(request)
