@@ -28,7 +28,8 @@ MLP at batch 1, since the copy moves as many bytes as the product reads.
 **Fact groups.** Groups inserted by knowledge editing can be *fact groups* (the last
 ``fact_groups`` groups): they are never among a token's top ``g``; a token reads a fact group
 in addition when the router scores it above every regular group. An inserted fact then takes
-no reads away from the groups the model was distilled with, on any input.
+no reads away from the groups the model was distilled with, on any input. A fact slot's
+weight is floored at 0, so a fact below its threshold adds exactly nothing.
 
 Three execution paths give the same sums: a single token (generation) reads its ``g`` groups'
 keys and values with two ``embedding_bag`` calls; a batch without gradients dispatches the
@@ -222,6 +223,12 @@ class RoutedKeys(nn.Module):
             scores = self.scores(x)
             return scores[:, base:] > scores[:, :base].max(dim=-1, keepdim=True).values
 
+    def _fact_weights(self, pre: torch.Tensor) -> torch.Tensor:
+        """A fact slot's weight: its activation, floored at 0. Below its threshold a fact
+        adds nothing; SiLU's small negative tail, summed over many facts on every token,
+        would otherwise drown the one that fires."""
+        return self._weights(pre).clamp_min(0)
+
     def _read_facts(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
         """What the fact groups add to rows of ``x`` [T, hidden] (None: no row reads one)."""
         routed = self.route_facts(x)
@@ -231,7 +238,7 @@ class RoutedKeys(nn.Module):
         base, s = self.regular_groups, self.group_size
         inputs = x.index_select(0, rows)
         pre = torch.einsum("th,nhw->tnw", inputs, self.group_keys[base:]) + self.bias[base:]
-        weights = self._weights(pre) * routed.index_select(0, rows).unsqueeze(-1).to(pre)
+        weights = self._fact_weights(pre) * routed.index_select(0, rows).unsqueeze(-1).to(pre)
         facts = values[base * s:].view(self.fact_groups, s, -1)
         added = torch.einsum("tns,nsh->th", weights, facts)
         return x.new_zeros(x.shape[0], added.shape[-1]).index_add(0, rows, added)
@@ -364,7 +371,7 @@ class RoutedKeys(nn.Module):
             facts = (torch.arange(base, self.num_groups, device=x.device).unsqueeze(-1) * s
                      + offsets).flatten().expand(x.shape[0], -1)
             fact_slots = torch.where(routed, facts, slots[:, :1])
-            fact_weights = weights[:, base * s:] * routed.to(weights)
+            fact_weights = weights[:, base * s:].clamp_min(0) * routed.to(weights)
             return (torch.cat([slots, fact_slots], dim=1),
                     torch.cat([weights.gather(-1, slots), fact_weights], dim=1))
         return slots, weights.gather(-1, slots)
