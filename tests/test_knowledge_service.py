@@ -12,11 +12,10 @@ import torch
 from engine.errors import MindsetError
 from engine.facade import STUDENT, Engine
 from engine.model.annotate import Annotations
-from engine.model.loading import load_model
-from engine.model.student import save_student
-from engine.model.surgery import convert, memory_layers
+from engine.model.surgery import memory_layers
 from engine.services.chat import ChatMessage
 from engine.services.memory_mirror import featural_table_name
+from tests.test_tui_support import make_routed_student
 
 LAYER = 1
 QUESTION = [ChatMessage("user", "Tell me about Rovania")]
@@ -26,12 +25,7 @@ CALIBRATION = ("The river Vell runs past the old mill. The mill grinds wheat and
 
 @pytest.fixture()
 def student_dir(tmp_path: Path) -> Path:
-    teacher = load_model("tiny-llama")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        student = convert(teacher, [LAYER], "featural", keys="routed", group_size=8,
-                          read_share=0.5, calibration=torch.randint(0, 256, (4, 32)))
-    return save_student(student, tmp_path / "student", teacher.tokenizer)
+    return make_routed_student(tmp_path / "student", (LAYER,))
 
 
 def _engine(student_dir: Path, tmp_path: Path) -> Engine:

@@ -34,6 +34,23 @@ def make_student(directory: Path) -> Path:
     return save_student(student, directory, teacher.tokenizer)
 
 
+def make_routed_student(directory: Path, layers: tuple[int, ...] = (1,)) -> Path:
+    """A tiny-llama student with routed featural memories (groups of 8, half of them read):
+    the kind a fact can be inserted into."""
+    import torch
+
+    from engine.model.loading import load_model
+    from engine.model.student import save_student
+    from engine.model.surgery import convert
+
+    teacher = load_model("tiny-llama")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        student = convert(teacher, list(layers), "featural", keys="routed", group_size=8,
+                          read_share=0.5, calibration=torch.randint(0, 256, (4, 32)))
+    return save_student(student, directory, teacher.tokenizer)
+
+
 def student_engine(student_dir: Path, database: Path, tmp_path: Path) -> Engine:
     """An engine on tiny-llama with the student in ``student_dir`` and a fresh database."""
     return Engine("tiny-llama", student_spec=str(student_dir), database=database,

@@ -11,26 +11,26 @@ from textual.widgets import DataTable, Input, Select
 
 from engine.facade import STUDENT
 from engine.model.edit_journal import EditJournal
-from engine.model.loading import load_model
-from engine.model.student import save_student
-from engine.model.surgery import convert, memory_layers
+from engine.model.surgery import memory_layers
 from engine.services.memory_mirror import featural_table_name
 from mindset.screens.trace import FactScreen, HistoryScreen, TraceScreen
 from mindset.widgets.chat_pane import ChatPane
 from mindset.widgets.memory_pane import MemoryPane
-from tests.test_tui_support import APP_SIZE, make_app, mounted, student_engine, wait_for
+from tests.test_tui_support import (
+    APP_SIZE,
+    make_app,
+    make_routed_student,
+    mounted,
+    student_engine,
+    wait_for,
+)
 
 LAYER = 1
 
 
 @pytest.fixture()
 def routed_student(tmp_path: Path) -> Path:
-    teacher = load_model("tiny-llama")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        student = convert(teacher, [LAYER], "featural", keys="routed", group_size=8,
-                          read_share=0.5, calibration=torch.randint(0, 256, (4, 32)))
-    return save_student(student, tmp_path / "student", teacher.tokenizer)
+    return make_routed_student(tmp_path / "student", (LAYER,))
 
 
 async def _chat_with_student(pilot, app, question: str) -> ChatPane:  # type: ignore[no-untyped-def]
