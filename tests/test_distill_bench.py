@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import REPO_ROOT
 from tests.test_distill_support import teacher_dir, text_file
@@ -15,12 +16,17 @@ KEYS = ["ppl_teacher", "ppl_ratio_1_layer", "ppl_ratio_3_layers", "ppl_ratio_all
         "control_ppl_ratio_all_layers", "throughput_ratio_vs_finetune", "cpu_seconds"]
 
 
-def test_quick_benchmark_writes_every_key(tmp_path: Path) -> None:
+def _bench_module() -> Any:
     spec = importlib.util.spec_from_file_location(
         "distill_quality", REPO_ROOT / "bench" / "distill_quality.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_benchmark_writes_every_key(tmp_path: Path) -> None:
+    module = _bench_module()
     out = tmp_path / "distill_quality.json"
     assert module.main(["--model", str(teacher_dir()), "--data", str(text_file()), "--quick",
                         "--sets", "1_layer", "--block-size", "32", "--finetune-steps", "1",
@@ -48,11 +54,7 @@ def _committed_results() -> dict[str, bytes]:
 
 
 def test_a_quick_run_without_out_never_touches_committed_results(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "distill_quality", REPO_ROOT / "bench" / "distill_quality.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module()
     before = _committed_results()
     assert before  # the committed figures exist
     assert module.main(["--model", str(teacher_dir()), "--data", str(text_file()), "--quick",
