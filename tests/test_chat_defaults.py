@@ -10,7 +10,7 @@ from textual.widgets import Input, Static
 from engine.facade import TEACHER, Engine
 from engine.llm.defaults import SMALL_MODEL_DEFAULTS, generation_defaults
 from engine.model.loading import load_model
-from mindset.screens.trace import AskScreen
+from mindset.screens.ask import AskScreen
 from mindset.widgets.chat_pane import ChatPane
 from tests.test_tui_support import APP_SIZE, make_app, mounted, wait_for
 
@@ -58,6 +58,13 @@ async def test_the_chat_uses_and_shows_the_model_defaults_and_a_chosen_sampling(
         await pilot.press(*"hi", "enter")
         await wait_for(pilot, lambda: len(seen) == 1 and not pane.workers)
         assert seen[0] == (0.55, 0.8)  # the model's own sampling
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, AskScreen))
+        app.screen.query_one("#ask-answer", Input).value = "7 1"  # out of range: refused
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: any("temperature" in n.message
+                                          for n in app._notifications))
+        assert "the model's defaults" in str(label.render())
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: isinstance(app.screen, AskScreen))
         app.screen.query_one("#ask-answer", Input).value = "0 1"

@@ -91,6 +91,14 @@ class ChatService:
                 tracker.detach()
                 self._memory_usage[target] = tracker.top()
 
+    def check_sampling(self, temperature: float | None, top_p: float | None) -> None:
+        """Raise :class:`MindsetError` (one line, naming the parameter) when a chosen
+        temperature or top-p is out of range; None means the model's default."""
+        from engine.llm import SamplingParams
+        from engine.llm.defaults import filled
+
+        SamplingParams(**filled({}, temperature=temperature, top_p=top_p)).validate()
+
     async def sampling_defaults(self, target: str) -> dict[str, float | int]:
         """The sampling a reply from ``target`` gets when none is chosen: its generation
         config's, or conservative small-model defaults; empty for a remote API (its own)."""

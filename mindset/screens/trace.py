@@ -26,6 +26,7 @@ from engine.facade import STUDENT
 from engine.services.chat import ChatMessage
 from engine.views import EditRecord, ReplyTrace, TracedRow
 from mindset.protocols import ChatAPI, KnowledgeAPI
+from mindset.screens.ask import AskScreen
 from mindset.screens.messages import OpenMemoryEntry
 
 COLUMNS = ("#", "layer", "entry", "slot", "weight", "influence", "label")
@@ -265,29 +266,6 @@ class TraceScreen(ModalScreen[None]):
         self.app.push_screen(HistoryScreen(records), chosen)
 
     def action_close(self) -> None:
-        self.dismiss(None)
-
-
-class AskScreen(ModalScreen[str | None]):
-    """One question, one line of answer."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
-
-    def __init__(self, question: str, default: str = "") -> None:
-        super().__init__()
-        self.question = question
-        self.default = default
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
-            yield Label(self.question)
-            yield Input(self.default, id="ask-answer")
-
-    @on(Input.Submitted, "#ask-answer")
-    def _submitted(self, event: Input.Submitted) -> None:
-        self.dismiss(event.value.strip())
-
-    def action_cancel(self) -> None:
         self.dismiss(None)
 
 

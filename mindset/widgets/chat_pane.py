@@ -123,7 +123,7 @@ class ChatPane(Vertical):
                      "ctrl+s: change[/dim]")
 
     def action_sampling(self) -> None:
-        from mindset.screens.trace import AskScreen
+        from mindset.screens.ask import AskScreen
 
         def chosen(text: str | None) -> None:
             if text is None:
@@ -140,10 +140,10 @@ class ChatPane(Vertical):
                 self.notify(f"give a temperature and optionally a top-p, such as 0.2 0.9; "
                             f"not {text!r}", severity="error")
                 return
-            if not (temperature == 0 or 1e-5 <= temperature <= 2) or \
-                    (top_p is not None and not 0 < top_p <= 1):
-                self.notify("temperature must be 0 (greedy) or 1e-05 to 2, and top-p in "
-                            "(0, 1]", severity="error")
+            try:  # the same ranges every request is held to
+                self.chat.check_sampling(temperature, top_p)
+            except MindsetError as exc:
+                self.notify(str(exc), severity="error")
                 return
             self.temperature, self.top_p = temperature, top_p
             self.show_sampling()

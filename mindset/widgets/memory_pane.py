@@ -259,7 +259,7 @@ class MemoryPane(Vertical):
         if self.table_name is None:
             self.notify("choose a table first", severity="warning")
             return
-        from mindset.screens.trace import AskScreen
+        from mindset.screens.ask import AskScreen
 
         table_name = self.table_name
 
