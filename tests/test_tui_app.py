@@ -193,8 +193,14 @@ async def test_a_screenshot_without_downloads_goes_to_the_data_directory(
     app = MindsetApp(engine_for(tmp_path), load_models=False, offer_quick_start=False)
     async with app.run_test(size=APP_SIZE) as pilot:
         app.deliver_screenshot()
-        await wait_for(pilot, lambda: any((tmp_path / "data" / "screenshots").glob("*.svg")))
-        shot = next((tmp_path / "data" / "screenshots").glob("*.svg"))
+        shots = tmp_path / "data" / "screenshots"
+
+        def written() -> bool:  # the file appears before Textual's writer has finished it
+            return any(shot.read_text(encoding="utf-8").rstrip().endswith("</svg>")
+                       for shot in shots.glob("*.svg"))
+
+        await wait_for(pilot, written)
+        shot = next(shots.glob("*.svg"))
         assert "<svg" in shot.read_text(encoding="utf-8")[:500]
         await pilot.press("f1")  # the help says how to close it and lists the palette key
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
