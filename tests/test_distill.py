@@ -168,7 +168,7 @@ def test_data_free_distillation_samples_a_corpus_from_the_teacher(tmp_path: Path
     assert math.isfinite(report["kl_per_token"])
 
 
-ASSOCIATIVE = dict(memory="associative", hparams={"capacity": 512}, steps=4)
+ASSOCIATIVE = dict(memory="associative", hparams={"base": "none", "capacity": 512}, steps=4)
 
 
 def test_associative_entries_survive_a_resume(tmp_path: Path) -> None:

@@ -14,14 +14,14 @@ from engine.distill.config import DistillConfig
 from engine.distill.job_events import LocalPairsEvent, latest_steps, read_events
 from engine.distill.local_pairs import capture_local_pairs
 from engine.distill.loop import run_distillation
-from engine.distill.partial_forward import (
+from engine.errors import InputError
+from engine.model.anatomy import layer_mlps
+from engine.model.loading import load_model
+from engine.model.partial_forward import (
     capture_layer_input,
     logits_from_layer,
     supports_partial_forward,
 )
-from engine.errors import InputError
-from engine.model.anatomy import layer_mlps
-from engine.model.loading import load_model
 from engine.model.surgery import convert
 from tests.test_distill_support import tiny_config
 

@@ -34,7 +34,7 @@ def make_associative_student(directory: Path) -> Path:
     teacher = load_model("tiny-llama")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        student = convert(teacher, [1], "associative", init="mlp", heads=2, key_dim=16,
+        student = convert(teacher, [1], "associative", init="mlp", base="none", heads=2, key_dim=16,
                           value_dim=32, topk=4)
     return save_student(student, directory, teacher.tokenizer)
 

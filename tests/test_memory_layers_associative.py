@@ -120,8 +120,8 @@ def test_associative_students_save_and_load_their_tables_through_the_store(
     tmp_path: Path,
 ) -> None:
     teacher = load_model("tiny-gpt2")
-    student = convert(teacher, [1, 2], "associative", init="mlp", key_dim=8, value_dim=16,
-                      topk=4, capacity=2048)
+    student = convert(teacher, [1, 2], "associative", init="mlp", base="none", key_dim=8,
+                      value_dim=16, topk=4, capacity=2048)
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
     student.train()
     student(input_ids=ids)  # training inserts entries beyond the initial ones
@@ -152,7 +152,7 @@ def test_associative_conversion_of_both_families(family: str, init: str) -> None
     teacher = load_model(family)
     calibration = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
     student = convert(teacher, [0, 3], "associative", init=init, calibration=calibration,
-                      key_dim=8, value_dim=16, topk=4, capacity=1024)
+                      base="none", key_dim=8, value_dim=16, topk=4, capacity=1024)
     layers = memory_layers(student)
     assert sorted(layers) == [0, 3]
     assert all(isinstance(m, AssociativeMemory) for m in layers.values())

@@ -15,7 +15,7 @@ CASES = {
     "flat-dense": ("tiny-gpt2", "featural", dict(keys="flat")),
     "routed": ("tiny-llama", "featural", dict(keys="routed", group_size=8, read_share=0.5)),
     "product": ("tiny-gpt2", "featural", dict(keys="product", init="random")),
-    "associative": ("tiny-llama", "associative", dict(key_dim=8, value_dim=16, topk=4,
+    "associative": ("tiny-llama", "associative", dict(base="none", key_dim=8, value_dim=16, topk=4,
                                                       capacity=1024)),
 }
 

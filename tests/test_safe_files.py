@@ -26,7 +26,7 @@ from engine.model.surgery import convert
 from mindset.cli import run
 from tests.conftest import REPO_ROOT
 
-ASSOCIATIVE: dict[str, Any] = dict(heads=2, key_dim=8, value_dim=8, topk=4, capacity=64)
+ASSOCIATIVE: dict[str, Any] = dict(key_dim=8, topk=4, capacity=64)  # the recipe: read entries
 
 
 class Exploit:

@@ -198,6 +198,7 @@ def test_the_size_estimate_is_the_layer_s_real_size(kind: str, hparams: dict[str
     memory: Any = memory_layers(student)[1]
     actual = sum(p.numel() for p in memory.parameters()) * 4
     if kind == "associative":  # a store filled to capacity besides the projections
+        actual -= sum(p.numel() for p in memory.base.parameters()) * 4  # the MLP's own size
         c = memory.config
         actual += c.capacity * ((c.key_dim + c.value_dim) * 4 + ENTRY_STATS_BYTES)
     assert memory.config.memory_bytes() == actual

@@ -104,8 +104,10 @@ def build_student(teacher: nn.Module, layers: list[int], kind: str, hparams: dic
         from engine.model.surgery import convert
 
         options = dict(hparams)
-        if options.get("init") == "data" or options.get("keys") == "routed":
-            options["calibration"] = calibration  # routed keys group neurons that fire together
+        if (options.get("init") == "data" or options.get("keys") == "routed"
+                or kind == "associative"):
+            # Routed keys group neurons that fire together; read keys are whitened.
+            options["calibration"] = calibration
         student = convert(teacher, layers, kind, teacher_spec=teacher_spec, **options)
     freeze_all_but(student, layers)
     return student

@@ -61,13 +61,13 @@ from engine.distill.objective import (
     Optimizers,
     sparse_gradient_names,
 )
-from engine.distill.partial_forward import supports_partial_forward
 from engine.distill.report import compare, heldout_ppl, summary_text
 from engine.distill.router_stage import RouterFitter
 from engine.distill.step import TrainStep
 from engine.distill.telemetry import EventCallback, Telemetry
 from engine.errors import MindsetError, one_line
 from engine.model.anatomy import layer_mlps, layer_prefixes, resolve_layers
+from engine.model.partial_forward import supports_partial_forward
 
 DATA_FREE_NAME = "data_free.safetensors"
 MAX_DATA_FREE_BYTES = 1 << 34

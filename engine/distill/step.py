@@ -30,8 +30,8 @@ from engine.distill.objective import (
     kd_loss,
     lr_factor,
 )
-from engine.distill.partial_forward import capture_layer_input, logits_from_layer
 from engine.model.anatomy import capture_mlps
+from engine.model.partial_forward import capture_layer_input, logits_from_layer
 
 Stage = Literal["router", "local", "e2e"]
 

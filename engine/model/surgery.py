@@ -28,7 +28,11 @@ from engine.model.anatomy import (
     set_mlp,
     unwrap,
 )
-from engine.model.memory_layers.config import AssociativeConfig, FeaturalConfig
+from engine.model.memory_layers.config import (
+    ASSOCIATIVE_RECIPE,
+    AssociativeConfig,
+    FeaturalConfig,
+)
 from engine.model.memory_layers.teacher_mlp import MlpWeights, mlp_weights
 
 KINDS = ("featural", "associative")
@@ -100,14 +104,26 @@ def memory_config(model: nn.Module, kind: str, hparams: dict[str, Any]
     raise InputError(f"kind={kind!r} is not a memory kind; use one of {', '.join(KINDS)}")
 
 
-def build_memory(config: FeaturalConfig | AssociativeConfig) -> nn.Module:
+def associative_base(model: nn.Module, config: FeaturalConfig | AssociativeConfig
+                     ) -> FeaturalConfig | None:
+    """The featural memory holding the teacher's neurons inside an associative layer of the
+    recipe's form (None for the original form and for featural layers)."""
+    if not isinstance(config, AssociativeConfig) or not config.reads:
+        return None
+    hidden, inner, activation, gated = mlp_shape(model)
+    return FeaturalConfig.from_hparams(hidden, {"keys": config.base}, intermediate_size=inner,
+                                       activation=activation, gated=gated)
+
+
+def build_memory(config: FeaturalConfig | AssociativeConfig,
+                 base: FeaturalConfig | None = None) -> nn.Module:
     if isinstance(config, FeaturalConfig):
         from engine.model.memory_layers.featural import FeaturalMemory
 
         return FeaturalMemory(config)
     from engine.model.memory_layers.associative import AssociativeMemory
 
-    return AssociativeMemory(config)
+    return AssociativeMemory(config, base)
 
 
 # --- conversion ------------------------------------------------------------------------------
@@ -136,6 +152,8 @@ def convert(
     if student_spec(model) is not None:
         raise InputError("this model is already a student; convert its teacher instead")
     chosen = resolve_layers(layers, model)
+    if kind == "associative":
+        hparams = {**ASSOCIATIVE_RECIPE, **hparams}
     config = memory_config(model, kind, hparams)
     if init not in INITS:
         raise InputError(f"init={init!r} is not an initialisation; use one of {', '.join(INITS)}")
@@ -147,14 +165,17 @@ def convert(
 
     io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     routed = isinstance(config, FeaturalConfig) and config.keys == "routed"
-    if (init == "data" or routed) and chosen and calibration is not None:
+    base = associative_base(model, config)
+    if base is not None and calibration is None and chosen:
+        calibration = sample_token_ids(model)  # whitening the read keys needs some inputs
+    if (init == "data" or routed or base is not None) and chosen and calibration is not None:
         assert calibration is not None
         io = mlp_io(model, calibration, chosen)
     student = copy.deepcopy(model)
     parameter = next(model.parameters())
     for layer in chosen:
         teacher_mlp = mlp_weights(mlp_of(model, layer), family, model.config)
-        memory = build_memory(config)
+        memory = build_memory(config, base)
         inputs, outputs = io.get(layer, (None, None))
         initialise(memory, init, teacher_mlp, inputs, outputs)
         memory.to(dtype=parameter.dtype, device=parameter.device)
@@ -164,6 +185,13 @@ def convert(
     setattr(student, STUDENT_ATTRIBUTE, spec)
     student.eval()
     return student
+
+
+def sample_token_ids(model: nn.Module, rows: int = 8, tokens: int = 64) -> torch.Tensor:
+    """Fixed pseudo-random token ids: inputs for statistics when no calibration text is given."""
+    vocab = int(getattr(model.config, "vocab_size", 0) or 256)
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab, (rows, tokens), generator=generator)
 
 
 def _public_hparams(config: FeaturalConfig | AssociativeConfig) -> dict[str, Any]:
@@ -200,6 +228,14 @@ def initialise(memory: nn.Module, init: str, teacher_mlp: MlpWeights,
     from engine.model.memory_layers.init_associative import init_associative
 
     assert isinstance(memory, AssociativeMemory)
+    if memory.base is not None:
+        from engine.model.memory_layers import init_featural
+        from engine.model.memory_layers.init_associative import whiten_read_keys
+
+        init_featural.init_flat_from_mlp(memory.base, teacher_mlp)
+        assert inputs is not None
+        whiten_read_keys(memory, inputs.float())
+        return
     init_associative(memory, init, teacher_mlp, inputs, outputs)
 
 
@@ -216,7 +252,8 @@ def attach_memory_layers(model: nn.Module, spec: StudentSpec) -> nn.Module:
     for layer in chosen:
         own = spec.layer_hparams.get(str(layer), {})
         config = memory_config(model, spec.kind, {**spec.hparams, **own})
-        memory = build_memory(config).to(dtype=parameter.dtype, device=parameter.device)
+        memory = build_memory(config, associative_base(model, config))
+        memory = memory.to(dtype=parameter.dtype, device=parameter.device)
         set_mlp(model, layer, memory)
     setattr(model, STUDENT_ATTRIBUTE, spec)
     return model

@@ -269,14 +269,35 @@ class FeaturalConfig:
         return (count + slots * value_dim) * BYTES_PER_PARAMETER  # plus the value table
 
 
+ASSOCIATIVE_BASES = ("none", "flat")
+# The recommended associative recipe (``--memory associative``): the teacher's neurons as the
+# layer's fixed entries, read entries attended on top (see ``AssociativeConfig``).
+ASSOCIATIVE_RECIPE: dict[str, Any] = {"base": "flat"}
+# Read entries (base != "none"): keys are whitened, so an unrelated context lies about
+# 2 * key_dim away (squared L2) and the same context at 0; thresholds scale with key_dim.
+READ_DEFAULTS: dict[str, Any] = {"heads": 1, "key_dim": 256, "topk": 8, "insert": "never",
+                                 "capacity": 65536}
+NOVELTY_PER_DIM = 0.0125
+RADIUS_PER_DIM = 0.05
+
+
 @dataclass(frozen=True)
 class AssociativeConfig:
     """An associative memory: stored (key, value) entries that grow at run time.
 
-    Queries, keys and values are projections of the hidden state (``key_dim``/``value_dim``
-    per head); each query attends over its ``topk`` nearest stored keys plus its own key.
-    A token whose query is farther than ``novelty_threshold`` (squared L2) from every stored
-    key inserts its key and value (during training, or always when ``insert="always"``).
+    ``base="none"`` (the proposal's original form): queries, keys and values are projections
+    of the hidden state (``key_dim``/``value_dim`` per head); each query attends over its
+    ``topk`` nearest stored keys plus its own key. A token whose query is farther than
+    ``novelty_threshold`` (squared L2) from every stored key inserts its key and value
+    (during training, or always when ``insert="always"``).
+
+    ``base="flat"`` (the recipe): the teacher MLP's neurons are the layer's fixed entries (a
+    flat featural memory, exact at conversion), and entries written while reading
+    (:mod:`engine.model.reading`) are attended on top: one head, a whitened query, softmax
+    over the ``topk`` nearest read entries and a null entry at ``read_radius`` (squared L2),
+    ``read_sharpness`` = radius / temperature. A read entry's value (hidden size) is fitted
+    so the model predicts what followed the context that wrote it.
+
     Past ``capacity`` entries the least recently/frequently used are evicted (LRFU with
     ``decay`` per step); ``merge_threshold`` > 0 merges near-duplicate keys that come back
     together in one top-k.
@@ -293,6 +314,18 @@ class AssociativeConfig:
     merge_threshold: float = 0.0
     decay: float = 0.99
     insert: str = "train"  # "train", "always" or "never"
+    base: str = "none"  # "none" or "flat": the teacher's neurons as fixed entries
+    read_radius: float = 0.0  # base "flat": the null entry's squared distance (0: default)
+    read_sharpness: float = 8.0  # base "flat": radius / softmax temperature
+
+    @property
+    def reads(self) -> bool:
+        """Whether this is the recipe's form: fixed teacher entries, read entries on top."""
+        return self.base != "none"
+
+    @property
+    def radius(self) -> float:
+        return self.read_radius or RADIUS_PER_DIM * self.key_dim
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -301,7 +334,13 @@ class AssociativeConfig:
     def from_hparams(cls, hidden_size: int, hparams: dict[str, Any]) -> AssociativeConfig:
         names = [f.name for f in fields(cls) if f.name != "hidden_size"]
         _reject_unknown("associative", hparams, names)
-        config = cls(hidden_size=hidden_size, **hparams)
+        values = dict(hparams)
+        if values.get("base", "none") != "none":
+            for name, default in READ_DEFAULTS.items():
+                values.setdefault(name, default)
+            values.setdefault("value_dim", hidden_size)
+            values.setdefault("novelty_threshold", NOVELTY_PER_DIM * values["key_dim"])
+        config = cls(hidden_size=hidden_size, **values)
         config.validate()
         return config
 
@@ -323,14 +362,37 @@ class AssociativeConfig:
             raise InputError(f"decay={self.decay!r} must be in (0, 1]")
         if self.insert not in ("train", "always", "never"):
             raise InputError(f"insert={self.insert!r} must be train, always or never")
+        if self.base not in ASSOCIATIVE_BASES:
+            raise InputError(f"base={self.base!r} must be one of {', '.join(ASSOCIATIVE_BASES)}")
+        if self.reads:
+            self._validate_reads()
         check_fits(self.memory_bytes(), f"one associative memory layer ({self.heads} heads, "
                    f"capacity {self.capacity})",
                    "give a smaller capacity, heads, key_dim or value_dim")
 
+    def _validate_reads(self) -> None:
+        if self.heads != 1:
+            raise InputError(f"heads={self.heads}: read entries use one head with base="
+                             f"{self.base!r}; give heads=1")
+        if self.value_dim != self.hidden_size:
+            raise InputError(f"value_dim={self.value_dim}: read entries hold a hidden-size "
+                             f"value with base={self.base!r}; give value_dim="
+                             f"{self.hidden_size}")
+        if self.insert != "never":
+            raise InputError(f"insert={self.insert!r}: with base={self.base!r} entries are "
+                             "written by reading (mindset memory read, eval --learn); give "
+                             "insert=never")
+        if self.read_radius < 0 or self.read_sharpness <= 0:
+            raise InputError(f"read_radius={self.read_radius} and read_sharpness="
+                             f"{self.read_sharpness} must be >= 0 and > 0")
+
     def memory_bytes(self) -> int:
-        """Bytes of the layer's projections (fp32) plus a store filled to ``capacity``."""
+        """Bytes of the layer's projections (fp32) plus a store filled to ``capacity`` (the
+        recipe's teacher entries are the MLP's own size on top, known to fit)."""
         query, value = self.heads * self.key_dim, self.heads * self.value_dim
         count = 2 * (self.hidden_size * query + query)  # query and key projections
-        count += self.hidden_size * value + value + value * self.hidden_size + self.hidden_size
+        if not self.reads:  # read entries carry fitted values: no value projection
+            count += self.hidden_size * value + value
+        count += value * self.hidden_size + self.hidden_size
         entry = (self.key_dim + self.value_dim) * BYTES_PER_PARAMETER + ENTRY_STATS_BYTES
         return count * BYTES_PER_PARAMETER + self.capacity * entry

@@ -10,6 +10,8 @@ and ``engine.memory.recombination``); a cache position plays the part of a row i
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -36,6 +38,11 @@ class EntryCache:
         self.crf = np.zeros(0, dtype=np.float64)
         self.last_tick = np.zeros(0, dtype=np.int64)
         self.hits = np.zeros(0, dtype=np.int64)
+        # Per entry: a stable id (survives evictions and merges of others, so a table that
+        # mirrors the cache can follow it) and what wrote it (label and meta; None if unknown).
+        self.uids = np.zeros(0, dtype=np.int64)
+        self.next_uid = 0
+        self.notes: list[dict[str, Any] | None] = []
         self.inserted = 0
         self.evicted = 0
         self.merged = 0
@@ -67,12 +74,24 @@ class EntryCache:
         record_hits(self.crf, self.last_tick, where, counts, self.clock, self.lam)
         self.hits[where] += counts
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _new_uids(self, rows: int) -> np.ndarray:
+        uids = np.arange(self.next_uid, self.next_uid + rows, dtype=np.int64)
+        self.next_uid += rows
+        return uids
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor,
+            notes: list[dict[str, Any] | None] | None = None) -> np.ndarray:
+        """Append entries (evicting LRFU past capacity); returns their stable ids."""
         keys = keys.detach().to(self.keys.device, self.keys.dtype)
         values = values.detach().to(self.values.device, self.values.dtype)
+        notes = list(notes) if notes is not None else [None] * int(keys.shape[0])
         if keys.shape[0] > self.capacity:  # keep the newest that fit
             keys, values = keys[-self.capacity:], values[-self.capacity:]
+            notes = notes[-self.capacity:]
         rows = int(keys.shape[0])
+        uids = self._new_uids(rows)
+        self.uids = np.concatenate([self.uids, uids])
+        self.notes.extend(notes)
         self.keys = torch.cat([self.keys, keys])
         self.values = torch.cat([self.values, values])
         self.crf = np.concatenate([self.crf, np.ones(rows)])
@@ -80,6 +99,7 @@ class EntryCache:
         self.hits = np.concatenate([self.hits, np.zeros(rows, dtype=np.int64)])
         self.inserted += rows
         self.evict(eviction_count(len(self), self.capacity, 0.0), protect_last=rows)
+        return uids[np.isin(uids, self.uids)]
 
     def evict(self, count: int, protect_last: int = 0) -> None:
         """Drop ``count`` entries, lowest LRFU score first; the newest ``protect_last`` go
@@ -141,11 +161,16 @@ class EntryCache:
         self.crf = self.crf[keep]
         self.last_tick = self.last_tick[keep]
         self.hits = self.hits[keep]
+        self.uids = self.uids[keep]
+        self.notes = [note for note, kept in zip(self.notes, keep, strict=True) if kept]
 
-    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def replace(self, keys: torch.Tensor, values: torch.Tensor,
+                notes: list[dict[str, Any] | None] | None = None) -> None:
         """Set the whole content (loading, initialisation); statistics start afresh."""
         self.keys = keys.detach().clone().to(self.keys.dtype)
         self.values = values.detach().clone().to(self.values.dtype)
+        self.uids = self._new_uids(len(self))
+        self.notes = list(notes) if notes is not None else [None] * len(self)
         self.crf = np.ones(len(self), dtype=np.float64)
         self.last_tick = np.full(len(self), self.clock, dtype=np.int64)
         self.hits = np.zeros(len(self), dtype=np.int64)
@@ -171,3 +196,5 @@ class EntryCache:
         self.hits = entries["hits"].numpy().astype(np.int64)
         self.clock, self.inserted, self.evicted, self.merged = (
             int(n) for n in entries["counters"])
+        self.uids = self._new_uids(len(self))
+        self.notes = [None] * len(self)

@@ -8,6 +8,9 @@
   MLP output), so attention over the nearest entries is a kernel regression of the MLP; the
   value projection is the least-squares linear map from inputs to those values.
 * ``random``: an empty memory and an output projection of zeros.
+
+The recipe's form (``base="flat"``) copies the MLP into its base exactly and only needs the
+read keys whitened (:func:`whiten_read_keys`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def _init_from_neurons(memory: AssociativeMemory, mlp: MlpWeights) -> None:
         proj.weight.copy_(key_rows)
         proj.bias.zero_()
     # A token's own entry carries no value until training teaches the value projection.
+    assert memory.value_proj is not None
     memory.value_proj.weight.zero_()
     memory.value_proj.bias.zero_()
     memory.out_proj.weight.copy_(value_rows.t())
@@ -90,6 +94,7 @@ def _init_from_data(memory: AssociativeMemory, x: torch.Tensor, y: torch.Tensor)
     design = torch.cat([centred_x, torch.ones(n, 1)], dim=1)
     ridge = 1e-3 * torch.eye(design.shape[1])
     solution = torch.linalg.solve(design.t() @ design + ridge, design.t() @ targets)
+    assert memory.value_proj is not None
     memory.value_proj.weight.copy_(solution[:-1].t())
     memory.value_proj.bias.copy_(solution[-1] - solution[:-1].t() @ mean_x)
     memory.out_proj.weight.copy_(value_rows.t())
@@ -99,3 +104,21 @@ def _init_from_data(memory: AssociativeMemory, x: torch.Tensor, y: torch.Tensor)
     keys = ((x[chosen] - mean_x) @ key_rows.t()).view(-1, c.key_dim)
     values = targets[chosen].reshape(-1, c.value_dim)
     memory.fill(keys, values)
+
+
+@torch.no_grad()
+def whiten_read_keys(memory: AssociativeMemory, x: torch.Tensor) -> None:
+    """Queries and keys of read entries: the top principal directions of the MLP's inputs,
+    each scaled to unit variance, so distances have a known scale (unrelated contexts lie
+    about ``2 * key_dim`` apart, squared) and the thresholds can be set per dimension."""
+    dim = memory.config.key_dim
+    mean = x.mean(0)
+    centred = x - mean
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    rank = min(dim, vh.shape[0])
+    rows = _principal_rows(centred, dim, seed=11)
+    std = (singular[:rank] / math.sqrt(max(x.shape[0] - 1, 1))).clamp_min(1e-6)
+    rows[:rank] = vh[:rank] / std.unsqueeze(1)
+    for proj in (memory.query_proj, memory.key_proj):
+        proj.weight.copy_(rows)
+        proj.bias.copy_(-(rows @ mean))
