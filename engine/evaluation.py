@@ -32,6 +32,8 @@ class EvalResult:
     tok_per_s: float
     peak_rss_mb: float | None  # MiB; None where the platform does not say
     peak_anon_mb: float | None = None  # MiB of anonymous (not file-backed) memory, if known
+    entries_added: int | None = None  # reading mode (learn=True): entries written
+    learn_seconds: float | None = None  # reading mode: time spent writing them
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,15 +77,24 @@ def perplexity(
     *,
     tokens: int | None = None,
     window: int = 512,
+    learn: bool = False,
 ) -> EvalResult:
     """Perplexity over non-overlapping windows of ``window`` tokens of the first ``tokens``.
 
     Each window is scored on its own (no context carried over), predicting its W - 1 tokens
     after the first; a trailing window shorter than two tokens is dropped.
+
+    ``learn``: reading mode. After each window is scored, the model's associative layers
+    read it (:mod:`engine.model.reading`), so later windows, and a second pass, can recall
+    it; the entries stay in the model's memory (not saved by this function).
     """
     import torch
 
     validate_window(tokens, window, model_context(model))
+    if learn:
+        from engine.model.reading import read_chunk, require_reading_layers
+
+        require_reading_layers(model)
     ids = tokenize(tokenizer, text)
     if tokens is not None:
         ids = ids[:tokens]
@@ -94,16 +105,21 @@ def perplexity(
 
     total_nll = 0.0
     predicted = 0
+    added, learn_seconds = 0, 0.0
     start = time.perf_counter()
-    with torch.inference_mode():
-        for chunk in chunks:
+    for chunk in chunks:
+        with torch.inference_mode():
             input_ids = torch.tensor([chunk], dtype=torch.long)
             logits = model(input_ids=input_ids).logits.float()
             loss = torch.nn.functional.cross_entropy(
                 logits[0, :-1], input_ids[0, 1:], reduction="sum"
             )
-            total_nll += float(loss)
-            predicted += len(chunk) - 1
+        total_nll += float(loss)
+        predicted += len(chunk) - 1
+        if learn:
+            report = read_chunk(model, tokenizer, chunk)
+            added += report.entries_added
+            learn_seconds += report.seconds
     seconds = time.perf_counter() - start
     nll = total_nll / predicted
     if not math.isfinite(nll):
@@ -119,4 +135,6 @@ def perplexity(
         seconds=seconds,
         tok_per_s=len(ids) / seconds if seconds > 0 else float("inf"),
         peak_rss_mb=peak_rss_mb(),
+        entries_added=added if learn else None,
+        learn_seconds=learn_seconds if learn else None,
     )

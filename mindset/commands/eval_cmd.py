@@ -23,6 +23,10 @@ def register(commands: Any) -> None:
                         help="evaluate the first N tokens (default: all)")
     parser.add_argument("--window", type=positive_int, default=512,
                         help="window length in tokens (default 512)")
+    parser.add_argument("--learn", action="store_true",
+                        help="reading mode: the student's associative memory reads each "
+                        "window after scoring it (entries are not saved; use `mindset memory "
+                        "read` to keep them)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
 
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     with PeakMemory() as memory:  # over the loading and the evaluation
         loaded = load_model(args.model)
         result = perplexity(loaded.model, loaded.tokenizer, text, tokens=args.tokens,
-                            window=args.window)
+                            window=args.window, learn=args.learn)
     result = dataclasses.replace(result, peak_rss_mb=memory.peak_rss_mb,
                                  peak_anon_mb=memory.peak_anon_mb)
     if args.json:
@@ -51,4 +55,7 @@ def run(args: argparse.Namespace) -> int:
             f"({result.windows} windows of {result.window}), {result.tok_per_s:.0f} tokens/s, "
             f"{memory.summary()}"
         )
+        if result.entries_added is not None:
+            print(f"reading mode: {result.entries_added} entries added "
+                  f"({result.learn_seconds or 0:.1f} s of the run; not saved)")
     return 0

@@ -24,9 +24,11 @@ def _entries(text: str) -> list[int]:
 
 def register(commands: Any) -> None:
     parser = commands.add_parser(
-        "memory", help="trace, edit, insert, delete and undo memory entries of a student",
-        description="Knowledge editing on a student's featural memory. Every change is "
-        "journaled in the student directory and saved; `undo` reverts any of them.")
+        "memory", help="trace, edit, insert, delete and undo memory entries of a student, "
+        "or read notes into it",
+        description="Knowledge editing on a student's featural memory (every change is "
+        "journaled in the student directory and saved; `undo` reverts any of them), and "
+        "learning by reading into its associative memory.")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -72,6 +74,12 @@ def register(commands: Any) -> None:
     undo = action("undo", "undo one edit by its id (see `history`)")
     undo.add_argument("edit_id", type=positive_int)
     undo.add_argument("--note", default="")
+    read = action("read", "read a text file or a folder of notes into the student's "
+                  "associative memory (an entry per novel context, kept in its store)")
+    read.add_argument("path", help="a UTF-8 text file or a folder of them (.txt, .md, ...)")
+    read.add_argument("--chunk", type=positive_int, default=256,
+                      help="tokens read at a time (default 256; rereading in the same "
+                      "chunks recalls exactly)")
     history = action("history", "list the student's edits")
     history.add_argument("--export", type=Path, default=None, help="also write them as JSON")
 
@@ -104,6 +112,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "history":
         return _history(args)
+    if args.action == "read":
+        from mindset.commands.memory_read import run_read, text_files
+
+        spec = _load_spec_only(args.student)
+        if spec.kind != "associative" or spec.hparams.get("base", "none") == "none":
+            raise InputError(f"{args.student} has no associative memory that learns by "
+                             "reading; distill one with: mindset distill --memory associative")
+        files = text_files(Path(args.path))  # a bad path fails before the model loads
+        if args.chunk < 8:
+            raise InputError(f"--chunk {args.chunk} is too small; give at least 8 tokens")
+        return run_read(args, _load(args.student), files)
     if args.action == "annotate":
         from engine.textdata import read_text_file
 

@@ -204,8 +204,9 @@ class AssociativeMemory(nn.Module):
         with MemoryStore.open(directory / STORE_FILE) as store:
             if name in store.table_names():
                 store.drop_table(name)
+            # Read entries: the cache evicts (LRFU), the table follows it (read_tables).
             table = store.create_table(name, c.key_dim, c.value_dim, index="flat-l2",
-                                       capacity=c.capacity)
+                                       capacity=None if c.reads else c.capacity)
             keys = self.cache.keys.detach().float().cpu().numpy()
             values = self.cache.values.detach().float().cpu().numpy()
             chunk = 8192
