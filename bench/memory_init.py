@@ -55,8 +55,15 @@ def candidates(neurons: int) -> list[tuple[str, str, str, dict[str, Any]]]:
     rows.append((f"featural flat, top-{quarter} of {neurons} neurons (oracle reference)",
                  "featural", "mlp", dict(keys="flat", topk=quarter)))
     for init in ("random", "mlp", "data"):
-        rows.append((f"associative 4 heads, init={init}", "associative", init,
-                     dict(heads=4, key_dim=32, value_dim=64, topk=16, capacity=65536)))
+        rows.append((f"associative original form (attention only) 4 heads, init={init}",
+                     "associative", init, dict(base="none", heads=4, key_dim=32, value_dim=64,
+                                               topk=16, capacity=65536)))
+    rows.append(("associative 4 heads x 256 keys, top-64, init=data (more calibration "
+                 "entries)", "associative", "data",
+                 dict(base="none", heads=4, key_dim=64, value_dim=144, topk=64,
+                      capacity=65536)))
+    rows.append(("associative recipe: teacher entries + read entries (the default)",
+                 "associative", "mlp", {}))
     return rows
 
 

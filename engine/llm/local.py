@@ -45,6 +45,9 @@ class LocalAdapter(BaseAdapter):
         # Observable progress, for status displays and tests.
         self.tokens_generated = 0
         self.active = False
+        # Reading mode for every request (``mindset serve --learn``); a request may ask too.
+        self.learns = False
+        self._reader: PromptReader | None = None
 
     @classmethod
     def from_spec(cls, spec: str, *, log: InteractionLog | None = None) -> LocalAdapter:
@@ -89,6 +92,31 @@ class LocalAdapter(BaseAdapter):
                 raise InputError("the prompt is empty; give some text to continue")
             ids = [int(bos)]
         return ids
+
+    # Reading mode --------------------------------------------------------------------------
+
+    def check_learn(self) -> None:
+        """Refuse reading mode for a model without an associative memory that reads."""
+        self._prompt_reader()
+
+    def _prompt_reader(self) -> PromptReader:
+        if self._reader is None:
+            self._reader = PromptReader(self.loaded)  # raises InputError for other models
+        return self._reader
+
+    async def read_prompt(self, messages: list[ChatMessage] | None = None,
+                          prompt: str | None = None) -> int:
+        """Reading mode: the model reads the prompt (its associative layers write entries,
+        committed to a student's store) before it answers; returns the entries added."""
+        reader = self._prompt_reader()
+        request = GenerationRequest("", "chat" if messages is not None else "completion",
+                                    SamplingParams(), messages=messages, prompt=prompt)
+        ids = await asyncio.to_thread(self.encode, request)
+        if self._turn is None:
+            self._turn = asyncio.Lock()
+        async with self._turn:  # the caches change: no generation may run meanwhile
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, reader.read, ids)
 
     # Streaming -----------------------------------------------------------------------------
 
@@ -166,6 +194,48 @@ class LocalAdapter(BaseAdapter):
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._reader is not None:
+            self._reader.close()
+
+
+class PromptReader:
+    """Reads prompts into a model's associative memory; for a student directory, each read
+    is committed to the student's own store (so a restarted server still knows it)."""
+
+    def __init__(self, loaded: Any) -> None:
+        from pathlib import Path
+
+        from engine.model.reading import require_reading_layers
+        from engine.model.student import is_student_dir
+
+        self.loaded = loaded
+        self.layers = require_reading_layers(loaded.model)
+        self.store: Any = None
+        self.syncs: dict[int, Any] = {}
+        directory = Path(str(loaded.spec)).expanduser()
+        if is_student_dir(directory):
+            from engine.model.read_tables import open_student_tables
+
+            self.store, self.syncs = open_student_tables(directory, self.layers)
+        self.requests = 0
+
+    def read(self, ids: list[int]) -> int:
+        from engine.model.reading import CHUNK_TOKENS, read_chunk
+
+        self.requests += 1
+        added = 0
+        for start in range(0, len(ids), CHUNK_TOKENS):
+            report = read_chunk(self.loaded.model, self.loaded.tokenizer,
+                                ids[start:start + CHUNK_TOKENS],
+                                document=f"request {self.requests}", offset=start)
+            added += report.entries_added
+        for sync in self.syncs.values():
+            sync.sync()
+        return added
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
 
 def chat_prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:

@@ -44,6 +44,9 @@ def register(commands: Any) -> None:
                         metavar="SECONDS", help="a body not received in this time gets a 408 "
                         f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
     parser.add_argument("--no-log", action="store_true", help="do not log interactions")
+    parser.add_argument("--learn", action="store_true",
+                        help="reading mode for every request: the student's associative "
+                        "memory reads each prompt (a request may also send learn=true/false)")
     parser.set_defaults(handler=run)
 
 
@@ -66,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or served_name(args.model)
     print(f"loading {args.model} ...", flush=True)
     adapter = LocalAdapter.from_spec(args.model)
+    if args.learn:
+        adapter.check_learn()  # a model that cannot read fails here, before serving
+        adapter.learns = True
     # Opened once the model has loaded: a spec that fails leaves no new log file behind.
     log = None if args.no_log else InteractionLog()
     adapter.log = log

@@ -35,6 +35,7 @@ from engine.llm.server.schemas import (
     CompletionChoice,
     CompletionRequest,
     ErrorResponse,
+    MemoryOut,
     ModelList,
     ModelOut,
     TextCompletion,
@@ -129,15 +130,17 @@ def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = No
         params = sampling(body, body.max_completion_tokens, adapter.sampling_defaults)
         messages = [m.as_message() for m in body.messages]
         usage = Usage(prompt_tokens=await check_context(adapter, messages=messages))
+        memory = await learn(adapter, body.learn, messages=messages)
         if body.stream:
             stream = adapter.stream_chat(messages, params)
-            return sse_response(chat_events(stream, body.model, body.include_usage, usage))
+            return sse_response(chat_events(stream, body.model, body.include_usage, usage,
+                                            memory))
         reply = await until_disconnect(request, adapter.chat(messages, params))
         return ChatCompletion(
             id=f"chatcmpl-{reply.id}", created=int(time.time()), model=body.model,
             choices=[ChatChoice(message=ChatMessageOut(content=reply.text),
                                 finish_reason=reply.finish_reason)],
-            usage=usage_out(reply.usage))
+            usage=usage_out(reply.usage), memory=memory)
 
     @app.post("/v1/completions", dependencies=auth, response_model=TextCompletion,
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
@@ -152,14 +155,16 @@ def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = No
         else:
             prompt = body.prompt
         usage = Usage(prompt_tokens=await check_context(adapter, prompt=prompt))
+        memory = await learn(adapter, body.learn, prompt=prompt)
         if body.stream:
             stream = adapter.stream_complete(prompt, params)
-            return sse_response(completion_events(stream, body.model, body.include_usage, usage))
+            return sse_response(completion_events(stream, body.model, body.include_usage, usage,
+                                                  memory))
         reply = await until_disconnect(request, adapter.complete(prompt, params))
         return TextCompletion(
             id=f"cmpl-{reply.id}", created=int(time.time()), model=body.model,
             choices=[CompletionChoice(text=reply.text, finish_reason=reply.finish_reason)],
-            usage=usage_out(reply.usage))
+            usage=usage_out(reply.usage), memory=memory)
 
     return app
 
@@ -186,6 +191,20 @@ async def check_context(adapter: LocalAdapter, *, messages: list[ChatMessage] | 
                        code="context_length_exceeded") from None
     except InputError as exc:
         raise from_input_error(exc) from None
+
+
+async def learn(adapter: LocalAdapter, asked: bool | None, *,
+                messages: list[ChatMessage] | None = None,
+                prompt: str | None = None) -> MemoryOut | None:
+    """Reading mode, when the request or the model asks for it: the entries it added."""
+    if not (adapter.learns if asked is None else asked):
+        return None
+    try:
+        adapter.check_learn()
+    except InputError as exc:
+        raise APIError(400, f"{adapter.model}: {exc}", param="learn") from None
+    added = await adapter.read_prompt(messages=messages, prompt=prompt)
+    return MemoryOut(entries_added=added)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -226,7 +245,7 @@ DONE = "data: [DONE]\n\n"
 
 
 async def chat_events(stream: AsyncGenerator[StreamChunk, None], model: str, include_usage: bool,
-                      usage: Usage) -> AsyncIterator[str]:
+                      usage: Usage, memory: MemoryOut | None = None) -> AsyncIterator[str]:
     head: dict[str, Any] = {"id": "", "object": "chat.completion.chunk",
                             "created": int(time.time()), "model": model}
 
@@ -235,6 +254,8 @@ async def chat_events(stream: AsyncGenerator[StreamChunk, None], model: str, inc
             {"index": 0, "delta": delta, "finish_reason": finish}]}
         if include_usage:
             body["usage"] = None
+        if memory is not None and finish:
+            body["memory"] = memory.model_dump()
         return body
 
     started = False
@@ -256,7 +277,8 @@ async def chat_events(stream: AsyncGenerator[StreamChunk, None], model: str, inc
 
 
 async def completion_events(stream: AsyncGenerator[StreamChunk, None], model: str,
-                            include_usage: bool, usage: Usage) -> AsyncIterator[str]:
+                            include_usage: bool, usage: Usage,
+                            memory: MemoryOut | None = None) -> AsyncIterator[str]:
     head: dict[str, Any] = {"id": "", "object": "text_completion", "created": int(time.time()),
                             "model": model}
     async for event in guarded(stream, usage):
@@ -270,6 +292,8 @@ async def completion_events(stream: AsyncGenerator[StreamChunk, None], model: st
                  "finish_reason": event.finish_reason}]}
             if include_usage:
                 body["usage"] = None
+            if memory is not None and event.finish_reason:
+                body["memory"] = memory.model_dump()
             yield sse(body)
         if event.finish_reason and include_usage:
             yield sse({**head, "choices": [], "usage": usage_out(usage).model_dump()})

@@ -79,6 +79,10 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
+    # Extension: reading mode for this request (default: the model's, `mindset serve --learn`).
+    learn: bool | None = Field(default=None, description="the model's associative memory "
+                               "reads the prompt before answering (default: the model's "
+                               "setting)")
 
     def sampling(self, max_tokens: int | None = None,
                  defaults: dict[str, float | int] | None = None) -> SamplingParams:
@@ -136,6 +140,12 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
+class MemoryOut(BaseModel):
+    """Extension: what reading mode wrote for this request."""
+
+    entries_added: int
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -143,6 +153,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageOut
+    memory: MemoryOut | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -159,6 +170,7 @@ class TextCompletion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageOut
+    memory: MemoryOut | None = None
 
 
 class ErrorDetail(BaseModel):
