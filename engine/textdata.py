@@ -41,3 +41,35 @@ def utf8_problem(text: str) -> str | None:
                  else f"a lone surrogate U+{char:04X}")
         return f"{found} at character {exc.start}"
     return None
+
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text", ".org", ".tex", ".csv", ".json",
+                 ".html", ".htm", ".xml", ".yaml", ".yml", ".py", ".log"}
+MAX_FILES = 10_000
+
+
+def text_files(path: Path) -> list[Path]:
+    """The text files to read under ``path`` (itself, if a file), sorted; a clear error
+    before any work for a missing path, a binary file or a folder without text."""
+    path = path.expanduser()
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; give a text file or a folder of "
+                         "notes")
+    if path.is_file():
+        read_text_file(path)  # refuses binary, non-UTF-8 and empty files
+        return [path]
+    if not path.is_dir():
+        raise InputError(f"{path} is not a regular file or folder; give a text file or a "
+                         "folder of notes")
+    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower()
+                   in TEXT_SUFFIXES and not any(part.startswith(".")
+                                                for part in p.relative_to(path).parts))
+    if not found:
+        raise InputError(f"{path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES)[:6])}"
+                         ", ...); give a folder of notes")
+    if len(found) > MAX_FILES:
+        raise InputError(f"{path} holds {len(found)} text files, more than {MAX_FILES}; read "
+                         "a smaller folder")
+    for file in found:
+        read_text_file(file)
+    return found

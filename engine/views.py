@@ -50,6 +50,7 @@ class EntryView:
     triggers: list[str] = field(default_factory=list)
     auto_label: str = ""
     slot: int | None = None  # a featural mirror row's slot
+    source: str = ""  # a read entry: the document and position that wrote it
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from engine.services.chat import ChatMessage
     from engine.services.jobs import JobEvent
+    from engine.services.memory_reading import ReadSummary
     from engine.views import (
         Availability,
         DeletedEntries,
@@ -62,6 +63,8 @@ class MemoryAPI(Protocol):
     async def save_student(self) -> str: ...
 
     async def annotate(self, table: str, path: str) -> int: ...
+
+    async def read_notes(self, table: str, path: str) -> ReadSummary: ...
 
     def take_warnings(self) -> list[str]: ...
 

@@ -28,6 +28,19 @@ class TableSync:
                              f"{len(cache)}; load the layer from the table first")
         self.rows: dict[int, int] = dict(zip(cache.uids.tolist(), ids.tolist(), strict=True))
 
+    @classmethod
+    def following(cls, table: MemoryTable, module: AssociativeMemory, ids: np.ndarray,
+                  provenance: str) -> TableSync:
+        """A sync for a table whose row ``ids[i]`` is the entry at cache position ``i`` (a
+        mirror that holds rows the cache left out, such as orphans, keeps them)."""
+        sync = cls.__new__(cls)
+        sync.table, sync.module, sync.provenance = table, module, provenance
+        if len(ids) != len(module.cache):
+            raise ValueError(f"{len(ids)} row ids for {len(module.cache)} entries")
+        sync.rows = dict(zip(module.cache.uids.tolist(), np.asarray(ids).tolist(),
+                             strict=True))
+        return sync
+
     def sync(self) -> tuple[int, int]:
         """Write what changed in the cache since the last sync: (inserted, deleted)."""
         cache = self.module.cache

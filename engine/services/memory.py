@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from engine.memory import MemoryRow, MemoryStore
     from engine.model.loading import LoadedModel
     from engine.model.memory_trace import TracedEntry
+    from engine.services.memory_reading import ReadSummary
 
 
 class MemoryService:
@@ -291,6 +292,24 @@ class MemoryService:
 
         # On the store's thread: no knowledge edit changes the layer while it is read.
         return await self.runtime.in_store(run)
+
+    async def read_notes(self, table: str, path: str) -> ReadSummary:
+        """The student reads a text file or a folder of notes into the associative layer of
+        ``table`` (learning by reading); its mirror rows follow, one batch per document."""
+        from pathlib import Path
+
+        from engine.services.memory_reading import check_readable, read_into_mirror
+        from engine.textdata import text_files
+
+        mirror = check_readable(table, self.live.associative.get(table))
+        loaded = self.runtime.model(STUDENT)
+        if loaded is None:
+            raise MindsetError("no student is loaded; load one in the Models pane")
+        root = Path(path).expanduser()
+        files = text_files(root)  # a bad path fails before any work
+        store = self._open_store()
+        return await self.runtime.in_store(read_into_mirror, store, table, mirror, loaded,
+                                           files, root)
 
     def slots_changed(self, layer: int, slots: list[int], label: str | None = None) -> None:
         """After a knowledge edit of ``layer`` (on the store's thread): its mirror rows hold

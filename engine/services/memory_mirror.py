@@ -37,6 +37,13 @@ from engine.services.memory_reconcile import (
 )
 from engine.views import MemoryUse
 
+
+def note_label(note: dict[str, Any] | None) -> str | None:
+    """A read entry's row label (the context that wrote it and what came next)."""
+    from engine.model.memory_layers.associative import note_label as label
+
+    return label(note)
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -205,10 +212,12 @@ def mirror_associative(store: MemoryStore, modules: dict[int, nn.Module],
             continue
         if table is None:
             table = store.create_table(name, keys.shape[1], values.shape[1])
+            notes = module.cache.notes
             for start in range(0, len(keys), CHUNK):
-                table.insert(keys[start:start + CHUNK], values[start:start + CHUNK],
-                             meta=[{"position": i}
-                                   for i in range(start, min(start + CHUNK, len(keys)))],
+                stop = min(start + CHUNK, len(keys))
+                table.insert(keys[start:stop], values[start:stop],
+                             labels=[note_label(notes[i]) for i in range(start, stop)],
+                             meta=[notes[i] or {"position": i} for i in range(start, stop)],
                              provenance=source)
             mirror.ids = table.export_arrays()[0]
         else:
@@ -240,14 +249,19 @@ def reload_associative(table: MemoryTable, mirror: AssociativeTable) -> None:
     import torch
 
     ids, keys, values = table.export_arrays()
+    _, metas = table.metas()
+    keep = np.ones(len(ids), dtype=bool)
     if mirror.orphans:
         keep = ~np.isin(ids, np.fromiter(mirror.orphans, dtype=np.int64))
         ids, keys, values = ids[keep], keys[keep], values[keep]
+    # What wrote a read entry (its meta says "source": "read") stays with it.
+    notes = [meta if meta.get("source") == "read" else None
+             for meta, kept in zip(metas, keep, strict=True) if kept]
     cache = mirror.module.cache
     device = cache.keys.device
     with torch.no_grad():
         mirror.module.fill(torch.from_numpy(keys.copy()).to(device),
-                           torch.from_numpy(values.copy()).to(device))
+                           torch.from_numpy(values.copy()).to(device), notes)
     mirror.ids = ids
 
 

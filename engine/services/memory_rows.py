@@ -44,7 +44,15 @@ def entry_view(row: MemoryRow) -> EntryView:
         access_count=int(row.access_count),
         last_access=last,
         norm=norm,
+        source=read_source(row.meta),
     )
+
+
+def read_source(meta: dict[str, Any]) -> str:
+    """Where a read entry came from, e.g. ``notes/paris.md, token 112``; "" otherwise."""
+    if meta.get("source") != "read":
+        return ""
+    return f"{meta.get('document') or 'text'}, token {meta.get('position', '?')}"
 
 
 def layer_of_table(table: str) -> int | None:

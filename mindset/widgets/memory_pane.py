@@ -21,7 +21,8 @@ from mindset.screens.entry_edit import EntryEdit, EntryEditScreen, EntryInsertSc
 from mindset.widgets.messages import ModelLoaded
 
 PAGE_SIZE = 50
-FIXED_SLOT_REFUSALS = ("insert", "evict", "recombine")  # actions a featural table refuses
+# Actions a featural table refuses (its slots are fixed; reading writes associative entries).
+FIXED_SLOT_REFUSALS = ("insert", "evict", "recombine", "read_notes")
 RAW = "raw: "  # marks promotes read straight through the output embedding (no annotations)
 COLUMNS = ("id", "label", "access", "last access", "norm", "promotes")
 
@@ -41,6 +42,7 @@ class MemoryPane(Vertical):
         Binding("m", "recombine", "Run recombination", id="memory.recombine"),
         Binding("r", "refresh", "Refresh", id="memory.refresh"),
         Binding("a", "annotate", "Annotate from a text", id="memory.annotate"),
+        Binding("l", "read_notes", "Read notes into it", id="memory.read_notes"),
         # Edits of a featural table change the live student only, until it is saved.
         Binding("w", "save_student", "Save student", id="memory.save_student", show=False),
     ]
@@ -202,6 +204,10 @@ class MemoryPane(Vertical):
             lines = [f"[b]#{entry.id}[/b] slot {entry.slot}  ·  not annotated: promotes shows the "
                      "raw projection of its value onto the vocabulary; a: annotate the layer "
                      "from a text (its triggers, measured promotes and labels)"]
+        elif entry.source:
+            lines = [f"[b]#{entry.id}[/b] {escape(entry.label)}  ·  read from "
+                     f"{escape(entry.source)}: its value makes the model expect what "
+                     "followed this context"]
         else:
             lines = [f"[b]#{entry.id}[/b] {escape(entry.label)}  ·  promotes: the raw "
                      "projection of its value onto the vocabulary"]
@@ -279,6 +285,32 @@ class MemoryPane(Vertical):
             self.notify(str(exc), title="not annotated", severity="error", timeout=12)
             return
         self.notify(f"{count} entries of {table_name} annotated", title="annotate")
+        self.load_page()
+
+    def action_read_notes(self) -> None:
+        if self.table_name is None:
+            self.notify("choose a table first", severity="warning")
+            return
+        from mindset.screens.ask import AskScreen
+
+        table_name = self.table_name
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.read_notes(table_name, path)
+
+        self.app.push_screen(AskScreen("Read a text file or a folder of notes into this "
+                                       "memory (an entry per new context): path"), chosen)
+
+    @work(group="memory-write", exit_on_error=False)
+    async def read_notes(self, table_name: str, path: str) -> None:
+        self.notify(f"reading {path} into {table_name}…", title="learning by reading")
+        try:
+            summary = await self.memory.read_notes(table_name, path)
+        except MindsetError as exc:
+            self.notify(str(exc), title="not read", severity="error", timeout=12)
+            return
+        self.notify(summary.describe(), title="learning by reading", timeout=10)
         self.load_page()
 
     def action_search(self) -> None:

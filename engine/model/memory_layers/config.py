@@ -338,6 +338,8 @@ class AssociativeConfig:
         if values.get("base", "none") != "none":
             for name, default in READ_DEFAULTS.items():
                 values.setdefault(name, default)
+            if "key_dim" not in hparams:  # whitened: no more directions than the input has
+                values["key_dim"] = min(values["key_dim"], hidden_size)
             values.setdefault("value_dim", hidden_size)
             values.setdefault("novelty_threshold", NOVELTY_PER_DIM * values["key_dim"])
         config = cls(hidden_size=hidden_size, **values)
