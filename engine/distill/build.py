@@ -117,5 +117,7 @@ def freeze_all_but(student: nn.Module, layers: list[int]) -> None:
     for parameter in student.parameters():
         parameter.requires_grad_(False)
     for module in layer_mlps(student, layers).values():
+        if getattr(module, "base", None) is not None:
+            continue  # the associative recipe: the teacher's entries, exact; reading writes
         for parameter in module.parameters():
             parameter.requires_grad_(True)

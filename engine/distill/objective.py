@@ -93,7 +93,7 @@ class Optimizers:
     """AdamW for dense parameters and SparseAdam for sparse ones, stepped together."""
 
     def __init__(self, model: nn.Module, *, lr: float, value_lr: float, weight_decay: float,
-                 sparse_names: set[str]) -> None:
+                 sparse_names: set[str], allow_none: bool = False) -> None:
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         self.parameters: list[nn.Parameter] = []
         for name, parameter in model.named_parameters():
@@ -102,7 +102,7 @@ class Optimizers:
             self.parameters.append(parameter)
             key = (name in sparse_names, is_value_parameter(name))
             groups.setdefault(key, []).append(parameter)
-        if not self.parameters:
+        if not self.parameters and not allow_none:
             raise MindsetError("the student has no trainable parameters; choose layers to replace")
         dense = [
             {"params": params, "lr": value_lr if is_value else lr,

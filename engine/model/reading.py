@@ -3,9 +3,10 @@
 For each chunk of tokens, every reading layer (an associative memory of the recipe's form)
 computes the key of each context from its MLP input. Contexts whose nearest stored key is
 farther than the layer's ``novelty_threshold`` get a new entry; the chunk's entries are
-added together (LRFU eviction past capacity) and their values are fitted, a few Adam steps
-on the chunk's next-token loss with everything else frozen, so each entry carries what the
-model should produce after the context that wrote it. Reading the same text again then
+added together (LRFU eviction past capacity) and their values are fitted by Adam steps on
+the chunk's next-token loss with everything else frozen, until every written position's
+next token costs under ``RECALLED_NATS`` (or ``FIT_STEPS`` run out), so each entry carries
+what the model should produce after the context that wrote it. Reading the same text again then
 finds those entries at distance zero; unrelated text finds none within the read radius.
 
 Layers below a reading layer are untouched by it, so the keys a chunk writes are exactly
@@ -33,8 +34,9 @@ from engine.model.partial_forward import (
     supports_partial_forward,
 )
 
-FIT_STEPS = 3
+FIT_STEPS = 12  # at most; the fit stops once every written position is recalled
 FIT_LR = 1.0
+RECALLED_NATS = 0.5  # a written position's loss below this: its next token is the likeliest
 CHUNK_TOKENS = 256
 CONTEXT_CHARS = 48  # of the context shown beside a read entry in the Memory pane
 # A context of fewer tokens (a chunk's first few) is too common to be worth an entry: it
@@ -150,6 +152,7 @@ def read_chunk(model: nn.Module, tokenizer: Any, ids: list[int], *, document: st
     input_ids = torch.tensor([ids], device=device)
     keys, hidden = _capture_keys(model, input_ids, layers)
     fitted: dict[int, tuple[AssociativeMemory, int]] = {}
+    written = torch.zeros(len(ids) - 1, dtype=torch.bool)
     for layer, module in layers.items():
         cache = module.cache
         candidates = keys[layer][:-1]  # the last token has no next token to write
@@ -163,19 +166,22 @@ def read_chunk(model: nn.Module, tokenizer: Any, ids: list[int], *, document: st
         uids = cache.add(candidates[novel], torch.zeros(len(positions), module.config.value_dim),
                          _notes(tokenizer, ids, positions, document, offset))
         report.added[layer] = len(uids)
+        written |= novel.cpu()
         report.evicted[layer] = before + len(positions) - len(cache)
         if len(uids):
             fitted[layer] = (module, len(uids))
     if fitted:
-        _fit_values(model, input_ids, hidden, fitted, steps, lr)
+        _fit_values(model, input_ids, hidden, fitted, written, steps, lr)
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _fit_values(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor | None,
-                fitted: dict[int, tuple[AssociativeMemory, int]], steps: int, lr: float) -> None:
+                fitted: dict[int, tuple[AssociativeMemory, int]], written: torch.Tensor,
+                steps: int, lr: float) -> None:
     """Fit the values of the newest entries of each layer on the chunk's next-token loss
-    (from the lowest reading layer up when ``hidden``, its input, is known)."""
+    (from the lowest reading layer up when ``hidden``, its input, is known) until the
+    ``written`` positions are recalled."""
     start = min(reading_layers(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
     for parameter in trainable:
@@ -198,7 +204,10 @@ def _fit_values(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor 
                 logits = logits_from_layer(model, hidden, start)[0, :-1].float()
             else:
                 logits = model(input_ids=input_ids).logits[0, :-1].float()
-            loss = nn.functional.cross_entropy(logits, input_ids[0, 1:])
+            losses = nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="none")
+            if float(losses.detach()[written.to(losses.device)].max()) < RECALLED_NATS:
+                break
+            loss = losses.mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
