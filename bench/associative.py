@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--middle", type=int, default=15)
     parser.add_argument("--late", type=int, default=22)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--wikitext", type=Path, default=DATA / "wikitext2-valid.txt",
+                        help="held-out text: its last 10%% is scored and read")
+    parser.add_argument("--shakespeare", type=Path, default=DATA / "tinyshakespeare.txt",
+                        help="the second held-out text, and the unrelated text for reading")
     parser.add_argument("--quick", action="store_true", help="fewer tokens (about 2 minutes)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
@@ -135,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = load_model(args.model)
     tok = teacher.tokenizer
-    wiki = tok((DATA / "wikitext2-valid.txt").read_text(encoding="utf-8"),
-               add_special_tokens=False)["input_ids"]
-    shakespeare = tok((DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:400_000],
+    wiki = tok(args.wikitext.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    shakespeare = tok(args.shakespeare.read_text(encoding="utf-8")[:400_000],
                       add_special_tokens=False)["input_ids"]
     held = int(len(wiki) * 0.9)  # the held-out last 10%; calibration from the first 90%
     count = 8 if args.quick else 24

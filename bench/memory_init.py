@@ -58,8 +58,8 @@ def candidates(neurons: int) -> list[tuple[str, str, str, dict[str, Any]]]:
         rows.append((f"associative original form (attention only) 4 heads, init={init}",
                      "associative", init, dict(base="none", heads=4, key_dim=32, value_dim=64,
                                                topk=16, capacity=65536)))
-    rows.append(("associative 4 heads x 256 keys, top-64, init=data (more calibration "
-                 "entries)", "associative", "data",
+    rows.append(("associative original form 4 heads x 64-dim keys, top-64, init=data",
+                 "associative", "data",
                  dict(base="none", heads=4, key_dim=64, value_dim=144, topk=64,
                       capacity=65536)))
     rows.append(("associative recipe: teacher entries + read entries (the default)",

@@ -38,8 +38,9 @@ from mindset.cli import run
 from tests.conftest import REPO_ROOT
 from tests.test_distill_support import tiny_config
 
-CONFIG = dict(memory="associative", hparams={"capacity": 512}, steps=2, checkpoint_every=1,
-              eval_every=100)
+# The original associative form trains (the recipe starts exact and is not trained).
+CONFIG = dict(memory="associative", hparams={"base": "none", "capacity": 512}, steps=2,
+              checkpoint_every=1, eval_every=100)
 LEGACY_LINE = ("checkpoint.pt is from an older Mindset and is a pickle, which Mindset no "
                "longer opens (it could run code)")
 

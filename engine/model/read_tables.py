@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import MindsetError
 from engine.memory import MemoryStore, MemoryTable
 from engine.model.memory_layers.associative import STORE_FILE, AssociativeMemory, note_label
 
@@ -24,8 +25,9 @@ class TableSync:
         ids = table.ids()
         cache = module.cache
         if len(ids) != len(cache):
-            raise ValueError(f"table {table.name!r} holds {len(ids)} entries, the layer "
-                             f"{len(cache)}; load the layer from the table first")
+            raise MindsetError(f"table {table.name!r} holds {len(ids)} entries but the loaded "
+                               f"layer {len(cache)}: another process changed it; load the "
+                               "student again and retry")
         self.rows: dict[int, int] = dict(zip(cache.uids.tolist(), ids.tolist(), strict=True))
 
     @classmethod
@@ -36,7 +38,8 @@ class TableSync:
         sync = cls.__new__(cls)
         sync.table, sync.module, sync.provenance = table, module, provenance
         if len(ids) != len(module.cache):
-            raise ValueError(f"{len(ids)} row ids for {len(module.cache)} entries")
+            raise MindsetError(f"the mirror table {table.name!r} lists {len(ids)} rows for "
+                               f"{len(module.cache)} live entries; reload the student")
         sync.rows = dict(zip(module.cache.uids.tolist(), np.asarray(ids).tolist(),
                              strict=True))
         return sync
