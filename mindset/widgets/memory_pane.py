@@ -261,7 +261,8 @@ class MemoryPane(Vertical):
         self.query_one("#memory-search", Input).value = f"#{entry_id}"
         self.run_search(f"#{entry_id}")
 
-    def action_annotate(self) -> None:
+    def _ask_path(self, question: str, then: Callable[[str, str], object]) -> None:
+        """Ask for a path, then run ``then(table, path)`` on the table chosen now."""
         if self.table_name is None:
             self.notify("choose a table first", severity="warning")
             return
@@ -271,10 +272,17 @@ class MemoryPane(Vertical):
 
         def chosen(path: str | None) -> None:
             if path:
-                self.annotate(table_name, path)
+                then(table_name, path)
 
-        self.app.push_screen(AskScreen("Annotate this layer's entries from a text file (their "
-                                       "triggers, measured promotes, labels): path"), chosen)
+        self.app.push_screen(AskScreen(question), chosen)
+
+    def action_annotate(self) -> None:
+        self._ask_path("Annotate this layer's entries from a text file (their triggers, "
+                       "measured promotes, labels): path", self.annotate)
+
+    def action_read_notes(self) -> None:
+        self._ask_path("Read a text file or a folder of notes into this memory (an entry "
+                       "per new context): path", self.read_notes)
 
     @work(group="memory-write", exit_on_error=False)
     async def annotate(self, table_name: str, path: str) -> None:
@@ -286,21 +294,6 @@ class MemoryPane(Vertical):
             return
         self.notify(f"{count} entries of {table_name} annotated", title="annotate")
         self.load_page()
-
-    def action_read_notes(self) -> None:
-        if self.table_name is None:
-            self.notify("choose a table first", severity="warning")
-            return
-        from mindset.screens.ask import AskScreen
-
-        table_name = self.table_name
-
-        def chosen(path: str | None) -> None:
-            if path:
-                self.read_notes(table_name, path)
-
-        self.app.push_screen(AskScreen("Read a text file or a folder of notes into this "
-                                       "memory (an entry per new context): path"), chosen)
 
     @work(group="memory-write", exit_on_error=False)
     async def read_notes(self, table_name: str, path: str) -> None:
