@@ -32,6 +32,7 @@ from torch import nn
 
 from engine.errors import InputError, MindsetError, ModelLoadError, flat_text
 from engine.model.anatomy import decoder_layers, mlp_size, mlp_size_field
+from engine.model.hf_remote import write_remote_code
 from engine.model.mapped_weights import map_float32, mapped_tensor_names, mapping_enabled
 from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits
 from engine.model.memory_layers.routed_keys import current_name, legacy_to_current
@@ -78,6 +79,7 @@ def save_student(model: Any, directory: Path | str, tokenizer: Any = None) -> Pa
         staging.mkdir()
         config: Any = module.config
         config.save_pretrained(str(staging))
+        write_remote_code(staging)  # AutoModelForCausalLM.from_pretrained(trust_remote_code)
         generation = getattr(module, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(str(staging))
@@ -241,6 +243,8 @@ def build_skeleton(config: Any, spec: StudentSpec, auto_class: Any) -> Any:
     import copy
 
     config = copy.deepcopy(config)
+    if hasattr(config, "auto_map"):  # the entry for plain transformers (hf_remote), not ours
+        del config.auto_map
     width_field = mlp_size_field(spec.family)
     width = getattr(config, width_field)
     setattr(config, width_field, 1)
