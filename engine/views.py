@@ -108,6 +108,20 @@ class JobView:
     run_dir: str = ""
 
 
+@dataclass(frozen=True)
+class JobOutcome:
+    """A finished job's figures on held-out text, for its summary."""
+
+    ppl_teacher: float
+    ppl_student: float
+    ppl_zeroed: float
+    ppl_ratio: float
+    gap_closed: float
+    kl_per_token: float
+    top1_agreement: float
+    has_student: bool = False
+
+
 def short_spec(spec: str) -> str:
     """A model spec for display: built-in names as they are, paths by their last two parts."""
     if "/" not in spec:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from textual.widgets import Input, Log, ProgressBar, Static
@@ -180,10 +182,24 @@ async def test_the_followed_jobs_events_arrive_as_messages() -> None:
         assert "done: ppl_teacher 10, ppl_student 11, gap_closed 0.97" in log()
         detail = app.query_one("#job-detail")
         assert "eta 0:01" in str(detail.render()) and "eta" not in str(bar.render())  # one ETA
+        summary = app.query_one("#job-summary", Static)
+        await wait_for(pilot, lambda: "gap closed" in rendered(app, summary), timeout=10)
+        text = rendered(app, summary)
+        for figure in ("1.1000", "0.970", "0.0500", "90.0%", "10% worse than the teacher"):
+            assert figure in text, figure
         await jobs.events.put(ErrorEvent(message="the teacher ran out of memory", step=3))
         await wait_for(pilot, lambda: "failed: the teacher ran out of memory"
                        in str(detail.render()), timeout=10)  # the error, not a progress line
         await jobs.events.put(None)
+
+
+def rendered(app: Any, widget: Static) -> str:
+    """A widget's content as the terminal shows it (Rich renderables included)."""
+    from rich.console import Console
+
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(widget.content)
+    return console.export_text()
 
 
 async def test_the_form_refuses_bad_fields_beside_them_without_starting_a_job(
@@ -206,3 +222,49 @@ async def test_the_form_refuses_bad_fields_beside_them_without_starting_a_job(
         assert await engine.jobs.list_jobs() == [] and pane.jobs == []  # nothing started
         with pytest.raises(MindsetError, match="layers"):  # the engine refuses it as well
             await engine.jobs.launch_job(JobRequest(teacher="tiny-llama", layers="99"))
+
+
+class FinishedJobs(FakeJobs):
+    """One completed job whose run directory holds a saved student."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+
+    async def list_jobs(self) -> list[JobView]:
+        return [JobView(id="job-1", state="completed", step=4, total_steps=4,
+                        teacher="tiny-llama", layers="1", memory="featural",
+                        run_dir=str(self.run_dir))]
+
+
+class StudentHost(PaneHost):
+    """Records what the pane asks of the app: the student to adopt, the tab to show."""
+
+    def __init__(self, pane: TrainingPane) -> None:
+        super().__init__(pane)
+        self.adopted: list[str] = []
+        self.tabs: list[str] = []
+
+    def adopt_student(self, directory: str) -> None:
+        self.adopted.append(directory)
+
+    def action_show_tab(self, tab_id: str) -> None:
+        self.tabs.append(tab_id)
+
+
+async def test_o_opens_a_finished_jobs_student_in_memory(tmp_path: Path) -> None:
+    jobs = FinishedJobs(tmp_path / "run")
+    pane = TrainingPane(jobs, id="training-pane")
+    app = StudentHost(pane)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        await wait_for(pilot, lambda: jobs.followed == ["job-1"], timeout=10)
+        app.query_one("#jobs-table").focus()
+        await pilot.press("o")  # no student saved yet: a warning, nothing adopted
+        await wait_for(pilot, lambda: any("no student yet" in str(n.message)
+                                          for n in app._notifications), timeout=10)
+        assert app.adopted == [] and app.tabs == []
+        (tmp_path / "run" / "student").mkdir(parents=True)
+        await pilot.press("o")
+        await wait_for(pilot, lambda: app.tabs == ["memory"], timeout=10)
+        assert app.adopted == [str(tmp_path / "run" / "student")]
+        await jobs.events.put(None)

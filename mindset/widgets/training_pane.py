@@ -33,8 +33,9 @@ from engine.services.jobs import (
     UnknownEvent,
     event_type,
 )
-from engine.views import JobRequest, JobView
+from engine.views import JobOutcome, JobRequest, JobView
 from mindset.protocols import JobsAPI
+from mindset.widgets.job_summary import summary_table
 from mindset.widgets.messages import JobsChanged
 
 # The job list is re-read this often: jobs started elsewhere (the CLI, another workbench)
@@ -52,6 +53,7 @@ class TrainingPane(Horizontal):
         Binding("c", "control('cancel')", "Cancel job", id="training.cancel"),
         Binding("z", "control('pause')", "Pause job", id="training.pause"),
         Binding("g", "control('resume')", "Resume job", id="training.resume"),
+        Binding("o", "open_student", "Open the student", id="training.open_student"),
     ]
 
     class JobEventArrived(Message, bubble=False):
@@ -105,6 +107,7 @@ class TrainingPane(Horizontal):
                 # The job's own ETA (from its step times) is in the detail: one ETA, not two.
                 yield ProgressBar(total=1, show_eta=False, id="job-progress")  # no job: 0%
                 yield Static("", id="job-detail")
+            yield Static("", id="job-summary")
             yield Log(id="job-log", max_lines=500)
 
     def on_mount(self) -> None:
@@ -171,6 +174,7 @@ class TrainingPane(Horizontal):
 
     def select_job(self, job_id: str) -> None:
         self.selected = job_id
+        self.query_one("#job-summary", Static).display = False  # until this job's "done"
         self.points = []
         self.last_step = None
         self.query_one(Log).clear()
@@ -222,6 +226,12 @@ class TrainingPane(Horizontal):
             bar = self.query_one(ProgressBar)
             if bar.total:
                 bar.update(progress=bar.total)
+            summary = self.query_one("#job-summary", Static)
+            summary.display = True
+            summary.update(summary_table(JobOutcome(
+                event.ppl_teacher, event.ppl_student, event.ppl_zeroed, event.ppl_ratio,
+                event.gap_closed, event.kl_per_token, event.top1_agreement,
+                has_student=self._student_dir() is not None)))
             self._adopt_student()
         elif isinstance(event, StateEvent):
             log.write_line(f"state: {event.state} at step {event.step}")
@@ -231,16 +241,32 @@ class TrainingPane(Horizontal):
             log.write_line(f"{event_type(event)}: " + ", ".join(
                 f"{k} {_fmt(v)}" for k, v in fields.items()))
 
-    def _adopt_student(self) -> None:
-        """A finished job's student becomes the workbench's student."""
+    def _student_dir(self) -> str | None:
+        """The selected job's saved student, if it has one."""
         job = next((j for j in self.jobs if j.id == self.selected), None)
         if job is None or not job.run_dir:
+            return None
+        directory = Path(job.run_dir) / "student"
+        return str(directory) if directory.is_dir() else None
+
+    def _adopt_student(self) -> bool:
+        """A finished job's student becomes the workbench's student."""
+        directory = self._student_dir()
+        adopt = getattr(self.app, "adopt_student", None)
+        if directory is None or adopt is None:
+            return False
+        adopt(directory)  # the app skips the student it already uses
+        return True
+
+    def action_open_student(self) -> None:
+        """Load the selected job's student (if not already) and show it in Memory."""
+        if not self._adopt_student():
+            self.notify("the selected job has no student yet: it is saved when the job "
+                        "completes", severity="warning")
             return
-        directory = str(Path(job.run_dir) / "student")
-        if Path(directory).is_dir():  # the app skips the student it already uses
-            adopt = getattr(self.app, "adopt_student", None)
-            if adopt is not None:
-                adopt(directory)
+        show = getattr(self.app, "action_show_tab", None)
+        if show is not None:
+            show("memory")
 
     def _show_progress(self, event: StepEvent) -> None:
         if event.total_steps > 0:
@@ -341,7 +367,8 @@ class TrainingPane(Horizontal):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """The job keys are letters: while a form field has the focus they would type into
         it, so the footer offers them only elsewhere."""
-        return not (action == "control" and isinstance(self.app.focused, Input | Select))
+        letters = ("control", "open_student")
+        return not (action in letters and isinstance(self.app.focused, Input | Select))
 
     @work(group="jobs-control", exit_on_error=False)
     async def action_control(self, command: str) -> None:
