@@ -247,7 +247,8 @@ class FakeMemory:
     async def table_stats(self, table: str) -> dict[str, Any]:
         return {"rows": len(self.rows), "never_accessed": 0, "key_dim": 4, "value_dim": 8}
 
-    async def table_page(self, table: str, offset: int, limit: int) -> list[EntryView]:
+    async def table_page(self, table: str, offset: int, limit: int, *,
+                         order: str = "id") -> list[EntryView]:
         return self.rows[offset:offset + limit]
 
     async def find_entry(self, table: str, entry_id: int) -> list[EntryView]:
@@ -316,3 +317,44 @@ async def test_pane_pages_and_undoes_against_its_protocol() -> None:
         await wait_for(pilot, lambda: [r.id for r in pane.rows[:2]] == [1, 3])
         await pilot.press("u")
         await wait_for(pilot, lambda: len(memory.rows) == 60 and not pane.undo_stack)
+
+
+async def test_first_view_sorts_by_norm_marks_dead_slots_and_explains_columns(
+        tmp_path: Path) -> None:
+    import torch
+
+    from engine.model.loading import load_model
+    from engine.model.student import save_student
+    from engine.model.surgery import convert, memory_layers
+
+    teacher = load_model("tiny-llama")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        student = convert(teacher, [1], "featural", init="random", keys="flat", slots=32,
+                          topk=8)
+    with torch.no_grad():
+        memory_layers(student)[1].values[:5] = 0  # five dead slots
+    directory = save_student(student, tmp_path / "student", teacher.tokenizer)
+    app = make_app(student_engine(directory, tmp_path / "memory.db", tmp_path))
+    async with app.run_test(size=APP_SIZE) as pilot:
+        pane = app.query_one(MemoryPane)
+        await wait_for(pilot, lambda: pane.table_name == TABLE and len(pane.rows) == 32)
+        stats = str(app.query_one("#memory-stats").render())
+        assert "dead 5" in stats and "sorted largest value first" in stats
+        assert "norm: size of the value, 0 = dead" in str(
+            app.query_one("#memory-columns").render())
+        norms = [row.norm for row in pane.rows]
+        assert norms == sorted(norms, reverse=True) and norms[-5:] == [0.0] * 5
+        cells = app.query_one("#memory-rows", DataTable)
+        labels = [str(cells.get_row_at(i)[1]) for i in range(32)]
+        assert all(label.startswith("dead · ") for label in labels[-5:])
+        assert not any(label.startswith("dead") for label in labels[:-5])
+        cells.focus()
+        await pilot.press("s")  # most read first: nothing was read, so by id within
+        await wait_for(pilot, lambda: "most read first" in str(
+            app.query_one("#memory-stats").render()))
+        await pilot.press("s")
+        await wait_for(pilot, lambda: "sorted by id" in str(app.query_one("#memory-stats")
+                                                             .render()))
+        await wait_for(pilot, lambda: [row.id for row in pane.rows]
+                       == sorted(row.id for row in pane.rows))

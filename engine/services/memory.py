@@ -35,7 +35,13 @@ from engine.services.memory_notes import (
     traced_rows,
 )
 from engine.services.memory_reconcile import is_ledger, with_pending
-from engine.services.memory_rows import entry_view, promoted_tokens, text_vectors
+from engine.services.memory_rows import (
+    NormOrder,
+    entry_view,
+    page_rows,
+    promoted_tokens,
+    text_vectors,
+)
 from engine.views import Availability, DeletedEntries, EntryView, TracedRow
 
 if TYPE_CHECKING:
@@ -56,6 +62,7 @@ class MemoryService:
         self._store: MemoryStore | None = None
         self._store_error: str | None = None
         self.live = LiveMirrors()
+        self._norms = NormOrder()  # rows by value norm, per table version
         runtime.on_student_loaded(self._student_loaded)
 
     def availability(self) -> Availability:
@@ -182,17 +189,18 @@ class MemoryService:
             handle = self._open_store().table(table)
             result = dict(handle.stats())
             result.setdefault("size", len(handle))
+            result["dead"] = self._norms.of(handle)[1]  # values of norm ~0: add nothing
             return result
 
         return await self.runtime.in_store(stats)
 
     async def table_page(
-        self, table: str, offset: int, limit: int, *, with_tokens: bool = True
+        self, table: str, offset: int, limit: int, *, with_tokens: bool = True,
+        order: str = "id",
     ) -> list[EntryView]:
-        """One page of entries, read from the database (never the whole table)."""
-        rows = await self.runtime.in_store(
-            lambda: list(self._open_store().table(table).page(offset, limit))
-        )
+        """One page of entries by id, usage or value norm (``memory_rows.PAGE_ORDERS``)."""
+        rows = await self.runtime.in_store(lambda: page_rows(
+            self._open_store().table(table), offset, limit, order, self._norms))
         views = [entry_view(row) for row in rows]
         if with_tokens and views:
             await self._fill_top_tokens(table, rows, views)
@@ -296,20 +304,10 @@ class MemoryService:
     async def read_notes(self, table: str, path: str) -> ReadSummary:
         """The student reads a text file or a folder of notes into the associative layer of
         ``table`` (learning by reading); its mirror rows follow, one batch per document."""
-        from pathlib import Path
+        from engine.services.memory_reading import read_notes
 
-        from engine.services.memory_reading import check_readable, read_into_mirror
-        from engine.textdata import text_files
-
-        mirror = check_readable(table, self.live.associative.get(table))
-        loaded = self.runtime.model(STUDENT)
-        if loaded is None:
-            raise MindsetError("no student is loaded; load one in the Models pane")
-        root = Path(path).expanduser()
-        files = text_files(root)  # a bad path fails before any work
-        store = self._open_store()
-        return await self.runtime.in_store(read_into_mirror, store, table, mirror, loaded,
-                                           files, root)
+        return await read_notes(self.runtime, self.live.associative.get(table),
+                                self._open_store, table, path)
 
     def slots_changed(self, layer: int, slots: list[int], label: str | None = None) -> None:
         """After a knowledge edit of ``layer`` (on the store's thread): its mirror rows hold

@@ -9,14 +9,15 @@ shows the table growing. ``w`` saves the entries with the student, as it saves e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import MindsetError
+from engine.runtime import STUDENT, Runtime
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from engine.memory import MemoryStore
     from engine.model.loading import LoadedModel
     from engine.services.memory_mirror import AssociativeTable
@@ -68,3 +69,20 @@ def read_into_mirror(store: MemoryStore, table: str, mirror: AssociativeTable,
                                 dtype=np.int64)
     return ReadSummary(table, total.documents, total.tokens, total.entries_added,
                        len(module.cache), module.config.capacity, total.seconds)
+
+
+async def read_notes(runtime: Runtime, mirror: AssociativeTable | None,
+                     open_store: Callable[[], MemoryStore], table: str, path: str
+                     ) -> ReadSummary:
+    """Check everything (the table reads, a student is loaded, the path holds text), then
+    read on the store's thread."""
+    from engine.textdata import text_files
+
+    readable = check_readable(table, mirror)
+    loaded = runtime.model(STUDENT)
+    if loaded is None:
+        raise MindsetError("no student is loaded; load one in the Models pane")
+    root = Path(path).expanduser()
+    files = text_files(root)  # a bad path fails before any work
+    store = open_store()
+    return await runtime.in_store(read_into_mirror, store, table, readable, loaded, files, root)

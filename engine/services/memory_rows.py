@@ -10,6 +10,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from engine.errors import MindsetError
 from engine.runtime import STUDENT, TEACHER, Runtime
 from engine.services.memory_mirror import (
     ASSOCIATIVE_SUFFIX,
@@ -23,7 +24,7 @@ from engine.views import EntryView
 if TYPE_CHECKING:
     import numpy as np
 
-    from engine.memory import MemoryRow
+    from engine.memory import MemoryRow, MemoryTable
     from engine.model.loading import LoadedModel
 
 
@@ -104,3 +105,42 @@ async def promoted_tokens(
         return await runtime.in_models(inspect.promoted_tokens, loaded, values, out_proj, top)
     except Exception:
         return None  # dimensions that do not map onto the residual stream: leave blank
+
+
+PAGE_ORDERS = ("id", "usage", "norm")
+DEAD_NORM = 1e-6  # a value this small adds nothing: a dead (or deleted) slot
+
+
+class NormOrder:
+    """Each table's rows by value norm, largest first, and how many are dead (norm ~ 0);
+    computed once per table version (norms are not a SQL column)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[int, np.ndarray, int]] = {}
+
+    def of(self, table: MemoryTable) -> tuple[np.ndarray, int]:
+        import numpy as np
+
+        version = table.version
+        cached = self._cache.get(table.name)
+        if cached is None or cached[0] != version:
+            ids, _, values = table.export_arrays()
+            norms = np.linalg.norm(values, axis=1) if len(values) else np.zeros(0)
+            order = ids[np.argsort(-norms, kind="stable")]
+            cached = (version, order, int((norms < DEAD_NORM).sum()))
+            self._cache[table.name] = cached
+        return cached[1], cached[2]
+
+
+def page_rows(table: MemoryTable, offset: int, limit: int, order: str,
+              norms: NormOrder) -> list[MemoryRow]:
+    """One page of ``table`` in ``order``: by id, by reads (most first), or by value norm."""
+    if order not in PAGE_ORDERS:
+        raise MindsetError(f"cannot sort by {order!r}; use one of {', '.join(PAGE_ORDERS)}")
+    if order == "id":
+        return list(table.page(offset, limit))
+    if order == "usage":
+        return list(table.page(offset, limit, order_by="access_count", descending=True))
+    ids = norms.of(table)[0][offset:offset + limit].tolist()
+    by_id = {row.id: row for row in table.page(0, max(len(ids), 1), ids=ids)} if ids else {}
+    return [by_id[i] for i in ids if i in by_id]

@@ -22,9 +22,17 @@ from mindset.widgets.messages import ModelLoaded
 
 PAGE_SIZE = 50
 # Actions a featural table refuses (its slots are fixed; reading writes associative entries).
+DEAD_NORM = 1e-6  # as the engine counts dead values
 FIXED_SLOT_REFUSALS = ("insert", "evict", "recombine", "read_notes")
 RAW = "raw: "  # marks promotes read straight through the output embedding (no annotations)
 COLUMNS = ("id", "label", "access", "last access", "norm", "promotes")
+# What the columns mean, shown above them: the first view should not need the manual.
+COLUMN_HELP = ("[dim]access: reads by the model (browsing does not count) · norm: size of "
+               "the value, 0 = dead · promotes: tokens it pushes up (raw: projected; "
+               "measured: a annotates) · s: sort[/dim]")
+ORDERS = ("norm", "usage", "id")  # s cycles through them; featural tables open by norm
+ORDER_WORDS = {"norm": "largest value first", "usage": "most read first", "id": "by id"}
+DEAD = "dead · "
 
 
 class MemoryPane(Vertical):
@@ -41,6 +49,7 @@ class MemoryPane(Vertical):
         Binding("v", "evict", "Run eviction", id="memory.evict"),
         Binding("m", "recombine", "Run recombination", id="memory.recombine"),
         Binding("r", "refresh", "Refresh", id="memory.refresh"),
+        Binding("s", "sort", "Sort", id="memory.sort"),
         Binding("a", "annotate", "Annotate from a text", id="memory.annotate"),
         Binding("l", "read_notes", "Read notes into it", id="memory.read_notes"),
         # Edits of a featural table change the live student only, until it is saved.
@@ -56,6 +65,7 @@ class MemoryPane(Vertical):
         self.search_results: list[EntryView] | None = None
         self.rows: list[EntryView] = []
         self.undo_stack: list[DeletedEntries] = []
+        self.order: str | None = None  # None: the table's own default (see _order)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Keys are offered only where they apply: a featural table has fixed slots."""
@@ -69,6 +79,7 @@ class MemoryPane(Vertical):
             yield Input(placeholder="/ search: text (through the model) or #id",
                         id="memory-search")
         yield Static("", id="memory-stats")
+        yield Static(COLUMN_HELP, id="memory-columns")
         table: DataTable[str] = DataTable(id="memory-rows", cursor_type="row", zebra_stripes=True)
         yield table
         yield Static("", id="memory-detail")
@@ -124,6 +135,7 @@ class MemoryPane(Vertical):
             self.table_name = event.value
             self.page_offset = 0
             self.search_results = None
+            self.order = None
             self.load_page()
 
     @work(exclusive=True, group="memory-page", exit_on_error=False)
@@ -136,7 +148,8 @@ class MemoryPane(Vertical):
             if self.search_results is not None:
                 rows = self.search_results
             else:
-                rows = await self.memory.table_page(self.table_name, self.page_offset, PAGE_SIZE)
+                rows = await self.memory.table_page(self.table_name, self.page_offset, PAGE_SIZE,
+                                                    order=self._order())
         except MindsetError as exc:
             self.notify(str(exc), title="memory", severity="error", timeout=10)
             return
@@ -158,12 +171,37 @@ class MemoryPane(Vertical):
         ]
         if index_kind:
             parts.append(f"index {index_kind}")
+        dead = int(stats.get("dead", 0) or 0)
+        if dead:
+            parts.append(f"dead [b]{dead}[/b] (norm 0, marked)")
+        parts.append(f"sorted {ORDER_WORDS[self._order()]}")
         self.query_one("#memory-stats", Static).update("  ·  ".join(parts))
 
+    def _order(self) -> str:
+        """The chosen sort, else the table's default: a featural table's largest values first
+        (its dead slots last), an associative table's in the order they were written."""
+        if self.order is not None:
+            return self.order
+        name = self.table_name or ""
+        # By name too: the pane may show a mirror before its student has loaded.
+        featural = bool(name) and (self.memory.fixed_slots(name) or name.endswith("_featural"))
+        return "norm" if featural else "id"
+
+    def action_sort(self) -> None:
+        """Cycle the sort: largest value, most read, id."""
+        self.order = ORDERS[(ORDERS.index(self._order()) + 1) % len(ORDERS)]
+        self.page_offset = 0
+        self.search_results = None
+        self.notify(f"sorted {ORDER_WORDS[self.order]}", timeout=3)
+        self.load_page()
+
     def _show_rows(self, rows: list[EntryView]) -> None:
+        current = self._current()  # the cursor stays on its entry when the order moves it
         self.rows = rows
         table = self.query_one("#memory-rows", DataTable)
         cursor = table.cursor_row
+        if current is not None:
+            cursor = next((i for i, row in enumerate(rows) if row.id == current.id), cursor)
         cells = [(str(row.id), escape(_label(row)), str(row.access_count), row.last_access,
                   f"{row.norm:.3f}", escape(_promotes(row))) for row in rows]
         table.clear(columns=True)
@@ -441,8 +479,9 @@ class MemoryPane(Vertical):
 
 
 def _label(row: EntryView) -> str:
-    """The user's label, else the annotation's (marked as automatic)."""
-    return row.label or (f"auto: {row.auto_label}" if row.auto_label else "")
+    """The user's label, else the annotation's (marked as automatic); dead rows marked."""
+    label = row.label or (f"auto: {row.auto_label}" if row.auto_label else "")
+    return (DEAD + label) if row.norm < DEAD_NORM else label
 
 
 def _promotes(row: EntryView) -> str:
