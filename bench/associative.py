@@ -58,7 +58,7 @@ def nll(model: Any, chunks: list[list[int]]) -> float:
 
 
 def faithfulness(teacher: Any, layer: int, texts: dict[str, list[list[int]]],
-                 calibration: Any) -> dict[str, Any]:
+                 calibration: Any, bar: Any) -> dict[str, Any]:
     from engine.model.anatomy import zeroed_mlps_hooks
     from engine.model.surgery import convert
 
@@ -82,11 +82,12 @@ def faithfulness(teacher: Any, layer: int, texts: dict[str, list[list[int]]],
             row[kind] = {"ppl": math.exp(loss), "ppl_ratio": math.exp(loss - base),
                          "gap_closed": (zeroed - loss) / gap if gap > 0 else None}
         out[name] = row
+        bar.update(1)
     return out
 
 
 def reading(teacher: Any, layer: int, documents: list[list[int]],
-            unrelated: dict[str, list[list[int]]], calibration: Any) -> dict[str, Any]:
+            unrelated: dict[str, list[list[int]]], calibration: Any, bar: Any) -> dict[str, Any]:
     from engine.model.reading import read_chunk, reading_layers
     from engine.model.surgery import convert
 
@@ -100,6 +101,7 @@ def reading(teacher: Any, layer: int, documents: list[list[int]],
         report = read_chunk(student, teacher.tokenizer, chunk)
         added += report.entries_added
         seconds += report.seconds
+        bar.update(1)
     first = first_total / count
     second = nll(student, documents)
     after = {name: nll(student, chunks) for name, chunks in unrelated.items()}
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from engine.model.loading import load_model
+    from mindset.commands.progress import progress
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default")
@@ -147,14 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     calibration = torch.tensor(wiki[:16 * args.window]).view(16, args.window)
     texts = {"wikitext_heldout": windows(wiki, args.window, count, held),
              "tinyshakespeare": windows(shakespeare, args.window, count)}
-    faithful = {str(layer): faithfulness(teacher, layer, texts, calibration)
-                for layer in (args.middle, args.late)}
     read_docs = count // 2
+    bar = progress(2 * len(texts) + read_docs, "associative", "phase")
+    faithful = {str(layer): faithfulness(teacher, layer, texts, calibration, bar)
+                for layer in (args.middle, args.late)}
     documents = windows(wiki, args.window, read_docs, held)
     unrelated = {"tinyshakespeare": windows(shakespeare, args.window, read_docs),
                  "wikitext_other": windows(wiki, args.window, read_docs,
                                            held + (read_docs + 4) * args.window)}
-    read = reading(teacher, args.middle, documents, unrelated, calibration)
+    read = reading(teacher, args.middle, documents, unrelated, calibration, bar)
+    bar.close()
 
     def worst(layer: int, key: str) -> float:
         rows = faithful[str(layer)].values()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -78,6 +79,7 @@ def perplexity(
     tokens: int | None = None,
     window: int = 512,
     learn: bool = False,
+    on_window: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Perplexity over non-overlapping windows of ``window`` tokens of the first ``tokens``.
 
@@ -87,6 +89,7 @@ def perplexity(
     ``learn``: reading mode. After each window is scored, the model's associative layers
     read it (:mod:`engine.model.reading`), so later windows, and a second pass, can recall
     it; the entries stay in the model's memory (not saved by this function).
+    ``on_window(tokens, total)`` is called after each window (progress displays).
     """
     import torch
 
@@ -120,6 +123,8 @@ def perplexity(
             report = read_chunk(model, tokenizer, chunk)
             added += report.entries_added
             learn_seconds += report.seconds
+        if on_window is not None:
+            on_window(len(chunk), len(ids))
     seconds = time.perf_counter() - start
     nll = total_nll / predicted
     if not math.isfinite(nll):

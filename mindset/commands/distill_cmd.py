@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         from engine.paths import runs_dir
 
         args.out = runs_dir() / job_name(config)
-    report = train_with_progress(config, args.out)
+    report = train_with_progress(config, args.out, json_output=args.json)
     if not report:
         print(f"cancelled: checkpoint saved in {args.out}; continue with "
               f"`mindset distill --out {args.out} --resume`")
@@ -195,19 +195,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_with_progress(config: DistillConfig, run_dir: Path) -> dict[str, Any]:
-    """Run in this process with a progress bar, shown once training starts (not on errors)."""
+def train_with_progress(config: DistillConfig, run_dir: Path,
+                        json_output: bool = False) -> dict[str, Any]:
+    """Run in this process with a progress bar, shown once training starts (not on errors),
+    on a terminal only (not piped, not with --json)."""
     from tqdm import tqdm
 
     from engine.distill.job_events import EvalEvent, JobEvent, StateEvent, StepEvent
     from engine.distill.loop import run_distillation
+    from mindset.commands.progress import wanted, width
 
     bars: list[Any] = []
 
     def on_event(event: JobEvent) -> None:
         if isinstance(event, StateEvent) and event.state == "running" and not bars:
             bars.append(tqdm(total=config.total_steps, initial=event.step,
-                             unit="step", dynamic_ncols=True, desc="distill"))
+                             unit="step", ncols=width(), desc="distill",
+                             disable=not wanted(json_output),
+                             # One ETA: the run's own (from its step times), in the postfix.
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} "
+                                        "[{elapsed}{postfix}]"))
         if not bars:
             return
         bar = bars[0]

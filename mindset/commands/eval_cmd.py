@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from mindset.commands.common import positive_int
+from mindset.commands.progress import progress
 
 
 def register(commands: Any) -> None:
@@ -43,8 +44,18 @@ def run(args: argparse.Namespace) -> int:
     text = read_text_file(args.data)
     with PeakMemory() as memory:  # over the loading and the evaluation
         loaded = load_model(args.model)
-        result = perplexity(loaded.model, loaded.tokenizer, text, tokens=args.tokens,
-                            window=args.window, learn=args.learn)
+        bar = progress(0, "eval", "tok", json_output=args.json)
+
+        def advance(tokens: int, total: int) -> None:
+            if bar.total != total:  # known once the text is tokenised
+                bar.total = total
+            bar.update(tokens)
+
+        try:
+            result = perplexity(loaded.model, loaded.tokenizer, text, tokens=args.tokens,
+                                window=args.window, learn=args.learn, on_window=advance)
+        finally:
+            bar.close()
     result = dataclasses.replace(result, peak_rss_mb=memory.peak_rss_mb,
                                  peak_anon_mb=memory.peak_anon_mb)
     if args.json:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.textdata import text_files
+from mindset.commands.progress import progress
 
 __all__ = ["run_read", "text_files"]
 
@@ -27,6 +28,7 @@ def run_read(args: argparse.Namespace, loaded: Any, files: list[Path]) -> int:
     root = Path(args.path).expanduser()
     store, syncs = open_student_tables(Path(args.student).expanduser(), layers)
     total = ReadReport()
+    bar = progress(len(files), "read", "doc", json_output=args.json)
     try:
         for file in files:
             name = str(file.relative_to(root)) if file != root else file.name
@@ -35,9 +37,12 @@ def run_read(args: argparse.Namespace, loaded: Any, files: list[Path]) -> int:
             for sync in syncs.values():
                 sync.sync()
             total.merge(report)
+            bar.update(1)
             if not args.json:
-                print(f"{name}: {report.tokens} tokens, {report.entries_added} entries added")
+                bar.write(f"{name}: {report.tokens} tokens, {report.entries_added} entries "
+                          "added")
     finally:
+        bar.close()
         store.close()
     sizes = {str(layer): {"entries": len(module.cache), "capacity": module.config.capacity}
              for layer, module in sorted(layers.items())}
