@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from engine import __version__
 from engine.errors import MindsetError
@@ -60,9 +61,19 @@ def cmd_workbench(args: argparse.Namespace) -> int:
         serve_web(host=args.host, port=args.port, model_spec=args.model,
                   extra_hosts=args.allow_host)
         return 0
+    student = None
+    if args.student is not None:
+        from engine.errors import InputError
+        from engine.model.student import is_student_dir
+
+        path = Path(args.student).expanduser()
+        if not is_student_dir(path):
+            raise InputError(f"{args.student} is not a student directory; give the folder a "
+                             "distillation or `save` wrote (it holds mindset_student.json)")
+        student = str(path.resolve())
     from mindset.app import run_app
 
-    run_app(model_spec=args.model)
+    run_app(model_spec=args.model, student_spec=student)
     return 0
 
 
@@ -74,6 +85,9 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mindset {__version__}")
     parser.add_argument("--model", default="default", help="model spec for the workbench")
+    parser.add_argument("--student", default=None, metavar="DIR",
+                        help="open the workbench on this student (default: the newest "
+                        "finished job's)")
     parser.add_argument("--web", action="store_true", help="serve the workbench in a browser")
     parser.add_argument("--host", type=host_name, default="127.0.0.1", help="address for --web")
     parser.add_argument("--port", type=port_number, default=8566, help="port for --web")

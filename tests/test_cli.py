@@ -161,3 +161,10 @@ def test_corrupt_model_directory_is_reported(tmp_path: Path, text_file: Path) ->
     assert result.returncode == 2
     assert "not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_workbench_refuses_a_student_that_is_not_one(tmp_path: Path) -> None:
+    result = mindset("--student", str(tmp_path))
+    assert result.returncode == 2
+    assert "is not a student directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

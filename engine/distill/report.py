@@ -102,7 +102,10 @@ def summary_text(report: dict[str, Any]) -> str:
         f"Distillation run: {report.get('teacher')} -> {report.get('memory')} memory in layers "
         f"{report.get('layers')}",
         f"  state            {report.get('state')} after {report.get('steps_done')} of "
-        f"{report.get('total_steps')} steps",
+        f"{report.get('total_steps')} steps"
+        + (" (nothing to train: the associative recipe starts exact and learns by reading)"
+           if report.get("trainable_parameters") == 0 and report.get("memory") == "associative"
+           else ""),
         f"  held-out ppl     teacher {number('ppl_teacher')}, student {number('ppl_student')}, "
         f"replaced MLPs zeroed {number('ppl_zeroed', '.4g')}",
         f"  ppl ratio        {number('ppl_ratio')} (student / teacher)",

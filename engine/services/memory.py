@@ -262,7 +262,9 @@ class MemoryService:
                                        self.live.associative.get(table), top)
         if tokens is not None:
             for view, words in zip(views, tokens, strict=True):
-                view.top_tokens = words
+                # A read entry's value acts through the layers above, not directly: its
+                # raw projection would be noise; its label says what it was written for.
+                view.top_tokens = [] if view.source else words
         if featural is not None:  # measured promotes and triggers replace the projection
             await self.runtime.in_store(annotate_views, student_annotations(self.runtime),
                                         featural, rows, views)
