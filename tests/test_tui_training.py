@@ -268,3 +268,25 @@ async def test_o_opens_a_finished_jobs_student_in_memory(tmp_path: Path) -> None
         await wait_for(pilot, lambda: app.tabs == ["memory"], timeout=10)
         assert app.adopted == [str(tmp_path / "run" / "student")]
         await jobs.events.put(None)
+
+
+async def test_a_starting_job_shows_its_phase_with_count_and_eta() -> None:
+    from engine.services.jobs import PhaseEvent
+
+    jobs = FakeJobs()
+    pane = TrainingPane(jobs, id="training-pane")
+    app = PaneHost(pane)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        await wait_for(pilot, lambda: jobs.followed == ["job-1"], timeout=10)
+        await jobs.events.put(StateEvent(state="starting", step=0))
+        await jobs.events.put(PhaseEvent(phase="loading the teacher"))
+        await jobs.events.put(PhaseEvent(phase="sampling training text from the teacher",
+                                         done=3, total=18, unit="blocks", eta_s=75.0))
+        detail = app.query_one("#job-detail", Static)
+        await wait_for(pilot, lambda: "3/18 blocks" in str(detail.render()), timeout=10)
+        assert "sampling training text from the teacher" in str(detail.render())
+        assert "eta 1:15" in str(detail.render())
+        lines = [str(line) for line in app.query_one(Log).lines]
+        assert "phase: loading the teacher" in lines
+        assert lines.count("phase: sampling training text from the teacher") == 1
+        await jobs.events.put(None)

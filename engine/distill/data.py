@@ -13,6 +13,7 @@ per epoch), so a resumed run sees the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,9 +161,11 @@ def load_text_data(
 
 
 def sample_corpus(
-    model: Any, tokenizer: Any, *, blocks: int, block_size: int, seed: int, batch: int = 8
+    model: Any, tokenizer: Any, *, blocks: int, block_size: int, seed: int, batch: int = 8,
+    on_blocks: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Data-free distillation: ``blocks`` sequences sampled from the teacher itself."""
+    """Data-free distillation: ``blocks`` sequences sampled from the teacher itself;
+    ``on_blocks(count)`` after each batch (progress, and the chance to stop)."""
     start = separator_id(tokenizer)
     if start is None:
         start = 0
@@ -182,17 +185,22 @@ def sample_corpus(
                 )
                 out.append(sampled[:, :block_size].clone())
                 remaining -= size
+                if on_blocks is not None:
+                    on_blocks(size)
     finally:
         torch.set_rng_state(generator_state)
     return torch.cat(out)
 
 
 def data_free(
-    model: Any, tokenizer: Any, *, blocks: int, heldout_blocks: int, block_size: int, seed: int
+    model: Any, tokenizer: Any, *, blocks: int, heldout_blocks: int, block_size: int, seed: int,
+    on_blocks: Callable[[int], None] | None = None,
 ) -> TokenData:
-    train = sample_corpus(model, tokenizer, blocks=blocks, block_size=block_size, seed=seed)
+    train = sample_corpus(model, tokenizer, blocks=blocks, block_size=block_size, seed=seed,
+                          on_blocks=on_blocks)
     heldout = sample_corpus(
-        model, tokenizer, blocks=heldout_blocks, block_size=block_size, seed=seed + 7919
+        model, tokenizer, blocks=heldout_blocks, block_size=block_size, seed=seed + 7919,
+        on_blocks=on_blocks,
     )
     return TokenData(train=train, heldout=heldout, source="sampled from the teacher")
 

@@ -67,6 +67,19 @@ class LocalPairsEvent(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PhaseEvent(Event):
+    """Work before training: loading the teacher, sampling or reading text, capturing
+    pairs, building the student; ``done`` of ``total`` units (0 of 0: not counted)."""
+
+    kind: ClassVar[str] = "phase"
+    phase: str
+    done: int = 0
+    total: int = 0
+    unit: str = ""
+    eta_s: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class StepEvent(Event):
     """One logged training step (``step`` counts from 1; ``kl``/``ce``/``local`` as trained)."""
 
@@ -143,11 +156,11 @@ class UnknownEvent(Event):
     data: dict[str, Any] = field(default_factory=dict)  # its fields, as read
 
 
-JobEvent: TypeAlias = (StateEvent | ResumedEvent | LocalPairsEvent | StepEvent | EvalEvent
-                       | CheckpointEvent | ErrorEvent | DoneEvent | UnknownEvent)
+JobEvent: TypeAlias = (StateEvent | ResumedEvent | LocalPairsEvent | PhaseEvent | StepEvent
+                       | EvalEvent | CheckpointEvent | ErrorEvent | DoneEvent | UnknownEvent)
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.kind: cls for cls in (StateEvent, ResumedEvent, LocalPairsEvent, StepEvent, EvalEvent,
-                              CheckpointEvent, ErrorEvent, DoneEvent)
+    cls.kind: cls for cls in (StateEvent, ResumedEvent, LocalPairsEvent, PhaseEvent, StepEvent,
+                              EvalEvent, CheckpointEvent, ErrorEvent, DoneEvent)
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from engine.distill.job_events import (
     DoneEvent,
     ErrorEvent,
     LocalPairsEvent,
+    PhaseEvent,
     ResumedEvent,
     from_fields,
 )
@@ -75,8 +77,11 @@ CALIBRATION_BLOCKS = 16  # training blocks that feed init="data"
 STUDENT_DIR = ev.STUDENT_DIR
 
 
-def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistContext) -> TokenData:
+def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistContext,
+                 phase: PhaseReporter | None = None) -> TokenData:
+    report = phase or (lambda *_args, **_kwargs: None)
     if config.data:
+        report("reading the training text")
         from engine.paths import data_dir
 
         cache = data_dir() / "cache" / "tokens"
@@ -85,9 +90,12 @@ def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistCo
     # Data-free: sample once, keep the sample in the run directory so a resume reuses it.
     path = run_dir / DATA_FREE_NAME
     if ctx.is_main and not path.exists():
+        total = config.data_free_blocks + config.heldout_blocks
+        progress = SamplingProgress(total, report)
+        progress.start()
         sampled = data_free(teacher.model, teacher.tokenizer, blocks=config.data_free_blocks,
                             heldout_blocks=config.heldout_blocks, block_size=config.block_size,
-                            seed=config.seed)
+                            seed=config.seed, on_blocks=progress.advance)
         from safetensors.torch import save
 
         blocks = {"train": sampled.train.cpu().contiguous(),
@@ -97,6 +105,30 @@ def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistCo
         dist.barrier()
     train, heldout = load_data_free(path)
     return TokenData(train=train, heldout=heldout, source="sampled from the teacher")
+
+
+PhaseReporter = Callable[..., None]  # (phase, done=0, total=0, unit="", eta_s=None)
+SAMPLING = "sampling training text from the teacher"
+
+
+class SamplingProgress:
+    """Blocks sampled so far and an ETA from their pace, reported after each batch."""
+
+    def __init__(self, total: int, report: PhaseReporter) -> None:
+        self.total, self.report, self.done = total, report, 0
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        self.report(SAMPLING, 0, self.total, "blocks")
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        pace = (time.perf_counter() - self.started) / max(self.done, 1)
+        self.report(SAMPLING, self.done, self.total, "blocks", pace * (self.total - self.done))
+
+
+class RunCancelled(Exception):
+    """A cancel (control file or SIGTERM) arrived before training started."""
 
 
 def load_data_free(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +175,23 @@ class Run:
     def set_state(self, state: str) -> None:
         self.telemetry.set_state(state, self.step)
 
+    def phase(self, name: str, done: int = 0, total: int = 0, unit: str = "",
+              eta_s: float | None = None) -> None:
+        """Report a phase before training, and honour a pause or cancel asked meanwhile (the
+        control file and SIGTERM are read here too, not only between steps)."""
+        self.telemetry.emit(PhaseEvent(phase=name, done=done, total=total, unit=unit,
+                                       eta_s=eta_s))
+        if self.ctx.enabled:
+            return  # ranks agree on requests between steps; sampling runs on rank 0 alone
+        action = self.control.requested(self.step)
+        if action == "pause":
+            def state(name: str) -> None:  # resumed: still starting, not yet running
+                self.set_state("starting" if name == "running" else name)
+
+            action = self.control.wait_while_paused(self.step, state)
+        if action == "cancel":
+            raise RunCancelled
+
     def cpu_seconds(self) -> float:
         return self.cpu_before + time.process_time() - self.cpu_start
 
@@ -161,6 +210,7 @@ class Run:
         if self.teacher_loaded is None:
             from engine.model.loading import load_model
 
+            self.phase("loading the teacher")
             self.teacher_loaded = load_model(config.teacher)
         teacher = self.teacher_loaded.model
         teacher.eval().to(ctx.device)
@@ -170,7 +220,8 @@ class Run:
         hparams = dict(config.hparams)
         if ctx.enabled and config.memory == "featural":
             hparams.setdefault("sparse", False)  # DDP reduces dense gradients on any backend
-        self.data = prepare_data(config, self.teacher_loaded, self.run_dir, ctx)
+        self.data = prepare_data(config, self.teacher_loaded, self.run_dir, ctx, self.phase)
+        self.phase("building the student")
         torch.manual_seed(config.seed)  # the same initial student on every rank
         self.student = build_student(
             teacher, self.layers, config.memory, hparams, teacher_spec=config.teacher,
@@ -202,6 +253,8 @@ class Run:
         self.restore()
         pairs: LocalPairs | None = None
         if config.local_tokens and self.step < config.pre_e2e_steps:
+            self.phase("capturing the MLPs' input/output pairs", 0, config.local_tokens,
+                       "tokens")
             pairs = capture_local_pairs(teacher, teacher_mlps, self.data.train,
                                         config.local_tokens)
             self.telemetry.emit(LocalPairsEvent(tokens=pairs.tokens, bytes=pairs.nbytes()))
@@ -368,7 +421,11 @@ def run_distillation(config: DistillConfig, run_dir: Path, *, teacher: Any = Non
     run = Run(config, run_dir, teacher=teacher, on_event=on_event, resume=resume)
     run.signals.install()
     try:
-        run.setup()
+        try:
+            run.setup()
+        except RunCancelled:
+            run.set_state("cancelled")
+            return {}
         outcome = run.train()
         if outcome == "cancelled":
             return {}

@@ -24,6 +24,7 @@ from engine.distill.job_events import (
     EvalEvent,
     JobEvent,
     LocalPairsEvent,
+    PhaseEvent,
     ResumedEvent,
     StateEvent,
     StepEvent,
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "QUICK_START_STEPS", "CheckpointEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "JobEvent",
-    "JobService", "LocalPairsEvent", "ResumedEvent", "StateEvent", "StepEvent", "UnknownEvent",
+    "JobService", "LocalPairsEvent", "PhaseEvent", "ResumedEvent", "StateEvent", "StepEvent",
+    "UnknownEvent",
     "event_type",
 ]
 

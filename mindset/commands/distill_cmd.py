@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -201,13 +202,26 @@ def train_with_progress(config: DistillConfig, run_dir: Path,
     on a terminal only (not piped, not with --json)."""
     from tqdm import tqdm
 
-    from engine.distill.job_events import EvalEvent, JobEvent, StateEvent, StepEvent
+    from engine.distill.job_events import EvalEvent, JobEvent, PhaseEvent, StateEvent, StepEvent
     from engine.distill.loop import run_distillation
     from mindset.commands.progress import wanted, width
 
     bars: list[Any] = []
+    phases: dict[str, Any] = {}  # a bar per counted phase before training (sampling text)
 
     def on_event(event: JobEvent) -> None:
+        if isinstance(event, PhaseEvent):
+            if not wanted(json_output):
+                return
+            if event.total and event.phase not in phases:
+                phases[event.phase] = tqdm(total=event.total, unit=event.unit or "it",
+                                           ncols=width(), desc=event.phase, leave=False)
+            elif not event.total:
+                print(f"{event.phase}…", file=sys.stderr, flush=True)
+            bar = phases.get(event.phase)
+            if bar is not None:
+                bar.update(event.done - bar.n)
+            return
         if isinstance(event, StateEvent) and event.state == "running" and not bars:
             bars.append(tqdm(total=config.total_steps, initial=event.step,
                              unit="step", ncols=width(), desc="distill",
@@ -236,5 +250,5 @@ def train_with_progress(config: DistillConfig, run_dir: Path,
     try:
         return run_distillation(config, run_dir, on_event=on_event)
     finally:
-        for bar in bars:
+        for bar in [*phases.values(), *bars]:
             bar.close()

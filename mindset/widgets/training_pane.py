@@ -28,6 +28,7 @@ from engine.services.jobs import (
     ErrorEvent,
     EvalEvent,
     JobEvent,
+    PhaseEvent,
     StateEvent,
     StepEvent,
     UnknownEvent,
@@ -71,6 +72,7 @@ class TrainingPane(Horizontal):
         self.selected: str | None = None
         self.points: list[tuple[int, float]] = []
         self.last_step: StepEvent | None = None
+        self.last_phase = ""  # the phase before training last shown
         self._plot_stale = False
         self._rows: list[tuple[str, ...]] = []
 
@@ -177,6 +179,7 @@ class TrainingPane(Horizontal):
         self.query_one("#job-summary", Static).display = False  # until this job's "done"
         self.points = []
         self.last_step = None
+        self.last_phase = ""
         self.query_one(Log).clear()
         self._draw_plot()
         self.follow_job(job_id)
@@ -217,6 +220,8 @@ class TrainingPane(Horizontal):
                 f"[b]failed:[/b] {escape(event.message)}")
             self.notify(event.message, title=f"job {self.selected} failed", severity="error",
                         timeout=12)
+        elif isinstance(event, PhaseEvent):
+            self._show_phase(event)
         elif isinstance(event, EvalEvent):
             log.write_line(f"step {event.step}: held-out perplexity {_fmt(event.heldout_ppl)}")
         elif isinstance(event, DoneEvent):
@@ -267,6 +272,19 @@ class TrainingPane(Horizontal):
         show = getattr(self.app, "action_show_tab", None)
         if show is not None:
             show("memory")
+
+    def _show_phase(self, event: PhaseEvent) -> None:
+        """Work before training, with its count and ETA where it has them; a new phase also
+        goes to the log."""
+        parts = [event.phase]
+        if event.total:
+            parts.append(f"{event.done}/{event.total} {event.unit}".rstrip())
+        if event.eta_s is not None and event.done:
+            parts.append(f"eta {_clock(event.eta_s)}")
+        self.query_one("#job-detail", Static).update(escape("  ·  ".join(parts)))
+        if event.phase != self.last_phase:
+            self.last_phase = event.phase
+            self.query_one(Log).write_line(f"phase: {event.phase}")
 
     def _show_progress(self, event: StepEvent) -> None:
         if event.total_steps > 0:
