@@ -290,3 +290,31 @@ async def test_a_starting_job_shows_its_phase_with_count_and_eta() -> None:
         assert "phase: loading the teacher" in lines
         assert lines.count("phase: sampling training text from the teacher") == 1
         await jobs.events.put(None)
+
+
+async def test_the_quick_start_runs_to_the_end_and_its_table_opens(tmp_path: Path) -> None:
+    """The first-run flow on a tiny model: the offer, the job to completion with its summary,
+    then the student's memory table in the Memory pane."""
+    from mindset.app import MindsetApp
+    from mindset.config import WorkbenchConfig
+    from mindset.screens.quick_start import QuickStartScreen
+    from mindset.widgets.memory_pane import MemoryPane
+
+    engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=tmp_path / "runs")
+    engine.jobs.job_overrides = dict(TINY_JOB)
+    app = MindsetApp(engine, config=WorkbenchConfig())
+    async with app.run_test(size=APP_SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout=30)
+        await pilot.press("enter")
+        pane = await mounted(pilot, app, TrainingPane)
+        await wait_for(pilot, lambda: len(pane.jobs) == 1, timeout=30)
+        await wait_for(pilot, lambda: pane.jobs[0].state == "completed", timeout=300)
+        summary = app.query_one("#job-summary", Static)
+        await wait_for(pilot, lambda: "gap closed" in rendered(app, summary), timeout=30)
+        await wait_for(pilot, lambda: engine.student_spec is not None, timeout=60)
+        app.query_one("#jobs-table").focus()
+        await pilot.press("o")
+        memory = app.query_one(MemoryPane)
+        await wait_for(pilot, lambda: memory.table_name == "layer2_featural"
+                       and len(memory.rows) > 0, timeout=60)
+        assert app.query_one("#tabs").active == "memory"
