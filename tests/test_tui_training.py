@@ -84,20 +84,32 @@ async def test_launch_follow_finish_and_reappear(tmp_path: Path) -> None:
         await wait_for(pilot, lambda: len(pane2.points) == 6, timeout=30)
 
 
-async def test_quick_start_offer_launches_and_cancel_stops(tmp_path: Path) -> None:
-    """A first run offers the quick start; one key starts it, `c` cancels the job."""
+def first_run(tmp_path: Path) -> tuple[Engine, Any]:
+    """A workbench on a tiny model with no student yet: it offers the quick start."""
     from mindset.app import MindsetApp
     from mindset.config import WorkbenchConfig
-    from mindset.screens.quick_start import QuickStartScreen
 
     engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=tmp_path / "runs")
     engine.jobs.job_overrides = dict(TINY_JOB)
-    app = MindsetApp(engine, config=WorkbenchConfig())
+    return engine, MindsetApp(engine, config=WorkbenchConfig())
+
+
+async def accept_quick_start(pilot: Any, app: Any) -> TrainingPane:
+    """Wait for the offer, accept it, and return the Training pane once its job is listed."""
+    from mindset.screens.quick_start import QuickStartScreen
+
+    await wait_for(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout=30)
+    await pilot.press("enter")
+    pane = await mounted(pilot, app, TrainingPane)
+    await wait_for(pilot, lambda: len(pane.jobs) == 1, timeout=30)
+    return pane
+
+
+async def test_quick_start_offer_launches_and_cancel_stops(tmp_path: Path) -> None:
+    """A first run offers the quick start; one key starts it, `c` cancels the job."""
+    _, app = first_run(tmp_path)
     async with app.run_test(size=APP_SIZE) as pilot:
-        await wait_for(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout=30)
-        await pilot.press("enter")
-        pane = await mounted(pilot, app, TrainingPane)
-        await wait_for(pilot, lambda: len(pane.jobs) == 1, timeout=30)
+        pane = await accept_quick_start(pilot, app)
         assert app.query_one("#tabs").active == "training"
         assert pane.jobs[0].layers == "2"  # the middle layer of four
         await wait_for(pilot, lambda: pane.jobs[0].state == "running", timeout=90)
@@ -295,19 +307,11 @@ async def test_a_starting_job_shows_its_phase_with_count_and_eta() -> None:
 async def test_the_quick_start_runs_to_the_end_and_its_table_opens(tmp_path: Path) -> None:
     """The first-run flow on a tiny model: the offer, the job to completion with its summary,
     then the student's memory table in the Memory pane."""
-    from mindset.app import MindsetApp
-    from mindset.config import WorkbenchConfig
-    from mindset.screens.quick_start import QuickStartScreen
     from mindset.widgets.memory_pane import MemoryPane
 
-    engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=tmp_path / "runs")
-    engine.jobs.job_overrides = dict(TINY_JOB)
-    app = MindsetApp(engine, config=WorkbenchConfig())
+    engine, app = first_run(tmp_path)
     async with app.run_test(size=APP_SIZE) as pilot:
-        await wait_for(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout=30)
-        await pilot.press("enter")
-        pane = await mounted(pilot, app, TrainingPane)
-        await wait_for(pilot, lambda: len(pane.jobs) == 1, timeout=30)
+        pane = await accept_quick_start(pilot, app)
         await wait_for(pilot, lambda: pane.jobs[0].state == "completed", timeout=300)
         summary = app.query_one("#job-summary", Static)
         await wait_for(pilot, lambda: "gap closed" in rendered(app, summary), timeout=30)
