@@ -189,7 +189,8 @@ class MemoryService:
             handle = self._open_store().table(table)
             result = dict(handle.stats())
             result.setdefault("size", len(handle))
-            result["dead"] = self._norms.of(handle)[1]  # values of norm ~0: add nothing
+            if table in self.live.featural:  # fixed slots: dead ones (norm ~0) add nothing
+                result["dead"] = self._norms.of(handle)[1]
             return result
 
         return await self.runtime.in_store(stats)
