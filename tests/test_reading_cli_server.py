@@ -90,8 +90,12 @@ def test_memory_read_refuses_what_it_cannot_read_before_any_work(tmp_path: Path,
         result = mindset("memory", "read", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (student / "memory" / "memory.db").exists() or \
-        len(MemoryStore.open(student / "memory" / "memory.db").table("layer1")) == 0
+    store_file = student / "memory" / "memory.db"
+    if store_file.exists():  # nothing was read into it
+        with MemoryStore.open(store_file) as store:
+            assert len(store.table("layer1")) == 0
+    context = mindset("memory", "read", str(student), str(notes), "--chunk", "100000")
+    assert context.returncode == 2 and "exceeds the model's context" in context.stderr
 
 
 def test_eval_learn_says_how_many_entries_it_added(tmp_path: Path, notes: Path) -> None:

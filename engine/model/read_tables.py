@@ -20,29 +20,18 @@ CHUNK = 8192
 
 
 class TableSync:
-    def __init__(self, table: MemoryTable, module: AssociativeMemory, provenance: str) -> None:
-        self.table, self.module, self.provenance = table, module, provenance
-        ids = table.ids()
-        cache = module.cache
-        if len(ids) != len(cache):
-            raise MindsetError(f"table {table.name!r} holds {len(ids)} entries but the loaded "
-                               f"layer {len(cache)}: another process changed it; load the "
-                               "student again and retry")
-        self.rows: dict[int, int] = dict(zip(cache.uids.tolist(), ids.tolist(), strict=True))
+    """``table`` row ``ids[i]`` is the entry at cache position ``i`` of ``module`` (a mirror
+    may hold more rows, such as orphans the cache left out: they are kept)."""
 
-    @classmethod
-    def following(cls, table: MemoryTable, module: AssociativeMemory, ids: np.ndarray,
-                  provenance: str) -> TableSync:
-        """A sync for a table whose row ``ids[i]`` is the entry at cache position ``i`` (a
-        mirror that holds rows the cache left out, such as orphans, keeps them)."""
-        sync = cls.__new__(cls)
-        sync.table, sync.module, sync.provenance = table, module, provenance
+    def __init__(self, table: MemoryTable, module: AssociativeMemory, ids: np.ndarray,
+                 provenance: str) -> None:
+        self.table, self.module, self.provenance = table, module, provenance
         if len(ids) != len(module.cache):
-            raise MindsetError(f"the mirror table {table.name!r} lists {len(ids)} rows for "
-                               f"{len(module.cache)} live entries; reload the student")
-        sync.rows = dict(zip(module.cache.uids.tolist(), np.asarray(ids).tolist(),
-                             strict=True))
-        return sync
+            raise MindsetError(f"table {table.name!r} lists {len(ids)} entries for the "
+                               f"{len(module.cache)} the layer holds: another process changed "
+                               "it; load the student again and retry")
+        self.rows: dict[int, int] = dict(zip(module.cache.uids.tolist(),
+                                             np.asarray(ids).tolist(), strict=True))
 
     def sync(self) -> tuple[int, int]:
         """Write what changed in the cache since the last sync: (inserted, deleted)."""
@@ -82,8 +71,8 @@ def open_student_tables(directory: Path, layers: dict[int, AssociativeMemory]
             c = module.config
             if name not in store.table_names():
                 store.create_table(name, c.key_dim, c.value_dim, index="flat-l2")
-            syncs[layer] = TableSync(store.table(name), module,
-                                     f"associative memory {name}")
+            table = store.table(name)  # as loading left it: row i is cache entry i
+            syncs[layer] = TableSync(table, module, table.ids(), f"associative memory {name}")
     except BaseException:
         store.close()
         raise

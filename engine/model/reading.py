@@ -197,33 +197,29 @@ def _fit_values(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor 
     model.eval()
     layers = {layer: module for layer, (module, _count) in fitted.items()}
     try:
-        for _ in _counting_off(layers, steps):
-            for layer, (module, _count) in fitted.items():
-                module.cache.values = torch.cat([olds[layer], news[layer]])
-            if hidden is not None:
-                logits = logits_from_layer(model, hidden, start)[0, :-1].float()
-            else:
-                logits = model(input_ids=input_ids).logits[0, :-1].float()
-            losses = nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="none")
-            if float(losses.detach()[written.to(losses.device)].max()) < RECALLED_NATS:
-                break
-            loss = losses.mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if not math.isfinite(float(loss.detach())):
-                break
+        with not_counting(layers):
+            for _ in range(steps):
+                for layer, module in layers.items():
+                    module.cache.values = torch.cat([olds[layer], news[layer]])
+                if hidden is not None:
+                    logits = logits_from_layer(model, hidden, start)[0, :-1].float()
+                else:
+                    logits = model(input_ids=input_ids).logits[0, :-1].float()
+                losses = nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="none")
+                if float(losses.detach()[written.to(losses.device)].max()) < RECALLED_NATS:
+                    break
+                loss = losses.mean()
+                if not math.isfinite(float(loss.detach())):
+                    break
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
     finally:
-        for layer, (module, _count) in fitted.items():
+        for layer, module in layers.items():
             module.cache.values = torch.cat([olds[layer], news[layer].detach()])
         for parameter in trainable:
             parameter.requires_grad_(True)
         model.train(was_training)
-
-
-def _counting_off(layers: dict[int, AssociativeMemory], steps: int) -> Iterator[int]:
-    with not_counting(layers):
-        yield from range(steps)
 
 
 def read_text(model: nn.Module, tokenizer: Any, text: str, *, document: str = "",

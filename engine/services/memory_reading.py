@@ -58,7 +58,7 @@ def read_into_mirror(store: MemoryStore, table: str, mirror: AssociativeTable,
 
     handle = store.table(table)
     module = mirror.module
-    sync = TableSync.following(handle, module, mirror.ids, mirror.source)
+    sync = TableSync(handle, module, mirror.ids, mirror.source)
     total = ReadReport()
     for file in files:
         name = str(file.relative_to(root)) if file != root else file.name

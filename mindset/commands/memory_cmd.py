@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "history":
         return _history(args)
     if args.action == "read":
-        from mindset.commands.memory_read import run_read, text_files
+        from engine.textdata import text_files
+        from mindset.commands.memory_read import run_read
 
         spec = _load_spec_only(args.student)
         if spec.kind != "associative" or spec.hparams.get("base", "none") == "none":

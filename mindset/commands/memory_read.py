@@ -13,18 +13,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.textdata import text_files
 from mindset.commands.progress import progress
-
-__all__ = ["run_read", "text_files"]
 
 
 def run_read(args: argparse.Namespace, loaded: Any, files: list[Path]) -> int:
+    from engine.errors import InputError
+    from engine.evaluation import model_context
     from engine.model.read_tables import open_student_tables
     from engine.model.reading import ReadReport, read_text, require_reading_layers
     from engine.textdata import read_text_file
 
     layers = require_reading_layers(loaded.model)
+    context = model_context(loaded.model)
+    if context is not None and args.chunk > context:
+        raise InputError(f"--chunk {args.chunk} exceeds the model's context of {context} "
+                         "tokens; give a smaller chunk")
     root = Path(args.path).expanduser()
     store, syncs = open_student_tables(Path(args.student).expanduser(), layers)
     total = ReadReport()
