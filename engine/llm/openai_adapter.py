@@ -16,7 +16,7 @@ from engine.errors import InputError, MindsetError
 from engine.llm.adapter import BaseAdapter, GenerationRequest
 from engine.llm.log import InteractionLog
 from engine.llm.secrets import redact, register_secret
-from engine.llm.types import StreamChunk, Usage
+from engine.llm.types import StreamChunk, TokenLogprob, Usage
 
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_TIMEOUT_S = 120.0
@@ -68,6 +68,10 @@ class OpenAIAdapter(BaseAdapter):
             arguments["stop"] = params.stop
         if params.seed is not None:
             arguments["seed"] = params.seed
+        if params.logprobs is not None and request.messages is not None:
+            arguments["logprobs"] = True
+            if params.logprobs:
+                arguments["top_logprobs"] = params.logprobs
         # Not part of OpenAI's API, but understood by vLLM, llama.cpp and our server.
         extra: dict[str, Any] = {}
         if params.top_k:
@@ -123,7 +127,9 @@ class OpenAIAdapter(BaseAdapter):
                 text = chat.choices[0].message.content or "" if chat.choices else ""
                 finish = chat.choices[0].finish_reason if chat.choices else "stop"
                 raw_usage = chat.usage
+                tokens = _token_logprobs(chat.choices[0].logprobs if chat.choices else None)
             else:
+                tokens = None
                 completion = await self._client.completions.create(**arguments)
                 text = completion.choices[0].text if completion.choices else ""
                 finish = completion.choices[0].finish_reason if completion.choices else "stop"
@@ -132,7 +138,9 @@ class OpenAIAdapter(BaseAdapter):
             raise self._error(exc) from None
         usage = (Usage(raw_usage.prompt_tokens, raw_usage.completion_tokens)
                  if raw_usage is not None else Usage())
-        return StreamChunk(request.id, text, finish or "stop", usage)
+        if request.params.logprobs is None or request.messages is None:
+            tokens = None
+        return StreamChunk(request.id, text, finish or "stop", usage, tokens)
 
     def _error(self, exc: Exception) -> MindsetError:
         import openai
@@ -164,6 +172,17 @@ class OpenAIAdapter(BaseAdapter):
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _token_logprobs(logprobs: Any) -> list[TokenLogprob] | None:
+    """OpenAI's ``choice.logprobs`` as ours; None when the server sent none."""
+    content = getattr(logprobs, "content", None)
+    if content is None:
+        return None
+    return [TokenLogprob(item.token, float(item.logprob),
+                         tuple((alt.token, float(alt.logprob))
+                               for alt in (item.top_logprobs or [])))
+            for item in content]
 
 
 def _api_message(exc: Exception) -> str:

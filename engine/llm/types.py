@@ -60,6 +60,7 @@ MIN_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 2.0
 MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 10.0
+MAX_TOP_LOGPROBS = 20
 
 
 class ParameterError(InputError):
@@ -81,6 +82,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # Return each sampled token's log-probability and this many alternatives (0 to
+    # MAX_TOP_LOGPROBS); None returns none. The agent's cascade reads them as uncertainty.
+    logprobs: int | None = None
 
     def validate(self) -> SamplingParams:
         """Return self, or raise :class:`ParameterError` naming the bad parameter."""
@@ -109,6 +113,10 @@ class SamplingParams:
             check_text(stop, "a stop string", param="stop")
         if self.seed is not None and not _whole(self.seed):
             raise ParameterError("seed", f"seed must be a whole number, not {self.seed!r}")
+        if self.logprobs is not None and (not _whole(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ParameterError("top_logprobs", "top_logprobs must be a whole number from 0 "
+                                 f"to {MAX_TOP_LOGPROBS}, not {self.logprobs!r}")
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -147,6 +155,16 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token: its text, log-probability under the model (before sampling's
+    temperature and cuts) and the most likely alternatives, as OpenAI's ``logprobs``."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class StreamChunk:
     """A piece of a streamed reply. The last chunk has ``finish_reason`` and ``usage`` set.
@@ -159,6 +177,7 @@ class StreamChunk:
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens behind ``text``, when asked
 
 
 @dataclass
@@ -172,6 +191,7 @@ class Completion:
     usage: Usage
     latency_s: float
     conversation_id: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def new_id() -> str:

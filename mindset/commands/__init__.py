@@ -12,5 +12,6 @@ COMMAND_MODULES = [
     "mindset.commands.serve_cmd",
     "mindset.commands.logs_cmd",
     "mindset.commands.complete_cmd",
+    "mindset.commands.chat_cmd",
     "mindset.commands.memory_cmd",
 ]

@@ -32,6 +32,7 @@ from engine.llm.server.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     ChatMessageOut,
+    ChoiceLogprobs,
     CompletionChoice,
     CompletionRequest,
     ErrorResponse,
@@ -41,7 +42,7 @@ from engine.llm.server.schemas import (
     TextCompletion,
     UsageOut,
 )
-from engine.llm.types import ChatMessage, SamplingParams, StreamChunk, Usage
+from engine.llm.types import ChatMessage, SamplingParams, StreamChunk, TokenLogprob, Usage
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25
@@ -139,7 +140,8 @@ def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = No
         return ChatCompletion(
             id=f"chatcmpl-{reply.id}", created=int(time.time()), model=body.model,
             choices=[ChatChoice(message=ChatMessageOut(content=reply.text),
-                                finish_reason=reply.finish_reason)],
+                                finish_reason=reply.finish_reason,
+                                logprobs=ChoiceLogprobs.of(reply.logprobs))],
             usage=usage_out(reply.usage), memory=memory)
 
     @app.post("/v1/completions", dependencies=auth, response_model=TextCompletion,
@@ -249,9 +251,13 @@ async def chat_events(stream: AsyncGenerator[StreamChunk, None], model: str, inc
     head: dict[str, Any] = {"id": "", "object": "chat.completion.chunk",
                             "created": int(time.time()), "model": model}
 
-    def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {**head, "choices": [
-            {"index": 0, "delta": delta, "finish_reason": finish}]}
+    def chunk(delta: dict[str, str], finish: str | None,
+              tokens: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        if tokens:
+            logprobs = ChoiceLogprobs.of(tokens)
+            choice["logprobs"] = logprobs.model_dump() if logprobs is not None else None
+        body: dict[str, Any] = {**head, "choices": [choice]}
         if include_usage:
             body["usage"] = None
         if memory is not None and finish:
@@ -268,9 +274,9 @@ async def chat_events(stream: AsyncGenerator[StreamChunk, None], model: str, inc
             started = True
             yield sse(chunk({"role": "assistant", "content": ""}, None))
         if event.text:
-            yield sse(chunk({"content": event.text}, None))
+            yield sse(chunk({"content": event.text}, None, event.logprobs))
         if event.finish_reason:
-            yield sse(chunk({}, event.finish_reason))
+            yield sse(chunk({}, event.finish_reason, None if event.text else event.logprobs))
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage_out(usage).model_dump()})
     yield DONE

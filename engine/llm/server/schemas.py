@@ -1,7 +1,8 @@
 """Request and response bodies of the OpenAI-compatible API (the subset we serve).
 
-Unknown fields that OpenAI clients send (``frequency_penalty``, ``logprobs``...) are accepted
+Unknown fields that OpenAI clients send (``frequency_penalty``, ``logit_bias``...) are accepted
 and ignored, as llama.cpp and vLLM do; known fields are checked and a bad value gets a 400.
+Chat completions return ``logprobs`` (with ``top_logprobs``) as OpenAI does.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from engine.llm.defaults import filled
 from engine.llm.types import (
     MAX_REPETITION_PENALTY,
     MAX_TEMPERATURE,
+    MAX_TOP_LOGPROBS,
     MIN_REPETITION_PENALTY,
     ChatMessage,
     SamplingParams,
+    TokenLogprob,
     check_text,
 )
 
@@ -84,6 +87,10 @@ class SamplingFields(BaseModel):
                                "reads the prompt before answering (default: the model's "
                                "setting)")
 
+    def requested_logprobs(self) -> int | None:
+        """How many alternatives each token's log-probability comes with (None: none)."""
+        return None
+
     def sampling(self, max_tokens: int | None = None,
                  defaults: dict[str, float | int] | None = None) -> SamplingParams:
         """The request's sampling; what it leaves out comes from ``defaults`` (the model's)."""
@@ -94,6 +101,7 @@ class SamplingFields(BaseModel):
             max_tokens=max_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
             stop=stop,
             seed=self.seed,
+            logprobs=self.requested_logprobs(),
             **chosen,
         ).validate()
 
@@ -105,6 +113,12 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="alternatives per token, with logprobs")
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
@@ -134,10 +148,36 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None = None
+
+    @classmethod
+    def of(cls, tokens: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+        if tokens is None:
+            return None
+        return cls(content=[
+            TokenLogprobOut(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()),
+                            top_logprobs=[TopLogprobOut(token=text, logprob=value,
+                                                        bytes=list(text.encode()))
+                                          for text, value in t.top])
+            for t in tokens])
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class MemoryOut(BaseModel):
