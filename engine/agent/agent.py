@@ -61,6 +61,8 @@ class AgentSettings:
     tools: bool = True
     max_tool_rounds: int = 2
     rate_importance: bool = True
+    summaries: bool = True  # fold old turns into a rolling summary (else: truncate)
+    remember: bool = True  # write each turn to long-term memory
 
 
 class Agent:
@@ -158,7 +160,7 @@ class Agent:
             else user
         path = self.dialog.path_to(anchor.id)
         # Fold what no longer fits into the summary before building the prompt.
-        folded = builder.overflow(path)
+        folded = builder.overflow(path) if self.settings.summaries else []
         if folded:
             covered = builder.summary_for(path)
             text, memory_id = await upkeep.summarise(
@@ -241,7 +243,8 @@ class Agent:
             reply = self.dialog.add(conversation, reply_parent.id, "assistant",
                                     visible or final.text, **fields)
         yield Replied(reply, reply_affect)
-        remembered = await self._remember(upkeep, [] if sibling_of else [user], reply)
+        remembered = await self._remember(upkeep, [] if sibling_of else [user], reply) \
+            if self.settings.remember else []
         if remembered:
             yield Remembered(tuple(remembered))
         for event in self._drain(events):
@@ -263,6 +266,8 @@ class Agent:
         events: list[AgentEvent] = []
         upkeep = self._upkeep(events)
         node = self.dialog.append(conversation_id, role, text)
+        if not self.settings.remember:
+            return events
         written = await self._remember(upkeep, [], node)
         events.append(Remembered(tuple(written)))
         if upkeep.reflection_due(self.settings.reflection_threshold):

@@ -70,6 +70,8 @@ class AgentSession:
             settings.tools = False
             settings.rate_importance = False
             settings.reflection_threshold = 10**9
+            settings.summaries = False
+            settings.remember = False
         self.plain = plain
         self.agent = Agent(self.cascade, self.dialog, self.memory, self.state, self.tools,
                            settings)

@@ -22,6 +22,7 @@ from engine.agent.cascade import Cascade, StepResult
 from engine.agent.dialog import DialogNode
 from engine.agent.long_term import LongTermMemory, Memory
 from engine.agent.state import AgentState
+from engine.errors import InputError
 from engine.llm.types import ChatMessage, SamplingParams
 
 NEUTRAL_IMPORTANCE = 5
@@ -68,21 +69,28 @@ class Upkeep:
         turns per call (each call must fit a small model's context); returns the new text
         and its memory id."""
         text = old_summary
-        chunks: list[list[DialogNode]] = [[]]
-        size = 0
-        for turn in turns:
-            if chunks[-1] and size + len(turn.content) > chunk_chars:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(turn)
-            size += len(turn.content)
-        for chunk in chunks:
+        pending = list(turns)
+        while pending:
+            chunk, size = [], 0
+            for turn in pending:
+                if chunk and size + len(turn.content) > chunk_chars:
+                    break
+                chunk.append(turn)
+                size += len(turn.content)
             lines = "\n".join(f"{t.role}: {t.content[:chunk_chars]}" for t in chunk)
-            folded = (await self.ask("summary", prompts.SUMMARY.format(
-                summary=text or "(nothing yet)", turns=lines, words=words),
-                max_tokens=words * 2, conversation_id=conversation_id)).strip()
+            try:
+                folded = (await self.ask("summary", prompts.SUMMARY.format(
+                    summary=text or "(nothing yet)", turns=lines, words=words),
+                    max_tokens=words * 2, conversation_id=conversation_id)).strip()
+            except InputError as exc:
+                if "context" not in str(exc) or chunk_chars <= 200:
+                    raise
+                chunk_chars //= 2  # a smaller model's context: fold fewer turns per call
+                words = max(30, words // 2)
+                continue
             if folded:
                 text = folded
+            pending = pending[len(chunk):]
         if not text.strip():
             self.report("the summary came back empty; the old turns are kept as they were")
             return old_summary, None

@@ -43,6 +43,8 @@ def register(commands: Any) -> None:
     parser.add_argument("--max-tokens", type=positive_int, default=200)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=whole_number, default=None)
+    parser.add_argument("--no-tools", action="store_true",
+                        help="leave the tools out of the prompt (small models, short contexts)")
     parser.add_argument("--inner", action="store_true",
                         help="think privately before each reply (shown on stderr)")
     parser.set_defaults(handler=run, plain=False)
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     SamplingParams(temperature=args.temperature).validate()  # before a model loads
     settings = AgentSettings(max_tokens=args.max_tokens, temperature=args.temperature,
-                             seed=args.seed, inner_dialogue=args.inner)
+                             seed=args.seed, inner_dialogue=args.inner,
+                             tools=not args.no_tools)
     return asyncio.run(_chat(args, settings))
 
 
