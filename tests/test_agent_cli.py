@@ -50,7 +50,7 @@ def test_a_terminal_chat_with_slash_commands(tmp_path: Path) -> None:
     assert "feeling pinned at calm" in out and "(pinned; /emotion off)" in out
     assert "models: tiny-llama" in out
     exported = out[out.index("{"):out.index("\n}\n") + 2]
-    assert [n["content"] for n in json.loads(exported)["nodes"]][0] == "Hello there"
+    assert json.loads(exported)["nodes"][0]["content"] == "Hello there"
     errors = [line for line in err.splitlines() if line.startswith("· error:")]
     assert len(errors) == 3
     assert "refused" in errors[0] and "unknown command /nonsense" in errors[1]

@@ -71,7 +71,8 @@ class Upkeep:
         text = old_summary
         pending = list(turns)
         while pending:
-            chunk, size = [], 0
+            chunk: list[DialogNode] = []
+            size = 0
             for turn in pending:
                 if chunk and size + len(turn.content) > chunk_chars:
                     break
