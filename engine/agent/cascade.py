@@ -3,8 +3,10 @@ the small one is unsure (the proposal's "lesser models do most of the work").
 
 Unsureness is the small model's mean token entropy over its answer, in nats, estimated from
 the top log-probabilities the adapter returns (``SamplingParams.logprobs``):
-``H_t = -sum_i p_i log p_i - r log r`` over the top alternatives ``p_i`` plus the rest of the
-mass ``r`` as one bucket (a lower bound on the true entropy). Adapters that return no
+``H_t = -sum_i p_i log p_i - r log p_min`` over the top alternatives ``p_i``, where the rest
+of the mass ``r`` is taken to sit on tokens as likely as the least likely alternative
+``p_min`` (no other token can be likelier; this is the tightest lower bound on the true
+entropy that the top alternatives allow). Adapters that return no
 log-probabilities are asked for their stated confidence (0 to 10) instead, and unsureness
 is ``1 - confidence / 10``. Every step records which model answered.
 """
@@ -162,10 +164,13 @@ def mean_entropy(tokens: Sequence[TokenLogprob]) -> float:
     for token in tokens:
         alternatives = token.top or ((token.token, token.logprob),)
         probabilities = [math.exp(lp) for _, lp in alternatives if math.isfinite(lp)]
+        probabilities = [p for p in probabilities if p > 0]
+        if not probabilities:
+            continue
         rest = max(0.0, 1.0 - sum(probabilities))
-        total += -sum(p * math.log(p) for p in probabilities if p > 0)
+        total += -sum(p * math.log(p) for p in probabilities)
         if rest > 0:
-            total += -rest * math.log(rest)
+            total += -rest * math.log(min(min(probabilities), rest))
     return total / len(tokens)
 
 

@@ -31,82 +31,21 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from engine.agent.dialog_schema import (
+    PATH_SQL,
+    PATH_TO_SQL,
+    ROLES,
+    SCHEMA_VERSION,
+    check_labels,
+    check_text,
+    migrate,
+    normalised_meta,
+)
 from engine.errors import InputError, MindsetError, flat_text
 
-ROLES = ("system", "user", "assistant", "tool", "inner")
+__all__ = ["ROLES", "SCHEMA_VERSION", "ConversationInfo", "DialogNode", "DialogStore"]
 EXPORT_FORMATS = ("markdown", "json")
 _ROOT = ""  # the selection key of a conversation's first messages: node ids are never empty
-
-# MIGRATIONS[n] takes a file from schema version n to n + 1 (PRAGMA user_version). To change
-# the layout append a step; never edit a released one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE conversations (
-            id TEXT PRIMARY KEY, title TEXT NOT NULL,
-            created REAL NOT NULL, updated REAL NOT NULL)""",
-        "CREATE INDEX conversations_updated ON conversations (updated)",
-        f"""CREATE TABLE nodes (
-            seq INTEGER PRIMARY KEY,
-            id TEXT NOT NULL UNIQUE,
-            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-            parent_id TEXT REFERENCES nodes (id) ON DELETE CASCADE,
-            role TEXT NOT NULL CHECK (role IN ({", ".join(repr(r) for r in ROLES)})),
-            content TEXT NOT NULL,
-            created REAL NOT NULL,
-            model TEXT, interaction_id TEXT,
-            arousal REAL CHECK (arousal BETWEEN -1 AND 1),
-            valence REAL CHECK (valence BETWEEN -1 AND 1),
-            emotion TEXT,
-            importance INTEGER CHECK (importance BETWEEN 1 AND 10),
-            meta TEXT NOT NULL DEFAULT '{{}}')""",
-        "CREATE INDEX nodes_parent ON nodes (parent_id, seq)",
-        "CREATE INDEX nodes_conversation ON nodes (conversation_id, seq)",
-        "CREATE INDEX nodes_interaction ON nodes (interaction_id)",
-        """CREATE TABLE selection (
-            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-            parent_key TEXT NOT NULL,
-            child_id TEXT NOT NULL REFERENCES nodes (id) ON DELETE CASCADE,
-            PRIMARY KEY (conversation_id, parent_key))""",
-        "CREATE INDEX selection_child ON selection (child_id)",
-        # Meta is checked in Python: its keys are added, never changed.
-        """CREATE TRIGGER nodes_write_once BEFORE UPDATE ON nodes
-        WHEN NEW.seq IS NOT OLD.seq OR NEW.id IS NOT OLD.id
-            OR NEW.conversation_id IS NOT OLD.conversation_id
-            OR NEW.parent_id IS NOT OLD.parent_id OR NEW.role IS NOT OLD.role
-            OR NEW.content IS NOT OLD.content OR NEW.created IS NOT OLD.created
-            OR NEW.model IS NOT OLD.model OR NEW.interaction_id IS NOT OLD.interaction_id
-            OR (OLD.arousal IS NOT NULL AND NEW.arousal IS NOT OLD.arousal)
-            OR (OLD.valence IS NOT NULL AND NEW.valence IS NOT OLD.valence)
-            OR (OLD.emotion IS NOT NULL AND NEW.emotion IS NOT OLD.emotion)
-            OR (OLD.importance IS NOT NULL AND NEW.importance IS NOT OLD.importance)
-        BEGIN SELECT RAISE(ABORT, 'dialog messages are immutable; add a branch instead'); END""",
-    ),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-# Follows the selected child from the roots; a parent without a selection row (which the
-# store never leaves) falls back to its newest child.
-_PATH_SQL = """
-WITH RECURSIVE p(id, depth) AS (
-    SELECT coalesce(
-        (SELECT child_id FROM selection WHERE conversation_id = :c AND parent_key = ''),
-        (SELECT id FROM nodes WHERE conversation_id = :c AND parent_id IS NULL
-         ORDER BY seq DESC LIMIT 1)), 0
-    UNION ALL
-    SELECT coalesce(
-        (SELECT child_id FROM selection WHERE conversation_id = :c AND parent_key = p.id),
-        (SELECT id FROM nodes WHERE parent_id = p.id ORDER BY seq DESC LIMIT 1)), p.depth + 1
-    FROM p WHERE p.id IS NOT NULL)
-SELECT n.* FROM p JOIN nodes n ON n.id = p.id ORDER BY p.depth"""
-
-_PATH_TO_SQL = """
-WITH RECURSIVE up(id, parent_id, depth) AS (
-    SELECT id, parent_id, 0 FROM nodes WHERE id = :n
-    UNION ALL
-    SELECT n.id, n.parent_id, up.depth + 1 FROM nodes n JOIN up ON n.id = up.parent_id)
-SELECT n.* FROM up JOIN nodes n ON n.id = up.id ORDER BY up.depth DESC"""
-
-
 @dataclass(frozen=True)
 class DialogNode:
     """One message of a conversation tree."""
@@ -155,7 +94,7 @@ class DialogStore:
             # FULL: a turn shown as saved survives a power cut too; dialog writes are rare.
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
-            _migrate(db, self.file)
+            migrate(db, self.file)
         except sqlite3.DatabaseError as exc:
             db.close()
             raise MindsetError(f"the dialog file {self.file} is unreadable ({flat_text(exc)}); "
@@ -202,7 +141,7 @@ class DialogStore:
     # Conversations -------------------------------------------------------------------------
 
     def new_conversation(self, title: str = "") -> str:
-        _check_text("a conversation title", title, optional=False)
+        check_text("a conversation title", title, optional=False)
         conversation_id = uuid.uuid4().hex
         with self._transaction(write=True) as db:
             now = _next_time(db)
@@ -219,7 +158,7 @@ class DialogStore:
         return [ConversationInfo(*row) for row in rows]
 
     def rename(self, conversation_id: str, title: str) -> None:
-        _check_text("a conversation title", title, optional=False)
+        check_text("a conversation title", title, optional=False)
         with self._transaction(write=True) as db:
             _conversation(db, conversation_id)
             db.execute("UPDATE conversations SET title = ? WHERE id = ?",
@@ -253,7 +192,7 @@ class DialogStore:
         row = _new_row(role, content, **fields)
         with self._transaction(write=True) as db:
             _conversation(db, conversation_id)
-            path = _nodes(db, _PATH_SQL, c=conversation_id)
+            path = _nodes(db, PATH_SQL, c=conversation_id)
             return _insert(db, conversation_id, path[-1].id if path else None, row)
 
     def edit(self, node_id: str, content: str, **fields: Any) -> DialogNode:
@@ -268,8 +207,8 @@ class DialogStore:
 
     def _branch(self, node_id: str, content: str, origin: str,
                 fields: dict[str, Any]) -> DialogNode:
-        _check_text("a message's content", content, optional=False)
-        meta = _normalised_meta(fields.pop("meta", None))
+        check_text("a message's content", content, optional=False)
+        meta = normalised_meta(fields.pop("meta", None))
         with self._transaction(write=True) as db:
             original = _node(db, node_id)
             if origin == "regenerated_from" and original.role != "assistant":
@@ -286,9 +225,9 @@ class DialogStore:
         """Fill in labels that are still empty and add meta keys, once: a rating that
         arrives after the message was shown is recorded, and the message stays immutable.
         Giving a label or key the value it already has is no change; another is refused."""
-        labels = _check_labels(importance=importance, arousal=arousal, valence=valence,
+        labels = check_labels(importance=importance, arousal=arousal, valence=valence,
                                emotion=emotion)
-        extra = _normalised_meta(meta)
+        extra = normalised_meta(meta)
         with self._transaction(write=True) as db:
             current = _node(db, node_id)
             updates: dict[str, Any] = {}
@@ -357,12 +296,12 @@ class DialogStore:
         """The visible conversation, oldest first."""
         with self._transaction() as db:
             _conversation(db, conversation_id)
-            return _nodes(db, _PATH_SQL, c=conversation_id)
+            return _nodes(db, PATH_SQL, c=conversation_id)
 
     def path_to(self, node_id: str) -> list[DialogNode]:
         """The messages from the root down to ``node_id``, inclusive."""
         with self._transaction() as db:
-            return _nodes(db, _PATH_TO_SQL, n=_node(db, node_id).id)
+            return _nodes(db, PATH_TO_SQL, n=_node(db, node_id).id)
 
     def leaves(self, conversation_id: str) -> list[DialogNode]:
         """The last message of every branch, oldest first."""
@@ -402,8 +341,8 @@ class DialogStore:
                              f"{', '.join(EXPORT_FORMATS)}")
         with self._transaction() as db:
             info = _conversation(db, conversation_id)
-            nodes = (_nodes(db, _PATH_SQL, c=conversation_id) if leaf_id is None else
-                     _nodes(db, _PATH_TO_SQL, n=_member(db, leaf_id, conversation_id).id))
+            nodes = (_nodes(db, PATH_SQL, c=conversation_id) if leaf_id is None else
+                     _nodes(db, PATH_TO_SQL, n=_member(db, leaf_id, conversation_id).id))
         nodes = [n for n in nodes if include_inner or n.role != "inner"]
         if fmt == "json":
             return json.dumps({**dict(info), "nodes": [asdict(n) for n in nodes]},
@@ -412,29 +351,6 @@ class DialogStore:
 
 
 # Queries, inside a transaction ---------------------------------------------------------------
-
-
-def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    if _checked_version(db, path) == SCHEMA_VERSION:
-        return
-    db.execute("BEGIN IMMEDIATE")  # re-read under the lock: two processes migrate once
-    try:
-        for step in MIGRATIONS[_checked_version(db, path):]:
-            for statement in step:
-                db.execute(statement)
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-
-
-def _checked_version(db: sqlite3.Connection, path: Path) -> int:
-    version = int(db.execute("PRAGMA user_version").fetchone()[0])
-    if version > SCHEMA_VERSION:
-        raise MindsetError(f"the dialog file {path} was written by a newer Mindset (schema "
-                           f"{version}, this one reads up to {SCHEMA_VERSION}); upgrade Mindset")
-    return version
 
 
 def _conversation(db: sqlite3.Connection, conversation_id: str) -> sqlite3.Row:
@@ -472,7 +388,7 @@ def _siblings(db: sqlite3.Connection, node: DialogNode) -> list[DialogNode]:
 
 def _show(db: sqlite3.Connection, node: DialogNode) -> None:
     """Select ``node`` and every ancestor, so the visible path runs through it."""
-    for step in _nodes(db, _PATH_TO_SQL, n=node.id):
+    for step in _nodes(db, PATH_TO_SQL, n=node.id):
         db.execute("INSERT INTO selection VALUES (?, ?, ?) ON CONFLICT "
                    "(conversation_id, parent_key) DO UPDATE SET child_id = excluded.child_id",
                    (step.conversation_id, step.parent_id or _ROOT, step.id))
@@ -518,72 +434,20 @@ def _from_row(row: sqlite3.Row) -> DialogNode:
 def _new_row(role: str, content: str, *, model: str | None = None,
              interaction_id: str | None = None, meta: dict[str, Any] | None = None,
              created: float | None = None, **labels: Any) -> dict[str, Any]:
-    """The columns of a new message, checked (``labels``: as for :func:`_check_labels`)."""
+    """The columns of a new message, checked (``labels``: as for :func:`check_labels`)."""
     if not isinstance(role, str) or role not in ROLES:
         raise InputError(f"role {role!r} is not one of {', '.join(ROLES)}")
-    _check_text("a message's content", content, optional=False)
+    check_text("a message's content", content, optional=False)
     if created is None:
         created = time.time()
     elif isinstance(created, bool) or not isinstance(created, int | float) \
             or not math.isfinite(created):
         raise InputError(f"created must be a unix time in seconds, not {created!r}")
     return {"role": role, "content": content, "created": float(created),
-            "model": _check_text("model", model),
-            "interaction_id": _check_text("interaction_id", interaction_id),
-            **_check_labels(**labels),
-            "meta": json.dumps(_normalised_meta(meta), ensure_ascii=False)}
-
-
-def _check_text(name: str, value: object, *, optional: bool = True) -> Any:
-    if not isinstance(value, str) and not (optional and value is None):
-        raise InputError(f"{name} must be text (str){' or None' if optional else ''}, "
-                         f"not {type(value).__name__}")
-    return value
-
-
-def _check_labels(*, importance: object = None, arousal: object = None,
-                  valence: object = None, emotion: object = None) -> dict[str, Any]:
-    if importance is not None and (isinstance(importance, bool)
-                                   or not isinstance(importance, int)
-                                   or not 1 <= importance <= 10):
-        raise InputError(f"importance must be a whole number from 1 to 10, not {importance!r}")
-    labels: dict[str, Any] = {"importance": importance}
-    for name, value in (("arousal", arousal), ("valence", valence)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                  or not math.isfinite(value) or not -1 <= value <= 1):
-            raise InputError(f"{name} must be a number from -1 to 1, not {value!r}")
-        labels[name] = None if value is None else float(value)
-    labels["emotion"] = _check_text("emotion", emotion)
-    return labels
-
-
-def _normalised_meta(meta: object) -> dict[str, Any]:
-    """``meta`` as it reads back from JSON (tuples become lists), or InputError."""
-    if meta is None:
-        return {}
-    if not isinstance(meta, dict):
-        raise InputError(f"meta must be a dict, not {type(meta).__name__}")
-    _check_json(meta, "meta")
-    return dict(json.loads(json.dumps(meta)))
-
-
-def _check_json(value: object, where: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InputError(f"{where} is {value}, which JSON cannot hold; use a finite number")
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _check_json(item, f"{where}[{index}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise InputError(f"{where} has the key {key!r}; JSON keys must be text")
-            _check_json(item, f"{where}[{key!r}]")
-    elif value is not None and not isinstance(value, str | int | float):
-        raise InputError(f"{where} is a {type(value).__name__}, which is not JSON-serialisable;"
-                         " use text, numbers, booleans, None, lists and dicts")
-
-
-# Export --------------------------------------------------------------------------------------
+            "model": check_text("model", model),
+            "interaction_id": check_text("interaction_id", interaction_id),
+            **check_labels(**labels),
+            "meta": json.dumps(normalised_meta(meta), ensure_ascii=False)}
 
 
 def _markdown(conversation_id: str, title: str, nodes: list[DialogNode]) -> str:

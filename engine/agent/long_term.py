@@ -87,10 +87,14 @@ class ScoredMemory:
 
 @dataclass(frozen=True)
 class RetrievalWeights:
-    recency: float = 1.0
-    importance: float = 1.0
-    relevance: float = 1.0
-    decay_per_hour: float = 0.995  # Generative Agents' exponential recency decay
+    # The weights of Generative Agents' released code (retrieve.py: gw = [0.5, 3, 2]); the
+    # paper sets all three to 1. Within one session every memory is minutes old, so min-max
+    # normalised recency spans [0, 1] on differences of seconds: at equal weights it buries
+    # an early fact under the latest small talk.
+    recency: float = 0.5
+    importance: float = 2.0
+    relevance: float = 3.0
+    decay_per_hour: float = 0.995  # the paper's exponential recency decay
 
     def validate(self) -> RetrievalWeights:
         parts = (self.recency, self.importance, self.relevance)
