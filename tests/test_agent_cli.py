@@ -58,6 +58,9 @@ def test_a_terminal_chat_with_slash_commands(tmp_path: Path) -> None:
     with closing(sqlite3.connect(tmp_path / "agent" / "agent.db")) as db:  # DROP refused
         assert db.execute("SELECT count(*) FROM nodes").fetchone()[0] == 2
     assert "never read" not in out
+    # Notices are shown once (prefixed) and kept in the agent's log file.
+    assert not any(line.startswith("the importance rating") for line in err.splitlines())
+    assert "importance rating" in (tmp_path / "agent" / "agent.log").read_text()
 
 
 def test_a_conversation_continues_in_a_second_run(tmp_path: Path) -> None:

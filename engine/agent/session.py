@@ -6,12 +6,15 @@ Where it keeps things, under the data directory (``MINDSET_HOME``):
 - ``memory/memory.db``, table ``agent.memories``: the long-term memories, browsable in the
   workbench's Memory pane like any table;
 - ``agent/files``: the one folder the ``read_file`` tool may read;
+- ``agent/agent.log``: the notices of every turn (an unreadable feeling tag, a rating that
+  was not a number), which the chat also shows;
 - the interaction log: every model call, linked to the dialog by conversation id.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from engine.agent.embedding import Embedder, default_embedder
 from engine.agent.long_term import DEFAULT_TABLE, LongTermMemory
 from engine.agent.state import AgentState
 from engine.agent.tools import ToolBox
+from engine.errors import InputError
 from engine.llm.adapter import BaseAdapter
 from engine.paths import data_dir, memory_dir
 
@@ -41,6 +45,20 @@ class AgentPaths:
     table: str = DEFAULT_TABLE
 
 
+def log_to_file(path: Path) -> None:
+    """Write the agent's notices (unreadable feelings, ratings that were not numbers) to
+    ``path``, once per process and file; they are shown to the user as well."""
+    logger = logging.getLogger("mindset.agent")
+    logger.setLevel(logging.INFO)
+    target = str(path)
+    if any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
+        return
+    handler = logging.FileHandler(target, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False  # shown as notices already: not printed a second time
+
+
 class AgentSession:
     """An :class:`Agent` and what it owns; close it to release the databases."""
 
@@ -53,6 +71,7 @@ class AgentSession:
 
         self.paths = paths or AgentPaths()
         self.paths.files.mkdir(parents=True, exist_ok=True)
+        log_to_file(self.paths.database.with_name("agent.log"))
         self.owns_adapters = owns_adapters
         self.dialog = DialogStore(self.paths.database)
         self.state = AgentState(self.paths.database)
@@ -99,11 +118,24 @@ class AgentSession:
 
 
 def build_session(model: str | None, *, large: str | None = None, plain: bool = False,
-                  **options: Any) -> AgentSession:
+                  embedder_kind: str = "minilm", **options: Any) -> AgentSession:
     """A session on adapters built from specs (``default``, ``openai:gpt-4o-mini``, ...)."""
     from engine.llm import InteractionLog, build_adapter
 
     log = InteractionLog()
     small = build_adapter(model, log=log)
     big = build_adapter(large, log=log) if large else None
+    if embedder_kind == "hidden":
+        loaded = getattr(small, "loaded", None)
+        if loaded is None:
+            raise InputError("hidden-state embeddings need a local model; use the default "
+                             "embedder with a remote one")
+        from engine.agent.embedding import HiddenStateEmbedder
+
+        options["embedder"] = HiddenStateEmbedder(loaded.model, loaded.tokenizer,
+                                                  name=f"hidden-states:{small.model}")
+        # Other vectors, other table: the MiniLM memories stay where they are.
+        options["paths"] = AgentPaths(table=f"{DEFAULT_TABLE}.hidden")
+    elif embedder_kind != "minilm":
+        raise InputError(f"unknown embedder {embedder_kind!r}; use minilm or hidden")
     return AgentSession(small, large=big, plain=plain, **options)

@@ -43,6 +43,9 @@ def register(commands: Any) -> None:
     parser.add_argument("--max-tokens", type=positive_int, default=200)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=whole_number, default=None)
+    parser.add_argument("--embedder", choices=("minilm", "hidden"), default="minilm",
+                        help="memory embeddings: all-MiniLM-L6-v2 (default), or the local "
+                        "model's own hidden states (kept in their own table)")
     parser.add_argument("--no-tools", action="store_true",
                         help="leave the tools out of the prompt (small models, short contexts)")
     parser.add_argument("--inner", action="store_true",
@@ -68,7 +71,8 @@ async def _chat(args: argparse.Namespace, settings: Any) -> int:
 
     session = await asyncio.to_thread(build_session, args.model, large=args.large,
                                       plain=args.plain, settings=settings,
-                                      entropy_threshold=args.defer_above)
+                                      entropy_threshold=args.defer_above,
+                                      embedder_kind=args.embedder)
     try:
         conversation = args.conversation
         known = {c.id for c in session.dialog.conversations()}
