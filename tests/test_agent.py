@@ -182,6 +182,12 @@ async def test_the_feeling_round_trips_from_reply_to_turn_to_the_next_prompt(
         return str(answers[0].messages[0]["content"])
 
     await collect(agent.respond(conversation, "And now?"))
+    # The log links each reply to the dialog: its conversation, and the call it continues.
+    replies = [n for n in session.dialog.path(conversation) if n.role == "assistant"]
+    logged = {e.id: e for e in log.recent(50)}
+    second = logged[str(replies[1].interaction_id)]
+    assert second.conversation_id == conversation
+    assert second.parent_id == replies[0].interaction_id
     assert Affect(node.arousal, node.valence, node.emotion or "").describe() \
         in last_system_prompt()
     agent.pin(Affect(-0.5, 0.5, "calm, positive"))

@@ -190,7 +190,8 @@ class Agent:
             messages = builder.messages(path + tool_turns, retrieved, affect, pinned,
                                         thought=thought)
             held = HoldBack()
-            async for piece in self._stream("answer", messages, conversation):
+            async for piece in self._stream("answer", messages, conversation,
+                                            _last_call(path + tool_turns)):
                 if isinstance(piece, StepResult):
                     final = piece
                     break
@@ -323,12 +324,13 @@ class Agent:
         messages = fit_messages(messages, self.cascade.adapters, max_tokens)
         return await self.cascade.run(step, messages, params, conversation_id=conversation_id)
 
-    async def _stream(self, step: str, messages: list[ChatMessage],
-                      conversation_id: str) -> AsyncIterator[str | StepResult]:
+    async def _stream(self, step: str, messages: list[ChatMessage], conversation_id: str,
+                      parent_id: str | None) -> AsyncIterator[str | StepResult]:
         params = _params(self.settings, self.settings.max_tokens)
         messages = fit_messages(messages, self.cascade.adapters, self.settings.max_tokens)
         async for piece in self.cascade.stream(step, messages, params,
-                                               conversation_id=conversation_id):
+                                               conversation_id=conversation_id,
+                                               parent_id=parent_id):
             yield piece
 
     async def _use_tool(self, name: str, argument: str, conversation_id: str) -> ToolResult:
@@ -395,6 +397,12 @@ class HoldBack:
         ready, self.buffer = self.buffer[:cut], self.buffer[cut:]
         self.emitted += ready
         return [ready] if ready else []
+
+
+def _last_call(path: list[DialogNode]) -> str | None:
+    """The interaction id of the newest model turn on ``path``: a reply's log entry names
+    the call it continues, as the dialog tree does."""
+    return next((n.interaction_id for n in reversed(path) if n.interaction_id), None)
 
 
 def _params(settings: AgentSettings, max_tokens: int) -> SamplingParams:
