@@ -20,7 +20,7 @@ from typing import Any
 from engine.agent import prompts
 from engine.agent.affect import NEUTRAL, Affect, ParseFailure, estimate_affect, split_reply
 from engine.agent.cascade import Cascade, StepResult
-from engine.agent.context import ContextBuilder, fit_messages
+from engine.agent.context import ContextBuilder
 from engine.agent.dialog import DialogNode, DialogStore
 from engine.agent.events import (
     AgentEvent,
@@ -173,9 +173,11 @@ class Agent:
             yield event
         thought: DialogNode | None = anchor if anchor.role == "inner" else None
         if self.settings.inner_dialogue and sibling_of is None:
-            messages = builder.messages(path, retrieved, affect, pinned, thought=None)
-            inner = await self._call("inner", [*messages, ChatMessage("user", prompts.INNER)],
-                                     max_tokens=96, conversation_id=conversation)
+            messages = builder.fitted([*path, _asking(user, prompts.INNER)], retrieved,
+                                      affect, pinned, thought=None,
+                                      adapters=self.cascade.adapters, max_tokens=96)
+            inner = await self._call("inner", messages, max_tokens=96,
+                                     conversation_id=conversation)
             yield self._step(inner)
             # user -> thought -> reply: exports and prompts leave the thought out.
             thought = self.dialog.add(conversation, user.id, "inner", inner.text.strip(),
@@ -187,8 +189,9 @@ class Agent:
         final: StepResult | None = None
         shown = ""
         for round_ in range(self.settings.max_tool_rounds + 1):
-            messages = builder.messages(path + tool_turns, retrieved, affect, pinned,
-                                        thought=thought)
+            messages = builder.fitted(path + tool_turns, retrieved, affect, pinned,
+                                      thought=thought, adapters=self.cascade.adapters,
+                                      max_tokens=self.settings.max_tokens)
             held = HoldBack()
             async for piece in self._stream("answer", messages, conversation,
                                             _last_call(path + tool_turns)):
@@ -321,13 +324,11 @@ class Agent:
     async def _call(self, step: str, messages: list[ChatMessage], *, max_tokens: int,
                     conversation_id: str) -> StepResult:
         params = _params(self.settings, max_tokens)
-        messages = fit_messages(messages, self.cascade.adapters, max_tokens)
         return await self.cascade.run(step, messages, params, conversation_id=conversation_id)
 
     async def _stream(self, step: str, messages: list[ChatMessage], conversation_id: str,
                       parent_id: str | None) -> AsyncIterator[str | StepResult]:
         params = _params(self.settings, self.settings.max_tokens)
-        messages = fit_messages(messages, self.cascade.adapters, self.settings.max_tokens)
         async for piece in self.cascade.stream(step, messages, params,
                                                conversation_id=conversation_id,
                                                parent_id=parent_id):
@@ -397,6 +398,13 @@ class HoldBack:
         ready, self.buffer = self.buffer[:cut], self.buffer[cut:]
         self.emitted += ready
         return [ready] if ready else []
+
+
+def _asking(user: DialogNode, text: str) -> DialogNode:
+    """A transient user turn (not stored) that asks the model something after ``user``."""
+    from dataclasses import replace
+
+    return replace(user, id=f"{user.id}:ask", parent_id=user.id, content=text, meta={})
 
 
 def _last_call(path: list[DialogNode]) -> str | None:

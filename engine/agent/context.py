@@ -98,27 +98,50 @@ class ContextBuilder:
         found = self.memory.search(query, k=k + len(shown) + 1, weights=weights)
         return [s for s in found if s.memory.node_id not in shown][:k]
 
+    def fitted(self, path: Sequence[DialogNode], retrieved: Sequence[ScoredMemory],
+               affect: Affect, pinned: bool, *, thought: DialogNode | None,
+               adapters: Sequence[object], max_tokens: int) -> list[ChatMessage]:
+        """The prompt, cut to fit the models' context: old turns go first, then the tool
+        list, then the tasks and the summary, then memories from the least relevant up."""
+        variants: list[dict[str, object]] = [{}, {"tools": False},
+                                             {"tools": False, "extras": False}]
+        variants += [{"tools": False, "extras": False, "memories": n}
+                     for n in range(len(retrieved) - 1, -1, -1)]
+        failure: InputError | None = None
+        for variant in variants:
+            count = variant.get("memories", len(retrieved))
+            messages = self.messages(path, retrieved[:int(str(count))], affect, pinned,
+                                     thought=thought,
+                                     tools=bool(variant.get("tools", True)),
+                                     extras=bool(variant.get("extras", True)))
+            try:
+                return fit_messages(messages, adapters, max_tokens)
+            except InputError as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
     def messages(self, path: Sequence[DialogNode], retrieved: Sequence[ScoredMemory],
-                 affect: Affect, pinned: bool, *,
-                 thought: DialogNode | None = None) -> list[ChatMessage]:
+                 affect: Affect, pinned: bool, *, thought: DialogNode | None = None,
+                 tools: bool = True, extras: bool = True) -> list[ChatMessage]:
         system = [self._system_prompt()]
         if getattr(self.settings, "feelings", True):
             held = " (held there by the user)" if pinned else ""
             system.append(f"Your feeling now{held}: {affect.describe()}. "
                           + prompts.FEELING_INSTRUCTION)
-        summary = self.summary_for(path)
+        summary = self.summary_for(path) if extras else None
         if summary is not None:
             system.append(f"Summary of the conversation so far: {summary.text}")
         if retrieved:
             system.append("Things you remember:\n" + "\n".join(
                 f"- [#{s.memory.id}] {s.memory.text}" for s in retrieved))
-        tasks = self.state.tasks()[:3]
+        tasks = self.state.tasks()[:3] if extras else []
         if tasks:
             system.append("Your open tasks, most urgent first:\n" + "\n".join(
                 f"- #{t.id} (priority {t.priority}) {t.description}" for t in tasks))
-        if self.tools is not None and getattr(self.settings, "tools", True):
-            tools = self.tools.describe() + "\n" + prompts.TASK_TOOL
-            system.append(prompts.TOOL_INSTRUCTION.format(tools=tools))
+        if tools and self.tools is not None and getattr(self.settings, "tools", True):
+            listed = self.tools.describe() + "\n" + prompts.TASK_TOOL
+            system.append(prompts.TOOL_INSTRUCTION.format(tools=listed))
         if thought is not None:
             system.append(f"Your private thoughts before this reply: {thought.content}")
         messages = [ChatMessage("system", "\n\n".join(system))]

@@ -115,10 +115,17 @@ class Upkeep:
         if not memories:
             return [], []
         newest = max(m.id for m in memories)
-        statements = "\n".join(f"[#{m.id}] {m.text}" for m in reversed(memories))
-        answer = await self.ask("reflection", prompts.REFLECTION_QUESTIONS.format(
-            statements=statements, count=count), max_tokens=40 * count,
-            conversation_id=conversation_id)
+        while True:  # as many of the newest statements as the model's context holds
+            statements = "\n".join(f"[#{m.id}] {m.text[:400]}" for m in memories)
+            try:
+                answer = await self.ask("reflection", prompts.REFLECTION_QUESTIONS.format(
+                    statements=statements, count=count), max_tokens=40 * count,
+                    conversation_id=conversation_id)
+                break
+            except InputError as exc:
+                if "context" not in str(exc) or len(memories) == 1:
+                    raise
+                memories = memories[len(memories) // 2:]
         asked = prompts.questions(answer, count)
         if not asked:
             self.report("reflection found no questions in the model's answer; it will try "
@@ -128,10 +135,18 @@ class Upkeep:
             found = self.memory.search(question, k=8, conversation_id=None)
             if not found:
                 continue
-            listed = "\n".join(f"[#{s.memory.id}] {s.memory.text}" for s in found)
-            reply = (await self.ask("reflection", prompts.REFLECTION_ANSWER.format(
-                statements=listed, question=question), max_tokens=120,
-                conversation_id=conversation_id)).strip()
+            reply = ""
+            while found:
+                listed = "\n".join(f"[#{s.memory.id}] {s.memory.text[:400]}" for s in found)
+                try:
+                    reply = (await self.ask("reflection", prompts.REFLECTION_ANSWER.format(
+                        statements=listed, question=question), max_tokens=120,
+                        conversation_id=conversation_id)).strip()
+                    break
+                except InputError as exc:
+                    if "context" not in str(exc) or len(found) == 1:
+                        raise
+                    found = found[:len(found) // 2]  # keep the best-scored
             if not reply:
                 continue
             retrieved = {s.memory.id for s in found}
