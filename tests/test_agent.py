@@ -275,3 +275,30 @@ async def test_the_cascade_defers_when_the_small_model_is_unsure(
     await small.aclose()
     await large.aclose()
     assert np.isfinite(entropy)
+
+
+async def test_a_prompt_too_long_for_the_model_is_cut_to_fit(tmp_path: Path) -> None:
+    from engine.llm.local import LocalAdapter
+
+    log = InteractionLog(tmp_path / "log.sqlite")
+    adapter = LocalAdapter.from_spec("tiny-llama", log=log)  # 1,024 characters of context
+    session = session_at(tmp_path, adapter, rate_importance=False, tools=True)
+    conversation = session.dialog.new_conversation()
+    for text in ["My locker code is 4817.", "I went for a walk.", "I cooked pasta."]:
+        await session.agent.observe(conversation, "user", text)
+    happened = await collect(session.agent.respond(conversation, "What is my locker code?"))
+    assert of(events.Replied, happened)
+    [answer] = [e for e in log.recent(10) if e.messages and e.messages[0]["role"] == "system"]
+    system = answer.messages[0]["content"]
+    assert "Tools:" not in system  # the tool list went first
+    assert any("4817" in m["content"] for m in answer.messages)  # the fact stayed
+    assert adapter.count_prompt_tokens(
+        messages=[m for m in _as_messages(answer.messages)]) + 6 <= adapter.context_length
+    session.close()
+    await adapter.aclose()
+
+
+def _as_messages(raw: list[dict[str, str]]) -> list[Any]:
+    from engine.llm.types import ChatMessage
+
+    return [ChatMessage(m["role"], m["content"]) for m in raw]
