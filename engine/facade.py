@@ -2,15 +2,17 @@
 
 :class:`Engine` builds the :class:`~engine.runtime.Runtime` (worker threads, models loaded
 lazily by role) and the services over it, and exposes them: ``engine.memory`` (the store
-and a student's memory layers), ``engine.jobs`` (distillation jobs) and ``engine.chat``
-(streamed replies). A front end awaits their methods: every call that touches torch, SQL or
-the network runs in an executor, so a caller's event loop never blocks.
+and a student's memory layers), ``engine.jobs`` (distillation jobs), ``engine.chat``
+(streamed replies) and ``engine.agent`` (the chat agent on the chat's models). A front end
+awaits their methods: every call that touches torch, SQL or the network runs in an
+executor, so a caller's event loop never blocks.
 
 Each engine part is optional at run time: :meth:`Engine.availability` says which parts are
 usable and, for those that are not, a one-line reason a front end can show.
 
 Importing this module is cheap: torch, transformers and the store load on first use, and
-the chat service (with :mod:`engine.llm`) on first use of ``engine.chat``.
+the chat service (with :mod:`engine.llm`) on first use of ``engine.chat``, the agent (with
+:mod:`engine.agent`) on first use of ``engine.agent``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from engine.views import Availability, ModelNode, short_spec
 
 if TYPE_CHECKING:
     from engine.model.loading import LoadedModel
+    from engine.services.agent import AgentService
     from engine.services.chat import ChatService
     from engine.services.knowledge import KnowledgeService
 
@@ -59,6 +62,14 @@ class Engine:
 
         return ChatService(self.runtime, tracker=self.memory.tracker)
 
+    @cached_property
+    def agent(self) -> AgentService:
+        """The chat agent (dialog tree, long-term memory, feelings, tasks) on the chat
+        service's models, built on first use; its files are the terminal chat's."""
+        from engine.services.agent import AgentService
+
+        return AgentService(self.runtime, self.chat)
+
     @property
     def job_overrides(self) -> dict[str, Any]:
         """Extra DistillConfig fields for every job started here (tests shrink blocks)."""
@@ -77,6 +88,8 @@ class Engine:
 
     async def close(self) -> None:
         """Release the adapters, the store and the worker threads; safe to call twice."""
+        if "agent" in self.__dict__:  # its sessions run on the chat's adapters: first
+            await self.agent.close()
         if "chat" in self.__dict__:  # never built: nothing to close
             await self.chat.close()
         await self.memory.close()

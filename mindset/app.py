@@ -62,7 +62,7 @@ PANE_APIS: dict[str, Callable[[Engine], object]] = {
 }
 # Tab id -> further engine parts its pane takes as keyword arguments.
 PANE_EXTRAS: dict[str, Callable[[Engine], dict[str, object]]] = {
-    "chat": lambda engine: {"knowledge": engine.knowledge},
+    "chat": lambda engine: {"agent": engine.agent, "knowledge": engine.knowledge},
 }
 FIRST_TAB = "memory"
 PANE_WAIT_TRIES = 500  # x 20 ms: how long a palette action waits for its pane to be built

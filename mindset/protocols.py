@@ -11,6 +11,14 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from engine.services.agent import (
+        Affect,
+        AgentEvent,
+        CommandOutcome,
+        ConversationInfo,
+        DialogNode,
+        VisibleTurn,
+    )
     from engine.services.chat import ChatMessage
     from engine.services.jobs import JobEvent
     from engine.services.memory_reading import ReadSummary
@@ -102,6 +110,42 @@ class ChatAPI(Protocol):
     def check_sampling(self, temperature: float | None, top_p: float | None) -> None: ...
 
     def last_memory_usage(self, target: str) -> list[MemoryUse] | None: ...
+
+
+class AgentAPI(Protocol):
+    """The Chat pane's agent calls (``engine.agent``): the dialog tree and its turns."""
+
+    async def conversations(self) -> list[ConversationInfo]: ...
+
+    async def new_conversation(self, title: str = ...) -> str: ...
+
+    async def path(self, conversation_id: str) -> list[DialogNode]: ...
+
+    async def turns(self, conversation_id: str) -> list[VisibleTurn]: ...
+
+    async def position(self, node_id: str) -> tuple[int, int]: ...
+
+    async def switch(self, node_id: str, step: int) -> DialogNode: ...
+
+    async def export(self, conversation_id: str, fmt: str = ...) -> str: ...
+
+    async def models(self, target: str) -> list[str]: ...
+
+    async def feeling(self, target: str, conversation_id: str) -> tuple[Affect, bool]: ...
+
+    def respond(self, target: str, conversation_id: str, text: str, *,
+                temperature: float | None = ...,
+                top_p: float | None = ...) -> AsyncIterator[AgentEvent]: ...
+
+    def edit(self, target: str, node_id: str, text: str, *, temperature: float | None = ...,
+             top_p: float | None = ...) -> AsyncIterator[AgentEvent]: ...
+
+    def regenerate(self, target: str, node_id: str, *, temperature: float | None = ...,
+                   top_p: float | None = ...) -> AsyncIterator[AgentEvent]: ...
+
+    async def command(self, target: str, conversation_id: str, line: str, *,
+                      temperature: float | None = ...,
+                      top_p: float | None = ...) -> CommandOutcome: ...
 
 
 class KnowledgeAPI(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from textual.widgets import Input, Static
 
 from engine.facade import TEACHER, Engine
@@ -34,12 +35,14 @@ def test_defaults_come_from_the_generation_config_else_small_model_ones(tmp_path
 
 
 async def test_the_chat_uses_and_shows_the_model_defaults_and_a_chosen_sampling(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINDSET_HOME", str(tmp_path / "home"))  # the chat agent's files
     teacher = _sampling_teacher(tmp_path / "teacher")
     engine = Engine(str(teacher), database=tmp_path / "m.db", runs_root=tmp_path / "r")
+    engine.agent.configure(tools=False, max_tokens=3, rate_importance=False)
     assert (await engine.chat.sampling_defaults(TEACHER))["temperature"] == 0.55
     seen = []
-    adapter = await engine.chat._adapter(TEACHER)
+    adapter = await engine.chat.adapter(TEACHER)
     stream = adapter.stream_chat
 
     def spy(messages, params, **kwargs):  # type: ignore[no-untyped-def]
@@ -51,7 +54,6 @@ async def test_the_chat_uses_and_shows_the_model_defaults_and_a_chosen_sampling(
     async with app.run_test(size=APP_SIZE) as pilot:
         await pilot.press("f5")
         pane = await mounted(pilot, app, ChatPane)
-        pane.max_tokens = 3
         label = app.query_one("#chat-sampling", Static)
         await wait_for(pilot, lambda: "0.55" in str(label.render()))
         assert "the model's defaults" in str(label.render())

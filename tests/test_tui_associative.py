@@ -58,19 +58,20 @@ async def test_memory_pane_shows_and_edits_the_associative_table(student_dir: Pa
         assert len(layer) == ENTRIES
 
 
-async def test_chat_panel_lists_the_associative_entries_a_reply_used(student_dir: Path,
-                                                                     tmp_path: Path) -> None:
+async def test_chat_panel_lists_the_associative_entries_a_reply_used(
+        student_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINDSET_HOME", str(tmp_path / "home"))  # the chat agent's files
     database = tmp_path / "memory.db"
     engine = student_engine(student_dir, database, tmp_path)
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         await pilot.press("f5")
         pane = await mounted(pilot, app, ChatPane)
-        pane.max_tokens = 4
+        engine.agent.configure(tools=False, max_tokens=4, rate_importance=False)
         app.query_one("#chat-model", Select).value = STUDENT
         app.query_one("#chat-input", Input).focus()
         await pilot.press(*"hi", "enter")
-        await wait_for(pilot, lambda: not pane.workers and len(pane.conversation.path()) == 2)
+        await wait_for(pilot, lambda: not pane.workers and len(pane.turns) == 2)
         panel = str(app.query_one("#chat-memory", Static).render())
         usage = engine.chat.last_memory_usage(STUDENT)
         assert usage

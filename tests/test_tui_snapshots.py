@@ -20,6 +20,14 @@ from mindset.widgets.memory_pane import MemoryPane
 from tests.test_tui_support import APP_SIZE, make_app, make_student, wait_for
 
 
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh data directory: the Chat pane opens the newest conversation stored there."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("MINDSET_HOME", str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_student(tmp_path_factory.mktemp("snap-student") / "student")

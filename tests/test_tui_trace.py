@@ -28,6 +28,14 @@ from tests.test_tui_support import (
 LAYER = 1
 
 
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data directory of the test's own: the chat agent's dialog tree lives there."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("MINDSET_HOME", str(path))
+    return path
+
+
 @pytest.fixture()
 def routed_student(tmp_path: Path) -> Path:
     return make_routed_student(tmp_path / "student", (LAYER,))
@@ -40,12 +48,12 @@ async def _chat_with_student(pilot, app, question: str) -> ChatPane:  # type: ig
     await wait_for(pilot, lambda: STUDENT in [o[1] for o in
                                               app.query_one("#chat-model", Select)._options])
     app.query_one("#chat-model", Select).value = STUDENT
-    pane.max_tokens = 6
+    app.engine.agent.configure(tools=False, max_tokens=6, rate_importance=False)
     pane.temperature = 0.0
     app.query_one("#chat-input", Input).focus()
     await pilot.press(*question, "enter")
-    await wait_for(pilot, lambda: not pane.workers and len(pane.conversation.path()) == 2
-                   and bool(pane.conversation.path()[1].content))
+    await wait_for(pilot, lambda: not pane.workers and len(pane.turns) == 2
+                   and bool(pane.turns[1].node.content))
     return pane
 
 
@@ -64,7 +72,7 @@ async def test_trace_open_edit_rerun_undo_in_the_workbench(routed_student: Path,
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         pane = await _chat_with_student(pilot, app, "hi there")
-        reply = pane.conversation.path()[1].content
+        reply = pane.turns[1].node.content
         screen = await _trace_screen(pilot, app)
         trace = screen.trace
         assert trace is not None and trace.rows
@@ -118,7 +126,7 @@ async def test_insert_a_fact_from_a_trace_and_undo_it(routed_student: Path,
     app = make_app(engine)
     async with app.run_test(size=APP_SIZE) as pilot:
         pane = await _chat_with_student(pilot, app, "Tell me about Rovania")
-        reply = pane.conversation.path()[1].content
+        reply = pane.turns[1].node.content
         screen = await _trace_screen(pilot, app)
         module = memory_layers(engine.model(STUDENT).model)[LAYER]  # type: ignore[union-attr]
         slots = module.num_slots

@@ -11,7 +11,7 @@ Importing this module loads :mod:`engine.llm`'s light parts (no torch, no HTTP c
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from engine.errors import MindsetError, one_line
@@ -51,6 +51,22 @@ class ChatService:
         has no memory layers that report it."""
         return self._memory_usage.get(target)
 
+    @contextlib.contextmanager
+    def memory_use(self, target: str) -> Iterator[None]:
+        """Record which memory entries the model calls inside the block read, for
+        :meth:`last_memory_usage` (a student's, when the memory service gives a tracker;
+        for any other target nothing is recorded)."""
+        tracker = self._tracker() if target == STUDENT and self._tracker is not None else None
+        if tracker is None:
+            yield
+            return
+        tracker.attach()
+        try:
+            yield
+        finally:
+            tracker.detach()
+            self._memory_usage[target] = tracker.top()
+
     async def stream_chat(
         self,
         target: str,
@@ -72,24 +88,16 @@ class ChatService:
                         top_p=top_p)
         params = SamplingParams(max_tokens=max_tokens, **chosen).validate()  # InputError
         payload = [{"role": m.role, "content": m.content} for m in messages]
-        tracker = None
-        if target == STUDENT and self._tracker is not None:
-            tracker = self._tracker()
-        try:
-            if tracker is not None:
-                tracker.attach()
-            async for chunk in adapter.stream_chat(payload, params,
-                                                   conversation_id=conversation_id):
-                if chunk.text:
-                    yield chunk.text
-        except MindsetError:
-            raise
-        except Exception as exc:  # network and library errors reach the user as one line
-            raise MindsetError(f"{target} request failed: {one_line(exc)}") from exc
-        finally:
-            if tracker is not None:
-                tracker.detach()
-                self._memory_usage[target] = tracker.top()
+        with self.memory_use(target):
+            try:
+                async for chunk in adapter.stream_chat(payload, params,
+                                                       conversation_id=conversation_id):
+                    if chunk.text:
+                        yield chunk.text
+            except MindsetError:
+                raise
+            except Exception as exc:  # network and library errors reach the user as one line
+                raise MindsetError(f"{target} request failed: {one_line(exc)}") from exc
 
     def check_sampling(self, temperature: float | None, top_p: float | None) -> None:
         """Raise :class:`MindsetError` (one line, naming the parameter) when a chosen
@@ -108,6 +116,10 @@ class ChatService:
 
         adapter = await self._adapter(target)
         return filled(getattr(adapter, "sampling_defaults", {}), temperature=None, top_p=None)
+
+    async def adapter(self, target: str) -> BaseAdapter:
+        """The adapter of a chat target (the agent's turns run on it too)."""
+        return await self._adapter(target)
 
     async def _adapter(self, target: str) -> BaseAdapter:
         """One adapter per chat target, built on the models the runtime already loaded."""
