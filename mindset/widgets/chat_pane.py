@@ -33,6 +33,7 @@ from engine.services.agent import (
     Retrieved,
     StepDone,
     Summarised,
+    Thought,
     Token,
     ToolUsed,
     VisibleTurn,
@@ -301,6 +302,8 @@ class ChatPane(Vertical):
             report.estimated = event.node.meta.get("feeling_source") not in (None, "reply")
         elif isinstance(event, Summarised):
             report.notices.append(f"folded {event.turns} older turns into the summary")
+        elif isinstance(event, Thought):  # /inner on: the thought is shown, not spoken
+            report.notices.append(f"thought before replying: {event.node.content}")
         elif isinstance(event, Reflected):
             lines = [f"reflected on: {q}" for q in event.questions]
             lines += [f"#{m.id} {m.text}" for m in event.memories]
