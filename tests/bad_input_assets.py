@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 TEXT = "The mill by the river ground the wheat of the valley every autumn. " * 40
 
@@ -142,3 +143,21 @@ def assert_one_line_error(status: object, err: str, out: str, expect: str) -> No
     assert re.search(expect, lines[0], re.IGNORECASE), f"{expect!r} not in {lines[0]!r}"
 
 
+
+
+def wait_until_serving(process: Any, url: str, timeout: float = 120.0) -> None:
+    """Wait for a `mindset serve` process to answer /health at ``url``; fail if it exits."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, "the server exited before it answered"
+        assert time.monotonic() < deadline, f"the server did not answer in {timeout:.0f} s"
+        time.sleep(0.2)

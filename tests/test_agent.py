@@ -9,12 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -24,7 +22,7 @@ from engine.agent.agent import AgentSettings
 from engine.agent.long_term import RetrievalWeights
 from engine.agent.session import AgentPaths, AgentSession
 from engine.llm.log import InteractionLog
-from tests.bad_input_assets import free_port
+from tests.bad_input_assets import free_port, wait_until_serving
 from tests.conftest import REPO_ROOT
 
 
@@ -37,15 +35,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
          str(port)], cwd=REPO_ROOT, env={**os.environ, "MINDSET_HOME": str(home)},
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.2)
+    wait_until_serving(process, url)
     yield f"{url}/v1"
     process.send_signal(signal.SIGINT)
     process.wait(timeout=30)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +13,7 @@ import pytest
 
 from engine.llm.server import free_port
 from mindset.cli import run
+from tests.bad_input_assets import wait_until_serving
 from tests.conftest import REPO_ROOT
 
 
@@ -84,15 +84,7 @@ def test_allow_host_and_the_limits_reach_the_server(tmp_path: Path) -> None:
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_serving(process, url, 90)
         assert httpx.get(f"{url}/v1/models").status_code == 200
         assert httpx.get(f"{url}/v1/models", headers={"Host": "mindset.test"}).status_code == 200
         foreign = httpx.get(f"{url}/v1/models", headers={"Host": "evil.example"})

@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from engine.llm.log_schema import SCHEMA_VERSION
 from engine.llm.secrets import register_secret
 from engine.llm.server import free_port
 from mindset.cli import run
+from tests.bad_input_assets import wait_until_serving
 from tests.conftest import REPO_ROOT
 
 
@@ -308,15 +308,7 @@ def test_serve_command_logs_calls_and_never_prints_the_key(tmp_path: Path) -> No
         text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_serving(process, url, 90)
         headers = {"Authorization": f"Bearer {key}"}
         body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "ping"}],
                 "max_tokens": 3}
