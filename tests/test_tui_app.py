@@ -99,8 +99,7 @@ async def test_palette_offers_every_action(tmp_path: Path) -> None:
         # Running a pane's command from the palette switches to its tab.
         await pilot.pause(0.2)  # the start-up focus settles first
         await app.run_section_action("Model", "expand_all")
-        await pilot.pause(0.1)
-        assert app.query_one(TabbedContent).active == "model"
+        await wait_for(pilot, lambda: app.query_one(TabbedContent).active == "model")
 
 
 async def test_model_tree_shows_layers_heads_and_counts(tmp_path: Path) -> None:
