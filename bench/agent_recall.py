@@ -147,6 +147,7 @@ def make_session(small: Any, large: Any, home: Path, table: str, *, plain: bool,
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from engine.agent.agent import AgentSettings
+    from engine.agent.long_term import RetrievalWeights
     from engine.llm.local import LocalAdapter
 
     facts = FACTS[:args.facts]
@@ -155,10 +156,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     model = LocalAdapter.from_spec(args.model)
     small = LocalAdapter.from_spec(args.small) if args.small else None
 
+    recency, importance, relevance = args.weights
+
     def settings() -> AgentSettings:
         return AgentSettings(max_tokens=args.max_tokens, temperature=0, seed=args.seed,
                              context_tokens=args.context_tokens, retrieve_k=args.k,
-                             tools=False, feelings=False, reflection_threshold=10**9)
+                             tools=False, feelings=False, reflection_threshold=10**9,
+                             weights=RetrievalWeights(recency, importance, relevance))
 
     planted = {statement for statement, _, _ in facts}
     results: dict[str, Any] = {}
@@ -189,10 +193,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"model": args.model, "small": args.small, "turns": len(lines),
                    "facts": len(facts), "context_tokens": args.context_tokens, "k": args.k,
                    "max_tokens": args.max_tokens, "defer_above_nats": args.defer_above,
+                   "weights": {"recency": recency, "importance": importance,
+                               "relevance": relevance},
                    "seed": args.seed, "sampling": "greedy",
                    "prompt": "agent system prompt, no tools, no feeling tag"},
         "arms": results,
     }
+
+
+def weights(text: str) -> tuple[float, float, float]:
+    parts = text.split(",")
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three numbers R,I,V") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three numbers R,I,V")
+    return values[0], values[1], values[2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--defer-above", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", type=weights, default=(0.5, 2.0, 3.0),
+                        metavar="R,I,V", help="retrieval weights: recency, importance, "
+                        "relevance (default: the agent's, 0.5,2,3)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny-llama, 40 turns, 4 facts: checks the bench runs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUTPUT)
