@@ -214,3 +214,23 @@ async def test_escape_stops_a_reply_and_the_tree_stays_whole(tmp_path: Path,
         chat_input.value = ""
         await send(pilot, pane, "/branch list")  # and the chat goes on from there
         assert "tell me a story" in str(pane.query(NoteBox).last().render())
+
+
+async def test_the_agents_memories_are_a_table_in_the_memory_pane(tmp_path: Path) -> None:
+    from engine.agent.embedding import default_embedder
+    from engine.agent.long_term import LongTermMemory
+    from engine.memory.store import MemoryStore
+    from mindset.widgets.memory_pane import MemoryPane
+
+    database = tmp_path / "memory.db"
+    with MemoryStore.open(database) as store:
+        memory = LongTermMemory(store, default_embedder())
+        memory.add("The user said: my sister's name is Oriane.", importance=8)
+        memory.add("I replied: noted.", importance=2)
+    engine = Engine("tiny-llama", database=database, runs_root=tmp_path / "runs")
+    app = make_app(engine)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        pane = app.query_one(MemoryPane)
+        await wait_for(pilot, lambda: pane.table_name == "agent.memories" and len(pane.rows) == 2)
+        assert sorted(str(row.label) for row in pane.rows) == [
+            "I replied: noted.", "The user said: my sister's name is Oriane."]
