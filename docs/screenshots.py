@@ -5,7 +5,8 @@ on the default model, for the README.
 
 The session: the default model as teacher, and an associative student of its layer 15 (the
 recipe) that has read one short note; the Memory pane shows the note's entries, the Chat
-pane a greedy reply of the student. Writes docs/screenshots/{memory,model,training,chat}.svg.
+pane a greedy reply of the student, as the agent gives it, with its side panel. Writes
+docs/screenshots/{memory,model,training,chat}.svg.
 """
 
 from __future__ import annotations
@@ -75,12 +76,12 @@ async def shoot(work: Path, student: Path) -> None:
         await pilot.press("f5")
         await wait_for(pilot, lambda: any(p.is_mounted for p in app.query(ChatPane)))
         chat = app.query_one(ChatPane)
-        chat.max_tokens = 12
+        app.engine.agent.configure(max_tokens=16, temperature=0.0)
         app.query_one("#chat-model", Select).value = STUDENT
         app.query_one("#chat-input", Input).value = QUESTION
         app.query_one("#chat-input", Input).focus()
         await pilot.press("enter")
-        await wait_for(pilot, lambda: not chat.workers and len(chat.conversation.path()) == 2)
+        await wait_for(pilot, lambda: not chat.workers and len(chat.turns) == 2)
         await pilot.pause(1.0)
         app.save_screenshot(filename="chat.svg", path=str(OUT))
 
