@@ -46,11 +46,29 @@ def register(commands: Any) -> None:
     parser.add_argument("--embedder", choices=("minilm", "hidden"), default="minilm",
                         help="memory embeddings: all-MiniLM-L6-v2 (default), or the local "
                         "model's own hidden states (kept in their own table)")
+    parser.add_argument("--weights", type=retrieval_weights, default=None, metavar="R,I,V",
+                        help="retrieval weights of recency, importance and relevance "
+                        "(default 0.5,2,3; 0.5,0,3 for a model whose ratings are noise, "
+                        "such as the default one)")
     parser.add_argument("--no-tools", action="store_true",
                         help="leave the tools out of the prompt (small models, short contexts)")
     parser.add_argument("--inner", action="store_true",
                         help="think privately before each reply (shown on stderr)")
     parser.set_defaults(handler=run, plain=False)
+
+
+def retrieval_weights(text: str) -> tuple[float, float, float]:
+    import math
+
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) \
+            or not any(values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not three numbers >= 0 (recency,importance,relevance), not all 0")
+    return values[0], values[1], values[2]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     settings = AgentSettings(max_tokens=args.max_tokens, temperature=args.temperature,
                              seed=args.seed, inner_dialogue=args.inner,
                              tools=not args.no_tools)
+    if args.weights is not None:
+        from engine.agent.long_term import RetrievalWeights
+
+        settings.weights = RetrievalWeights(*args.weights)
     return asyncio.run(_chat(args, settings))
 
 
