@@ -7,9 +7,11 @@ branch from the conversation's end, so no answer sees another. Two arms, same mo
 system prompt, same sampling (greedy), same turn budget in the prompt:
 
 * **memory**: the agent as ``mindset chat`` runs it: every turn stored in long-term memory
-  with a model-rated importance, retrieval by recency + importance + relevance, old turns
-  folded into a rolling summary; only tools and the feeling tag are left out of the prompt
-  (a 135M model follows neither and both cost context);
+  with a model-rated importance, retrieval by recency + importance + relevance (weights
+  ``--weights``, default 0.5,0,3: the default model's importance ratings carry no signal,
+  see bench/RESULTS.md), old turns folded into a rolling summary; only tools and the
+  feeling tag are left out of the prompt (a 135M model follows neither and both cost
+  context);
 * **baseline**: the plain chat: the same prompt with the most recent turns that fit the
   budget, nothing retrieved, nothing summarised (truncated context).
 
