@@ -100,7 +100,7 @@ def answered(reply: str, answer: str) -> bool:
 
 
 async def run_arm(name: str, session: Any, lines: list[tuple[str, str]],
-                  facts: list[tuple[str, str, str]], planted_texts: set[str]) -> dict[str, Any]:
+                  facts: list[tuple[str, str, str]]) -> dict[str, Any]:
     from engine.agent import events
 
     agent = session.agent
@@ -127,7 +127,6 @@ async def run_arm(name: str, session: Any, lines: list[tuple[str, str]],
                      "deferred": deferred})
         print(f"  [{name}] {question} -> {reply[:80]!r} "
               f"{'ok' if rows[-1]['correct'] else 'miss'}", flush=True)
-    del planted_texts
     return {
         "accuracy": sum(r["correct"] for r in rows) / len(rows),
         "retrieval_recall": sum(r["retrieved"] for r in rows) / len(rows),
@@ -167,7 +166,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                              tools=False, feelings=False, reflection_threshold=10**9,
                              weights=RetrievalWeights(recency, importance, relevance))
 
-    planted = {statement for statement, _, _ in facts}
     results: dict[str, Any] = {}
     arms = [("memory", model, None, False), ("baseline", model, None, True)]
     if small is not None:
@@ -177,7 +175,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         session = make_session(first, second, home, name, plain=plain, settings=settings(),
                                threshold=args.defer_above)
         try:
-            results[name] = await run_arm(name, session, lines, facts, planted)
+            results[name] = await run_arm(name, session, lines, facts)
         finally:
             session.close()
     for adapter in (model, small):

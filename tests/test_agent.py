@@ -292,3 +292,25 @@ def _as_messages(raw: list[dict[str, str]]) -> list[Any]:
     from engine.llm.types import ChatMessage
 
     return [ChatMessage(m["role"], m["content"]) for m in raw]
+
+
+async def test_the_inner_thought_comes_before_the_reply_and_stays_private(
+        server: str, tmp_path: Path) -> None:
+    adapter = remote(server)
+    session = session_at(tmp_path, adapter, rate_importance=False, inner_dialogue=True)
+    conversation = session.dialog.new_conversation()
+    happened = await collect(session.agent.respond(conversation, "Plan my day"))
+    [thought] = of(events.Thought, happened)
+    steps = [s.step for s in of(events.StepDone, happened)]
+    assert steps.index("inner") < steps.index("answer")
+    user, inner, reply = session.dialog.path(conversation)
+    assert (user.role, inner.role, reply.role) == ("user", "inner", "assistant")
+    assert inner.id == thought.node.id and reply.parent_id == inner.id
+    assert "## inner" not in session.dialog.export(conversation, "markdown")
+    assert "## inner" in session.dialog.export(conversation, "markdown", include_inner=True)
+    # A regenerated reply keeps the same thought: a sibling under it, not a new one.
+    await collect(session.agent.regenerate(reply.id))
+    assert session.dialog.position(session.dialog.path(conversation)[-1].id) == (2, 2)
+    assert [n.role for n in session.dialog.path(conversation)] == ["user", "inner", "assistant"]
+    session.close()
+    await adapter.aclose()
