@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.agent import prompts
@@ -402,8 +402,6 @@ class HoldBack:
 
 def _asking(user: DialogNode, text: str) -> DialogNode:
     """A transient user turn (not stored) that asks the model something after ``user``."""
-    from dataclasses import replace
-
     return replace(user, id=f"{user.id}:ask", parent_id=user.id, content=text, meta={})
 
 

@@ -103,17 +103,15 @@ class ContextBuilder:
                adapters: Sequence[object], max_tokens: int) -> list[ChatMessage]:
         """The prompt, cut to fit the models' context: old turns go first, then the tool
         list, then the tasks and the summary, then memories from the least relevant up."""
-        variants: list[dict[str, object]] = [{}, {"tools": False},
-                                             {"tools": False, "extras": False}]
-        variants += [{"tools": False, "extras": False, "memories": n}
-                     for n in range(len(retrieved) - 1, -1, -1)]
+        everything = len(retrieved)
+        # (tool list, tasks and summary, memories kept), most complete first.
+        variants = [(True, True, everything), (False, True, everything),
+                    (False, False, everything)]
+        variants += [(False, False, n) for n in range(everything - 1, -1, -1)]
         failure: InputError | None = None
-        for variant in variants:
-            count = variant.get("memories", len(retrieved))
-            messages = self.messages(path, retrieved[:int(str(count))], affect, pinned,
-                                     thought=thought,
-                                     tools=bool(variant.get("tools", True)),
-                                     extras=bool(variant.get("extras", True)))
+        for tools, extras, kept in variants:
+            messages = self.messages(path, retrieved[:kept], affect, pinned, thought=thought,
+                                     tools=tools, extras=extras)
             try:
                 return fit_messages(messages, adapters, max_tokens)
             except InputError as exc:
@@ -155,6 +153,12 @@ class ContextBuilder:
 
     def _system_prompt(self) -> str:
         return str(self.state.setting(SYSTEM_SETTING, prompts.DEFAULT_SYSTEM_PROMPT))
+
+
+def context_overflow(exc: InputError) -> bool:
+    """Whether a refusal is about the prompt's length: a local model's
+    ``ContextLengthError`` or a server's ``context_length_exceeded``, both worded so."""
+    return "context" in str(exc)
 
 
 def fit_messages(messages: list[ChatMessage], adapters: Sequence[object],

@@ -99,8 +99,8 @@ class AgentSession:
         return self.memory.format(self.memory.search(query, k=k))
 
     def replace_models(self, small: BaseAdapter, large: BaseAdapter | None = None) -> None:
-        """Answer with other models from now on (``/model``); the old ones are kept open
-        by whoever passed them in unless the session owns them."""
+        """Answer with other models from now on (``/model``, a newly adopted student);
+        closing the old ones is the caller's business."""
         self.cascade.small, self.cascade.large = small, large
 
     async def aclose(self) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from engine.agent import prompts
 from engine.agent.cascade import Cascade, StepResult
+from engine.agent.context import context_overflow
 from engine.agent.dialog import DialogNode
 from engine.agent.long_term import LongTermMemory, Memory
 from engine.agent.state import AgentState
@@ -84,7 +85,7 @@ class Upkeep:
                     summary=text or "(nothing yet)", turns=lines, words=words),
                     max_tokens=words * 2, conversation_id=conversation_id)).strip()
             except InputError as exc:
-                if "context" not in str(exc) or chunk_chars <= 200:
+                if not context_overflow(exc) or chunk_chars <= 200:
                     raise
                 chunk_chars //= 2  # a smaller model's context: fold fewer turns per call
                 words = max(30, words // 2)
@@ -123,7 +124,7 @@ class Upkeep:
                     conversation_id=conversation_id)
                 break
             except InputError as exc:
-                if "context" not in str(exc) or len(memories) == 1:
+                if not context_overflow(exc) or len(memories) == 1:
                     raise
                 memories = memories[len(memories) // 2:]
         asked = prompts.questions(answer, count)
@@ -144,7 +145,7 @@ class Upkeep:
                         conversation_id=conversation_id)).strip()
                     break
                 except InputError as exc:
-                    if "context" not in str(exc) or len(found) == 1:
+                    if not context_overflow(exc) or len(found) == 1:
                         raise
                     found = found[:len(found) // 2]  # keep the best-scored
             if not reply:
