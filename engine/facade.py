@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from engine.services.agent import AgentService
     from engine.services.chat import ChatService
     from engine.services.knowledge import KnowledgeService
+    from engine.services.surgery import SurgeryService
 
 # The role names are part of the engine's public vocabulary: front ends name models by them.
 __all__ = ["REMOTE", "STUDENT", "TEACHER", "Engine"]
@@ -85,6 +86,14 @@ class Engine:
         from engine.services.knowledge import KnowledgeService
 
         return KnowledgeService(self.runtime, self.memory)
+
+    @cached_property
+    def surgery(self) -> SurgeryService:
+        """Change a loaded model's shape (heads, MLPs, layers, gates, feedback), measure
+        what that costs, heal and save the result."""
+        from engine.services.surgery import SurgeryService
+
+        return SurgeryService(self.runtime)
 
     async def close(self) -> None:
         """Release the adapters, the store and the worker threads; safe to call twice."""

@@ -30,6 +30,9 @@ class ModelNode:
     params: int = 0
     detail: str = ""
     children: list[ModelNode] = field(default_factory=list)
+    kind: str = ""  # "layer", "attention", "head", "mlp", "memory", ... ("" for the rest)
+    layer: int | None = None
+    head: int | None = None
 
 
 @dataclass
@@ -169,3 +172,49 @@ class EditRecord:
     note: str
     undone_by: int | None = None
     undoes: int | None = None
+
+
+@dataclass
+class HeadStat:
+    """One attention head as the Model pane shows it."""
+
+    layer: int
+    head: int
+    importance: float | None  # Michel et al.'s score, normalised per layer
+    gate: float | None  # sigmoid(contribution) where the layer has head gates
+
+
+@dataclass
+class LayerStat:
+    """One decoder layer's shape, parameters and measured use."""
+
+    layer: int
+    heads: int
+    kv_heads: int
+    params: int
+    mlp: int | None  # dense MLP width (None for a memory layer)
+    memory: str | None  # the memory layer's kind
+    usage: str  # "mlp: 41% of neurons active on average", "memory: 12% never read"
+    head_stats: list[HeadStat] = field(default_factory=list)
+
+
+@dataclass
+class ShapeReport:
+    """A model's layers with importance and usage on a calibration text."""
+
+    title: str
+    total: int
+    layers: list[LayerStat]
+    calibration: str
+
+
+@dataclass
+class SurgeryView:
+    """What an operation did (or would do): its changes and the counts before and after."""
+
+    operation: str
+    params: dict[str, Any]
+    changes: list[str]
+    counts: list[str]
+    before_total: int
+    after_total: int

@@ -38,26 +38,41 @@ def describe_model(model: nn.Module, *, title: str) -> ModelNode:
     root.children.append(
         ModelNode("embeddings", embedding_params, f"vocab {config.vocab_size}")
     )
-    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0))
     for index, layer in enumerate(layers):
-        layer_node = ModelNode(f"layer {index}", count_params(layer))
+        layer_node = ModelNode(f"layer {index}", count_params(layer), kind="layer", layer=index)
         for name, child in layer.named_children():
             params = count_params(child)
             kind = type(child).__name__
-            node = ModelNode(name, params, kind)
-            if "attn" in name and heads:
-                gates = getattr(child, "head_gates", None)
-                for head in range(heads):
-                    gate = ""
-                    if gates is not None:
-                        with contextlib.suppress(Exception):
-                            gate = f"gate {float(gates.flatten()[head]):.3f}"
-                    node.children.append(ModelNode(f"head {head}", params // heads, gate))
+            node = ModelNode(name, params, kind, layer=index)
+            if "attn" in name:
+                node.kind = "attention"
+                node.children = head_nodes(model, index, params)
             elif "mlp" in name or "memory" in kind.lower():
+                node.kind = "memory" if "Memory" in kind else "mlp"
                 node.detail = memory_detail(child) or kind
             layer_node.children.append(node)
         root.children.append(layer_node)
     return root
+
+
+def head_nodes(model: nn.Module, layer: int, params: int) -> list[ModelNode]:
+    """One node per query head of ``layer`` (its share of the attention's parameters), with
+    its gate value when the layer has head gates."""
+    from engine.model.architecture.attention import attention_shape
+    from engine.model.architecture.gates import gates_of
+
+    shape = attention_shape(model, layer)
+    gates = gates_of(model, layer)
+    values = gates.gates().detach().tolist() if gates is not None else None
+    nodes = []
+    for head in range(shape.heads):
+        detail = f"gate {values[head]:.3f}" if values is not None else ""
+        if head == 0 and shape.kv_heads != shape.heads:
+            detail = (detail + "  " if detail else "") + \
+                f"{shape.groups} per key/value head ({shape.kv_heads} kv heads)"
+        nodes.append(ModelNode(f"head {head}", params // shape.heads, detail, kind="head",
+                               layer=layer, head=head))
+    return nodes
 
 
 def memory_detail(module: nn.Module) -> str:

@@ -152,7 +152,7 @@ def check_weight_files(directory: Path) -> None:
 def load_directory(directory: Path, *, dtype: Any = None) -> LoadedModel:
     """Load a Hugging Face causal-LM directory (GPT-2 or Llama family)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
     directory = directory.resolve()
@@ -161,6 +161,14 @@ def load_directory(directory: Path, *, dtype: Any = None) -> LoadedModel:
                f"the model in {directory} ({model_parameters(config):,} parameters)",
                "check its config.json", ModelLoadError)
     check_weight_files(directory)
+    from engine.model.architecture.record import record_of_config
+
+    if record_of_config(config) is not None:  # reshaped by surgery: built from its record
+        from engine.model.shaped_files import load_reshaped
+
+        model = load_reshaped(directory, dtype=dtype)
+        return LoadedModel(model, _tokenizer(directory), str(directory),
+                           str(config["model_type"]), source=directory)
     try:
         # use_safetensors=True: never fall back to a pickled pytorch_model.bin beside them.
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
@@ -168,13 +176,18 @@ def load_directory(directory: Path, *, dtype: Any = None) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(f"could not load the model in {directory} ({one_line(exc)}); "
                              "re-download or re-convert it") from exc
+    model.eval()
+    return LoadedModel(model, _tokenizer(directory), str(directory), str(config["model_type"]),
+                       source=directory)
+
+
+def _tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return AutoTokenizer.from_pretrained(str(directory))
     except Exception as exc:
         raise ModelLoadError(
             f"{directory} has no usable tokenizer ({type(exc).__name__}); "
             "save the tokenizer beside the model"
         ) from exc
-    model.eval()
-    return LoadedModel(model, tokenizer, str(directory), str(config["model_type"]),
-                       source=directory)

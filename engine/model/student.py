@@ -32,6 +32,7 @@ from torch import nn
 
 from engine.errors import InputError, MindsetError, ModelLoadError, flat_text
 from engine.model.anatomy import decoder_layers, mlp_size, mlp_size_field
+from engine.model.architecture.record import apply_architecture, record_of_config
 from engine.model.hf_remote import write_remote_code
 from engine.model.mapped_weights import map_float32, mapped_tensor_names, mapping_enabled
 from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits
@@ -170,6 +171,10 @@ def load_student_model(directory: Path | str, *, dtype: Any = None,
         except Exception as exc:
             reason = flat_text(exc)[:300]
             raise ModelLoadError(f"{directory}/config.json cannot be used ({reason})") from exc
+        try:  # heads, MLP widths, gates, feedback: the shape surgery left (if any)
+            apply_architecture(model, record_of_config(config))
+        except InputError as exc:
+            raise ModelLoadError(f"{directory}: {exc}") from exc
         try:
             attach_memory_layers(model, spec)
         except InputError as exc:

@@ -14,4 +14,5 @@ COMMAND_MODULES = [
     "mindset.commands.complete_cmd",
     "mindset.commands.chat_cmd",
     "mindset.commands.memory_cmd",
+    "mindset.commands.model_cmd",
 ]
