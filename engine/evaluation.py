@@ -80,6 +80,7 @@ def perplexity(
     window: int = 512,
     learn: bool = False,
     on_window: Callable[[int, int], None] | None = None,
+    affect: tuple[float, float] | None = None,
 ) -> EvalResult:
     """Perplexity over non-overlapping windows of ``window`` tokens of the first ``tokens``.
 
@@ -90,10 +91,18 @@ def perplexity(
     read it (:mod:`engine.model.reading`), so later windows, and a second pass, can recall
     it; the entries stay in the model's memory (not saved by this function).
     ``on_window(tokens, total)`` is called after each window (progress displays).
+    ``affect``: (arousal, valence) for every token, for a model with an affect label channel
+    (:mod:`engine.model.label_channels`; content labels are 0).
     """
+    from contextlib import nullcontext
+
     import torch
 
     validate_window(tokens, window, model_context(model))
+    if affect is not None:
+        from engine.model.label_channels import channel_settings, check_labels, labelled
+
+        check_labels(channel_settings(model) or [], affect=affect)
     if learn:
         from engine.model.reading import read_chunk, require_reading_layers
 
@@ -111,7 +120,9 @@ def perplexity(
     added, learn_seconds = 0, 0.0
     start = time.perf_counter()
     for chunk in chunks:
-        with torch.inference_mode():
+        labels = nullcontext() if affect is None else labelled(model,
+                                                              affect=torch.tensor(affect))
+        with torch.inference_mode(), labels:
             input_ids = torch.tensor([chunk], dtype=torch.long)
             logits = model(input_ids=input_ids).logits.float()
             loss = torch.nn.functional.cross_entropy(

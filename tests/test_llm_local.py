@@ -131,13 +131,13 @@ async def test_prompts_are_tokenised_off_the_event_loop(
         adapter: LocalAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
     loop_thread = threading.current_thread()
     seen: list[threading.Thread] = []
-    original = adapter.encode
+    original = adapter.encode_labelled  # what generation tokenises with (ids and labels)
 
-    def encode(request: GenerationRequest) -> list[int]:
+    def encode(request: GenerationRequest) -> tuple[list[int], list[int] | None]:
         seen.append(threading.current_thread())
         return original(request)
 
-    monkeypatch.setattr(adapter, "encode", encode)
+    monkeypatch.setattr(adapter, "encode_labelled", encode)
     await adapter.complete("Hello", SamplingParams(max_tokens=2))
     assert seen and loop_thread not in seen
 

@@ -19,8 +19,16 @@ from engine.errors import InputError
 from engine.llm.adapter import BaseAdapter, GenerationRequest
 from engine.llm.decoding import IncrementalDecoder, StopMatcher
 from engine.llm.defaults import generation_defaults
+from engine.llm.labels import content_labels, render_chat
 from engine.llm.log import InteractionLog
-from engine.llm.types import ChatMessage, SamplingParams, StreamChunk, TokenLogprob, Usage
+from engine.llm.types import (
+    ChatMessage,
+    ParameterError,
+    SamplingParams,
+    StreamChunk,
+    TokenLogprob,
+    Usage,
+)
 
 
 class ContextLengthError(InputError):
@@ -60,7 +68,16 @@ class LocalAdapter(BaseAdapter):
 
     def encode(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids; raises :class:`ContextLengthError` when it cannot fit."""
-        if request.messages is not None:
+        return self.encode_labelled(request)[0]
+
+    def encode_labelled(self, request: GenerationRequest) -> tuple[list[int], list[int] | None]:
+        """The prompt's token ids and, for a chat to a model with a content channel, their
+        content labels (:func:`engine.llm.labels.content_labels`; None: all 0)."""
+        content: list[int] | None = None
+        if request.messages is not None and self._labels_content(request.params):
+            ids, content = content_labels(self.loaded.tokenizer,
+                                          [m.as_dict() for m in request.messages])
+        elif request.messages is not None:
             ids = self._encode_chat(request.messages)
         else:
             ids = self._encode_text(request.prompt or "")
@@ -69,7 +86,31 @@ class LocalAdapter(BaseAdapter):
                 f"the prompt is {len(ids)} tokens but {self.model}'s context is "
                 f"{self.context_length} tokens; shorten the prompt"
             )
-        return ids
+        return ids, content
+
+    # Label channels ------------------------------------------------------------------------
+
+    def check_labels(self, params: SamplingParams, *, chat: bool = True) -> None:
+        """Refuse labels the model has no channel for (:mod:`engine.model.label_channels`)."""
+        from engine.model.label_channels import channel_settings
+
+        channels = channel_settings(self.loaded.model) or []
+        if params.affect is not None and "affect" not in channels:
+            raise ParameterError("mindset.affect", f"this model ({self.model}) has no affect "
+                                 "channel; leave affect out")
+        if params.content_labels and "content" not in channels:
+            raise ParameterError("mindset.content_labels", f"this model ({self.model}) has no "
+                                 "content channel; leave content_labels out")
+        if params.content_labels and not chat:
+            raise ParameterError("mindset.content_labels", "content labels come from chat "
+                                 "messages; send a chat, not a plain prompt")
+
+    def _labels_content(self, params: SamplingParams) -> bool:
+        if params.content_labels is not None:
+            return params.content_labels
+        from engine.model.label_channels import channel_settings
+
+        return "content" in (channel_settings(self.loaded.model) or [])
 
     def count_prompt_tokens(self, messages: list[ChatMessage] | None = None,
                             prompt: str | None = None) -> int:
@@ -121,8 +162,9 @@ class LocalAdapter(BaseAdapter):
     # Streaming -----------------------------------------------------------------------------
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[StreamChunk, None]:
+        self.check_labels(request.params, chat=request.messages is not None)
         # Off the event loop: a long prompt takes seconds to tokenise.
-        prompt_ids = await asyncio.to_thread(self.encode, request)
+        prompt_ids, content = await asyncio.to_thread(self.encode_labelled, request)
         request.usage = Usage(prompt_tokens=len(prompt_ids))
         if self._turn is None:
             self._turn = asyncio.Lock()  # FIFO: waiters acquire in arrival order
@@ -135,7 +177,7 @@ class LocalAdapter(BaseAdapter):
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
             future = loop.run_in_executor(self._executor, self._generate, request, prompt_ids,
-                                          stop, emit)
+                                          stop, emit, content)
             try:
                 while True:
                     item = await queue.get()
@@ -151,7 +193,8 @@ class LocalAdapter(BaseAdapter):
 
     def _generate(self, request: GenerationRequest, prompt_ids: list[int],
                   stop: threading.Event,
-                  emit: Callable[[StreamChunk | BaseException], None]) -> None:
+                  emit: Callable[[StreamChunk | BaseException], None],
+                  content: list[int] | None = None) -> None:
         """Runs on the generation thread; every result goes through ``emit``."""
         params = request.params
         decoder = IncrementalDecoder(self.loaded.tokenizer)
@@ -162,7 +205,8 @@ class LocalAdapter(BaseAdapter):
         self.active = True
         try:
             for token in generate_tokens(self.loaded.model, prompt_ids, params, budget,
-                                         stop.is_set, on_logits=recorder.on_logits):
+                                         stop.is_set, on_logits=recorder.on_logits,
+                                         content=content):
                 with self._counter_lock:
                     self.tokens_generated += 1
                 request.usage.completion_tokens += 1
@@ -243,26 +287,31 @@ class PromptReader:
 def chat_prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The text a chat becomes before the model's reply (its chat template, or a plain
     transcript for base models without one); tokenise it without special tokens."""
-    if getattr(tokenizer, "chat_template", None):
-        text: str = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
-        return text
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return render_chat(tokenizer, messages)  # one rendering, shared with content labels
 
 
 def generate_tokens(model: Any, prompt_ids: list[int], params: SamplingParams, budget: int,
                     should_stop: Callable[[], bool],
-                    on_logits: Callable[[Any, int], None] | None = None) -> Iterator[int]:
+                    on_logits: Callable[[Any, int], None] | None = None,
+                    content: list[int] | None = None) -> Iterator[int]:
     """Sample up to ``budget`` tokens after ``prompt_ids``, reusing the KV cache each step;
-    ``on_logits(logits, token)`` sees each step's raw logits and the token drawn."""
+    ``on_logits(logits, token)`` sees each step's raw logits and the token drawn. ``content``
+    (a label per prompt token) and ``params.affect`` feed a model's label channels."""
+    from contextlib import nullcontext
+
     import torch
     from transformers import DynamicCache
+
+    from engine.model.label_channels import labelled
 
     sampler = TokenSampler(params)
     history = torch.tensor([prompt_ids], dtype=torch.long)
     cache = DynamicCache()
     step_input = history
-    with torch.inference_mode():
+    labels = nullcontext() if content is None and params.affect is None else labelled(
+        model, content=None if content is None else torch.tensor([content]),
+        affect=None if params.affect is None else torch.tensor(params.affect))
+    with torch.inference_mode(), labels:
         for _ in range(budget):
             if should_stop():
                 return

@@ -85,6 +85,11 @@ class SamplingParams:
     # Return each sampled token's log-probability and this many alternatives (0 to
     # MAX_TOP_LOGPROBS); None returns none. The agent's cascade reads them as uncertainty.
     logprobs: int | None = None
+    # Label channels (engine.model.label_channels): one (arousal, valence) in [-1, 1] for
+    # every token, and whether to flag a chat's data tokens (engine.llm.labels; None: when
+    # the model has a content channel). A model without the channel refuses them.
+    affect: tuple[float, float] | None = None
+    content_labels: bool | None = None
 
     def validate(self) -> SamplingParams:
         """Return self, or raise :class:`ParameterError` naming the bad parameter."""
@@ -117,6 +122,14 @@ class SamplingParams:
                                           or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             raise ParameterError("top_logprobs", "top_logprobs must be a whole number from 0 "
                                  f"to {MAX_TOP_LOGPROBS}, not {self.logprobs!r}")
+        if self.affect is not None and (
+                not isinstance(self.affect, tuple | list) or len(self.affect) != 2
+                or not all(_finite(v) and -1 <= v <= 1 for v in self.affect)):
+            raise ParameterError("mindset.affect", "affect must be (arousal, valence), each "
+                                 f"from -1 to 1, not {self.affect!r}")
+        if self.content_labels is not None and not isinstance(self.content_labels, bool):
+            raise ParameterError("mindset.content_labels", "content_labels must be true or "
+                                 f"false, not {self.content_labels!r}")
         return self
 
     def as_dict(self) -> dict[str, Any]:

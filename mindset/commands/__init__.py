@@ -8,6 +8,7 @@ Modules import their heavy dependencies inside the handler, so ``--help`` stays 
 # Order is the order in `mindset --help`.
 COMMAND_MODULES = [
     "mindset.commands.eval_cmd",
+    "mindset.commands.augment_cmd",
     "mindset.commands.distill_cmd",
     "mindset.commands.serve_cmd",
     "mindset.commands.logs_cmd",

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
-from mindset.commands.common import positive_int
+from mindset.commands.common import finite_float, positive_int
 from mindset.commands.progress import progress
 
 
@@ -28,8 +28,22 @@ def register(commands: Any) -> None:
                         help="reading mode: the student's associative memory reads each "
                         "window after scoring it (entries are not saved; use `mindset memory "
                         "read` to keep them)")
+    parser.add_argument("--affect", type=affect_pair, default=None, metavar="A,V",
+                        help="a constant arousal,valence (each -1..1) for every token, for a "
+                        "model with an affect label channel")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
+
+
+def affect_pair(text: str) -> tuple[float, float]:
+    """``A,V``: arousal and valence, each from -1 to 1."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not A,V (arousal,valence)")
+    arousal, valence = (finite_float(part.strip()) for part in parts)
+    if not (-1 <= arousal <= 1 and -1 <= valence <= 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: arousal and valence must be from -1 to 1")
+    return arousal, valence
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     validate_window(args.tokens, args.window, None)
     check_model_spec(args.model)  # from the files alone, before reading a large text
+    if args.affect is not None:
+        check_affect_channel(args.model)
     text = read_text_file(args.data)
     with PeakMemory() as memory:  # over the loading and the evaluation
         loaded = load_model(args.model)
@@ -53,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             result = perplexity(loaded.model, loaded.tokenizer, text, tokens=args.tokens,
-                                window=args.window, learn=args.learn, on_window=advance)
+                                window=args.window, learn=args.learn, on_window=advance,
+                                affect=args.affect)
         finally:
             bar.close()
     result = dataclasses.replace(result, peak_rss_mb=memory.peak_rss_mb,
@@ -70,3 +87,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"reading mode: {result.entries_added} entries added "
                   f"({result.learn_seconds or 0:.1f} s of the run; not saved)")
     return 0
+
+
+def check_affect_channel(spec: str) -> None:
+    """``--affect`` needs an affect channel: known from the config, before loading."""
+    from engine.errors import InputError
+    from engine.model.architecture.record import record_of_config
+    from engine.model.loading import model_config
+
+    record = record_of_config(model_config(spec)) or {}
+    if "affect" not in (record.get("channels") or []):
+        raise InputError(f"{spec} has no affect channel; --affect needs a model with one "
+                         "(add it with engine.model.label_channels.add_channels)")

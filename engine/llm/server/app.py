@@ -129,6 +129,7 @@ def create_app(adapters: Mapping[str, LocalAdapter], *, api_key: str | None = No
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         adapter = adapter_for(body.model)
         params = sampling(body, body.max_completion_tokens, adapter.sampling_defaults)
+        check_labels(adapter, params)
         messages = [m.as_message() for m in body.messages]
         usage = Usage(prompt_tokens=await check_context(adapter, messages=messages))
         memory = await learn(adapter, body.learn, messages=messages)
@@ -178,6 +179,14 @@ def sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | 
              defaults: dict[str, float | int]) -> SamplingParams:
     try:
         return body.sampling(max_tokens, defaults)
+    except InputError as exc:
+        raise from_input_error(exc) from None
+
+
+def check_labels(adapter: LocalAdapter, params: SamplingParams) -> None:
+    """Labels (the ``mindset`` field) for channels the model lacks: a 400."""
+    try:
+        adapter.check_labels(params)
     except InputError as exc:
         raise from_input_error(exc) from None
 

@@ -110,15 +110,45 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class AffectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arousal: float = Field(ge=-1, le=1)
+    valence: float = Field(ge=-1, le=1)
+
+
+class MindsetOptions(BaseModel):
+    """Extension: labels for a model with label channels (engine.model.label_channels).
+    Unlike OpenAI's fields, an unknown field here is a 400: a typo would go unnoticed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    affect: AffectIn | None = Field(default=None, description="one affect for every token; "
+                                    "only for a model with an affect channel")
+    content_labels: bool | None = Field(default=None, description="flag tool results and "
+                                        "quoted documents as data (default: when the model "
+                                        "has a content channel)")
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description="alternatives per token, with logprobs")
+    mindset: MindsetOptions | None = None  # extension: label channels
 
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def sampling(self, max_tokens: int | None = None,
+                 defaults: dict[str, float | int] | None = None) -> SamplingParams:
+        params = super().sampling(max_tokens, defaults)
+        if self.mindset is not None:
+            affect = self.mindset.affect
+            params.affect = None if affect is None else (affect.arousal, affect.valence)
+            params.content_labels = self.mindset.content_labels
+        return params.validate()
 
 
 class CompletionRequest(SamplingFields):

@@ -7,7 +7,8 @@ run) and stored in ``config.json`` under ``mindset_architecture``::
 
     {"format": 1,
      "layers": {"3": {"heads": 7, "kv_heads": 7, "mlp": 1200, "gates": true}},
-     "feedback": {"rank": 32, "layers": [0, 1, 2]}}
+     "feedback": {"rank": 32, "layers": [0, 1, 2]},
+     "channels": ["content", "affect"]}
 
 Only what differs from the config is listed. Loading builds the model from the config,
 then :func:`apply_architecture` reshapes it (empty weights) so the saved tensors fit.
@@ -83,11 +84,16 @@ def architecture_record(model: Any) -> dict[str, Any] | None:
     from engine.model.architecture.feedback import feedback_settings
 
     feedback = feedback_settings(module)
-    if not layers and feedback is None:
+    from engine.model.label_channels import channel_settings  # label channels
+
+    channels = channel_settings(module)
+    if not layers and feedback is None and channels is None:
         return None
     record: dict[str, Any] = {"format": RECORD_FORMAT, "layers": layers}
     if feedback is not None:
         record["feedback"] = feedback
+    if channels is not None:
+        record["channels"] = channels
     return record
 
 
@@ -147,6 +153,10 @@ def apply_architecture(model: nn.Module, record: dict[str, Any] | None) -> None:
         from engine.model.architecture.feedback import install_feedback
 
         install_feedback(model, record["feedback"])
+    if record.get("channels"):  # label channels
+        from engine.model.label_channels import install_channels
+
+        install_channels(model, record["channels"])
 
 
 def stamp_record(model: Any) -> None:
