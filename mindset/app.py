@@ -63,6 +63,7 @@ PANE_APIS: dict[str, Callable[[Engine], object]] = {
 # Tab id -> further engine parts its pane takes as keyword arguments.
 PANE_EXTRAS: dict[str, Callable[[Engine], dict[str, object]]] = {
     "chat": lambda engine: {"agent": engine.agent, "knowledge": engine.knowledge},
+    "model": lambda engine: {"surgery": engine.surgery},
 }
 FIRST_TAB = "memory"
 PANE_WAIT_TRIES = 500  # x 20 ms: how long a palette action waits for its pane to be built

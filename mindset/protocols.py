@@ -7,7 +7,7 @@ module is cheap: it names engine types only for type checking.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
         MemoryUse,
         ModelNode,
         ReplyTrace,
+        ShapeReport,
+        SurgeryView,
     )
 
 
@@ -186,3 +188,39 @@ class JobsAPI(Protocol):
     def follow_job(self, job_id: str) -> AsyncIterator[JobEvent]: ...
 
     async def control_job(self, job_id: str, command: str) -> None: ...
+
+
+class SurgeryAPI(Protocol):
+    """The Model pane's surgery calls (``engine.surgery``): reshape, measure, heal, save."""
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def result(self) -> object | None: ...  # the reshaped model, once an operation is applied
+
+    @property
+    def history(self) -> list[str]: ...
+
+    @property
+    def perplexity(self) -> dict[str, float]: ...
+
+    def operations(self) -> dict[str, str]: ...
+
+    def set_role(self, role: str) -> None: ...
+
+    def discard(self) -> None: ...
+
+    async def preview(self, name: str, params: dict[str, Any]) -> SurgeryView: ...
+
+    async def apply(self, name: str, params: dict[str, Any]) -> SurgeryView: ...
+
+    async def report(self, which: str = ..., *, importance: bool = ...) -> ShapeReport: ...
+
+    async def evaluate(self, which: str = ...) -> float: ...
+
+    async def heal(self, *, steps: int = ..., train: str = ...,
+                   on_progress: Callable[[int, int, float], None] | None = ...,
+                   should_stop: Callable[[], bool] | None = ...) -> str: ...
+
+    async def save(self, directory: str) -> str: ...

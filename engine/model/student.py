@@ -32,7 +32,7 @@ from torch import nn
 
 from engine.errors import InputError, MindsetError, ModelLoadError, flat_text
 from engine.model.anatomy import decoder_layers, mlp_size, mlp_size_field
-from engine.model.architecture.record import apply_architecture, record_of_config
+from engine.model.architecture.record import apply_architecture, record_of_config, stamp_record
 from engine.model.hf_remote import write_remote_code
 from engine.model.mapped_weights import map_float32, mapped_tensor_names, mapping_enabled
 from engine.model.memory_layers.budget import BYTES_PER_PARAMETER, check_fits
@@ -78,6 +78,7 @@ def save_student(model: Any, directory: Path | str, tokenizer: Any = None) -> Pa
     staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
+        stamp_record(module)  # heads, widths, gates, feedback, channels: what config can't say
         config: Any = module.config
         config.save_pretrained(str(staging))
         write_remote_code(staging)  # AutoModelForCausalLM.from_pretrained(trust_remote_code)
