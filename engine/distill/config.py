@@ -5,6 +5,11 @@ memory hyper-parameters' names and types); :meth:`DistillConfig.preflight` adds 
 teacher's config tells without loading its weights (the layers exist, blocks fit its context,
 the run fits in RAM). Both run before a run directory is created, so a bad setting costs
 milliseconds and leaves nothing behind.
+
+Three optional training ideas have their settings here too: ``augment`` (noise on the
+training text, :mod:`engine.distill.augment`), ``forgetful_mask`` (forgetful causal masking of
+the student, :mod:`engine.distill.forgetful`) and ``channels`` (label channels trained by
+paired context distillation after the main stages, :mod:`engine.distill.channel_stage`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 MAX_STEPS = 10**9  # more is a typo: at a step per millisecond it would run for 11 days
 MAX_THREADS = 1024
 MAX_SEED = 2**32 - 1  # the block order multiplies the seed; torch seeds are 64-bit
+CHANNEL_NAMES = ("content", "affect")  # engine.model.label_channels.CHANNELS (without torch)
+CHANNEL_TRAIN = ("channels", "all")
 
 
 @dataclass
@@ -63,6 +70,21 @@ class DistillConfig:
     log_every: int = 1
     seed: int = 0
     threads: int = 0  # torch CPU threads per process; 0 = torch's default
+    # Noise on the training text: a transform spec such as "typo=0.02,homoglyph=0.01";
+    # held-out text stays clean unless ``augment_heldout``.
+    augment: str = ""
+    augment_heldout: bool = False
+    # Forgetful causal masking: the student's end-to-end forwards drop each earlier token
+    # from attention at this rate (0 = off); the teacher and evaluation see everything.
+    forgetful_mask: float = 0.0
+    # Label channels ("content", "affect") added to the student, then ``channel_steps`` of
+    # paired context distillation after the main stages on ``channel_pairs`` pairs per
+    # channel, training the channels alone ("channels") or with the replaced layers ("all").
+    channels: list[str] = field(default_factory=list)
+    channel_steps: int = 200
+    channel_pairs: int = 64
+    channel_lr: float | None = None  # None = lr
+    channel_train: str = "channels"
 
     def validate(self) -> None:
         self._check_types()
@@ -120,6 +142,39 @@ class DistillConfig:
             raise InputError("weight_decay must not be negative and min_lr_ratio must be "
                              "within 0..1")
         check_memory_hparams(self.memory, self.hparams)
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Augmentation, forgetful masking and label channels."""
+        if self.augment.strip():
+            from engine.distill.augment import parse_spec
+
+            try:
+                parse_spec(self.augment)
+            except InputError as exc:
+                raise InputError(f"augment: {exc}") from None
+        elif self.augment_heldout:
+            raise InputError("augment_heldout needs an augment spec; give --augment "
+                             "NAME=RATE,... or drop --augment-heldout")
+        if not 0.0 <= self.forgetful_mask < 1.0:
+            raise InputError(f"forgetful_mask must be within [0, 1) (got "
+                             f"{self.forgetful_mask}); 0 turns it off")
+        unknown = [name for name in self.channels if name not in CHANNEL_NAMES]
+        if unknown:
+            raise InputError(f"channels: unknown channel {unknown[0]!r}; give "
+                             f"{' and/or '.join(CHANNEL_NAMES)}")
+        if len(set(self.channels)) != len(self.channels):
+            raise InputError(f"channels {self.channels} name a channel twice; name each once")
+        if self.channel_steps < 0 or self.channel_steps > MAX_STEPS:
+            raise InputError(f"channel_steps must be within 0..{MAX_STEPS:,} (got "
+                             f"{self.channel_steps})")
+        if self.channel_pairs <= 0:
+            raise InputError(f"channel_pairs must be positive (got {self.channel_pairs})")
+        if self.channel_lr is not None and not self.channel_lr > 0:
+            raise InputError(f"channel_lr must be positive (got {self.channel_lr})")
+        if self.channel_train not in CHANNEL_TRAIN:
+            raise InputError(f"channel_train {self.channel_train!r} is not one of "
+                             f"{', '.join(CHANNEL_TRAIN)}")
 
     def _check_types(self) -> None:
         """Each field holds its type, numbers finite: a resumed run reads them from JSON, and
@@ -129,6 +184,8 @@ class DistillConfig:
             kind = str(item.type)
             if kind == "int":
                 ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind == "bool":
+                ok = isinstance(value, bool)
             elif kind in ("float", "float | None"):
                 ok = (value is None and kind != "float") or (
                     isinstance(value, int | float) and not isinstance(value, bool)
@@ -164,6 +221,11 @@ class DistillConfig:
         if step < self.router_steps:
             return "router"
         return "local" if step < self.pre_e2e_steps else "e2e"
+
+    @property
+    def channel_stage_steps(self) -> int:
+        """Steps of the label-channel stage after the main stages (0 without channels)."""
+        return self.channel_steps if self.channels else 0
 
     @property
     def effective_value_lr(self) -> float:
@@ -203,7 +265,7 @@ class DistillConfig:
         return cls.from_dict(data)
 
 
-TYPE_WORDS = {"int": "an integer", "float": "a finite number",
+TYPE_WORDS = {"int": "an integer", "bool": "true or false", "float": "a finite number",
               "float | None": "a finite number (or null)", "str": "a string",
               "list[str]": "a list of strings", "dict[str, Any]": "an object of settings"}
 

@@ -8,6 +8,14 @@ and the tokenizer, so a second run on the same text skips tokenisation.
 
 The order of training blocks is a pure function of the seed and the step (a fresh permutation
 per epoch), so a resumed run sees the same batches as an uninterrupted one.
+
+Augmentation (a transform spec, :mod:`engine.distill.augment`) noises the training text only:
+the text is first cut into training and held-out parts at the same fraction, by characters
+(so no noise can leak into a held-out block through a shared block), each training document
+is noised with its own key (deterministic with the seed), and only then tokenised; the cache
+key includes the spec, the seed and the split. A data-free corpus is noised by decoding its
+blocks to text, noising, re-encoding and re-packing. ``augment_heldout`` noises the held-out
+text the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import InputError
+from engine.errors import InputError, MindsetError
 
 
 @dataclass
@@ -154,10 +162,140 @@ def split_blocks(
 
 def load_text_data(
     paths: list[str], tokenizer: Any, *, block_size: int, heldout_fraction: float,
-    cache_dir: Path | None,
+    cache_dir: Path | None, augment: str = "", augment_heldout: bool = False, seed: int = 0,
 ) -> TokenData:
+    if augment.strip():
+        return load_augmented_text(paths, tokenizer, block_size=block_size,
+                                   heldout_fraction=heldout_fraction, cache_dir=cache_dir,
+                                   augment=augment, augment_heldout=augment_heldout, seed=seed)
     stream = token_stream(paths, tokenizer, cache_dir)
     return split_blocks(stream, block_size, heldout_fraction, ", ".join(paths))
+
+
+def split_documents(texts: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
+    """Training and held-out documents: the documents in order, cut at ``1 - fraction`` of
+    their characters (at the next whitespace, so no word is split); the document the cut
+    falls in gives its head to training and its tail to the held-out part."""
+    documents = [text for text in texts if text.strip()]
+    cut = int(sum(len(text) for text in documents) * (1.0 - heldout_fraction))
+    train: list[str] = []
+    heldout: list[str] = []
+    at = 0
+    for text in documents:
+        if at + len(text) <= cut:
+            train.append(text)
+        elif at >= cut:
+            heldout.append(text)
+        else:
+            inside = cut - at
+            space = next((k for k in range(inside, len(text)) if text[k].isspace()), inside)
+            head, tail = text[:space], text[space:]
+            train += [head] if head.strip() else []
+            heldout += [tail] if tail.strip() else []
+        at += len(text)
+    return train, heldout
+
+
+def encode_documents(documents: list[str], tokenizer: Any) -> np.ndarray:
+    """The documents tokenised and joined (an end-of-text token between them)."""
+    separator = separator_id(tokenizer)
+    ids: list[int] = []
+    for text in documents:
+        if not text.strip():
+            continue
+        if ids and separator is not None:
+            ids.append(separator)
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return np.asarray(ids, dtype=np.int64)
+
+
+def load_augmented_text(
+    paths: list[str], tokenizer: Any, *, block_size: int, heldout_fraction: float,
+    cache_dir: Path | None, augment: str, augment_heldout: bool, seed: int,
+) -> TokenData:
+    """Text files with noise on the training part (see the module docstring)."""
+    from engine.distill.augment import Augmenter
+
+    augmenter = Augmenter(augment, seed=seed)  # checked before any file is read
+    files = collect_files(paths)
+    texts = [read_utf8(file) for file in files]
+    if not any(text.strip() for text in texts):
+        names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise InputError(f"no text in {names}; give files with some text in them")
+    digest = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+    digest.update(f"augment:{augmenter.spec}:{seed}:{heldout_fraction!r}:"
+                  f"{augment_heldout}".encode())
+    key = digest.hexdigest()[:32]
+    train_docs, heldout_docs = split_documents(texts, heldout_fraction)
+
+    def train_stream() -> np.ndarray:
+        noised = [augmenter.augment(text, key=f"train-{i}") for i, text in enumerate(train_docs)]
+        return encode_documents(noised, tokenizer)
+
+    def heldout_stream() -> np.ndarray:
+        documents = ([augmenter.augment(text, key=f"heldout-{i}")
+                      for i, text in enumerate(heldout_docs)] if augment_heldout
+                     else heldout_docs)
+        return encode_documents(documents, tokenizer)
+
+    train_ids = cached_stream(cache_dir, f"{key}-train", train_stream)
+    heldout_ids = cached_stream(cache_dir, f"{key}-heldout", heldout_stream)
+    train, heldout = pack(train_ids, block_size), pack(heldout_ids, block_size)
+    source = ", ".join(paths)
+    if len(train) == 0 or len(heldout) == 0:
+        needed = int(np.ceil(block_size / min(heldout_fraction, 1 - heldout_fraction)))
+        raise InputError(
+            f"{source} has only {len(train_ids) + len(heldout_ids)} tokens; with block size "
+            f"{block_size} and {heldout_fraction:.0%} held out it needs at least about "
+            f"{needed}: give more text or a smaller block size"
+        )
+    return TokenData(train=train, heldout=heldout, source=f"{source} (augmented: "
+                     f"{augmenter.spec})")
+
+
+def cached_stream(cache_dir: Path | None, name: str, build: Callable[[], np.ndarray],
+                  ) -> np.ndarray:
+    """``build()``, kept as ``name.npy`` in ``cache_dir`` (a damaged entry is rebuilt)."""
+    cache_file = cache_dir / f"{name}.npy" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        try:
+            cached: np.ndarray = np.load(cache_file, allow_pickle=False)
+            return cached
+        except (OSError, ValueError):
+            cache_file.unlink(missing_ok=True)
+    stream = build()
+    if cache_file is not None:
+        from engine.atomic import atomic_write
+
+        atomic_write(cache_file, lambda handle: np.save(handle, stream))
+    return stream
+
+
+def augment_blocks(blocks: torch.Tensor, tokenizer: Any, augment: str, *, seed: int,
+                   prefix: str) -> torch.Tensor:
+    """Token blocks decoded to text, noised (one key per block), re-encoded and re-packed to
+    the same block size (noise changes token counts, so the count may differ a little)."""
+    from engine.distill.augment import Augmenter
+
+    augmenter = Augmenter(augment, seed=seed)
+    texts = [tokenizer.decode(block, skip_special_tokens=True) for block in blocks.tolist()]
+    noised = [augmenter.augment(text, key=f"{prefix}-{i}") for i, text in enumerate(texts)]
+    packed = pack(encode_documents(noised, tokenizer), int(blocks.shape[1]))
+    if len(packed) == 0:
+        raise MindsetError("the sampled text came back empty after augmentation; sample more "
+                           "blocks (--data-free-blocks) or give text files")
+    return packed
+
+
+def augment_sampled(data: TokenData, tokenizer: Any, augment: str, *, seed: int,
+                    augment_heldout: bool) -> TokenData:
+    """A data-free corpus with noise on its training blocks (and held-out, if asked)."""
+    train = augment_blocks(data.train, tokenizer, augment, seed=seed, prefix="train")
+    heldout = (augment_blocks(data.heldout, tokenizer, augment, seed=seed, prefix="heldout")
+               if augment_heldout else data.heldout)
+    return TokenData(train=train, heldout=heldout, source=f"{data.source} (augmented)")
 
 
 def sample_corpus(

@@ -5,32 +5,33 @@ returns the run report. It resumes from the run directory's checkpoint when ther
 (same data order: the batches are a pure function of the seed and the step), polls
 ``control.json`` every step (pause, resume, cancel), checkpoints atomically every
 ``checkpoint_every`` steps and on cancel, and stops with a clear error, keeping the last good
-checkpoint, if a loss becomes NaN or infinite.
+checkpoint, if a loss becomes NaN or infinite. A run with label channels trains them after
+its main stages (:mod:`engine.distill.channel_stage`; in one process only).
 
 Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) each rank takes its own slice of
 every step's batches and the trainable modules are wrapped in DistributedDataParallel (gloo on
 CPU, NCCL on GPUs); rank 0 alone writes events, checkpoints and the report.
 
-:class:`Run` orchestrates (setup, restore, train, finish); one step is
-:class:`engine.distill.step.TrainStep`, requests between steps :mod:`engine.distill.control`,
-and what the run reports while it trains :mod:`engine.distill.telemetry`.
+:class:`Run` orchestrates (setup, restore, train, finish); the training data comes from
+:mod:`engine.distill.run_data`, one step is :class:`engine.distill.step.TrainStep`, requests
+between steps :mod:`engine.distill.control`, and what the run reports while it trains
+:mod:`engine.distill.telemetry`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from engine.atomic import atomic_write, atomic_write_text, read_regular
+from engine.atomic import atomic_write_text
 from engine.distill import events as ev
 from engine.distill.build import build_student
+from engine.distill.channel_stage import ChannelStage, add_frozen_channels
 from engine.distill.checkpoints import (
     ENTRIES_KEY,
     check_checkpoint,
@@ -45,8 +46,8 @@ from engine.distill.checkpoints import (
 )
 from engine.distill.config import DistillConfig
 from engine.distill.control import RunControl, StopSignals
-from engine.distill.data import BlockOrder, TokenData, data_free, load_text_data
-from engine.distill.distributed import DistContext, init_distributed, sum_across_ranks
+from engine.distill.data import BlockOrder
+from engine.distill.distributed import init_distributed, sum_across_ranks
 from engine.distill.job_events import (
     CheckpointEvent,
     DoneEvent,
@@ -65,88 +66,23 @@ from engine.distill.objective import (
 )
 from engine.distill.report import compare, heldout_ppl, summary_text
 from engine.distill.router_stage import RouterFitter
+from engine.distill.run_data import (  # SAMPLING, load_data_free: still importable from here
+    SAMPLING,  # noqa: F401
+    load_data_free,  # noqa: F401
+    prepare_data,
+)
 from engine.distill.step import TrainStep
 from engine.distill.telemetry import EventCallback, Telemetry
-from engine.errors import MindsetError, one_line
+from engine.errors import InputError, MindsetError, one_line
 from engine.model.anatomy import layer_mlps, layer_prefixes, resolve_layers
 from engine.model.partial_forward import supports_partial_forward
 
-DATA_FREE_NAME = "data_free.safetensors"
-MAX_DATA_FREE_BYTES = 1 << 34
 CALIBRATION_BLOCKS = 16  # training blocks that feed init="data"
 STUDENT_DIR = ev.STUDENT_DIR
 
 
-def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistContext,
-                 phase: PhaseReporter | None = None) -> TokenData:
-    report = phase or (lambda *_args, **_kwargs: None)
-    if config.data:
-        report("reading the training text")
-        from engine.paths import data_dir
-
-        cache = data_dir() / "cache" / "tokens"
-        return load_text_data(config.data, teacher.tokenizer, block_size=config.block_size,
-                              heldout_fraction=config.heldout_fraction, cache_dir=cache)
-    # Data-free: sample once, keep the sample in the run directory so a resume reuses it.
-    path = run_dir / DATA_FREE_NAME
-    if ctx.is_main and not path.exists():
-        total = config.data_free_blocks + config.heldout_blocks
-        progress = SamplingProgress(total, report)
-        progress.start()
-        sampled = data_free(teacher.model, teacher.tokenizer, blocks=config.data_free_blocks,
-                            heldout_blocks=config.heldout_blocks, block_size=config.block_size,
-                            seed=config.seed, on_blocks=progress.advance)
-        from safetensors.torch import save
-
-        blocks = {"train": sampled.train.cpu().contiguous(),
-                  "heldout": sampled.heldout.cpu().contiguous()}
-        atomic_write(path, lambda f: f.write(save(blocks)))
-    if ctx.enabled:
-        dist.barrier()
-    train, heldout = load_data_free(path)
-    return TokenData(train=train, heldout=heldout, source="sampled from the teacher")
-
-
-PhaseReporter = Callable[..., None]  # (phase, done=0, total=0, unit="", eta_s=None)
-SAMPLING = "sampling training text from the teacher"
-
-
-class SamplingProgress:
-    """Blocks sampled so far and an ETA from their pace, reported after each batch."""
-
-    def __init__(self, total: int, report: PhaseReporter) -> None:
-        self.total, self.report, self.done = total, report, 0
-        self.started = time.perf_counter()
-
-    def start(self) -> None:
-        self.report(SAMPLING, 0, self.total, "blocks")
-
-    def advance(self, count: int) -> None:
-        self.done += count
-        pace = (time.perf_counter() - self.started) / max(self.done, 1)
-        self.report(SAMPLING, self.done, self.total, "blocks", pace * (self.total - self.done))
-
-
 class RunCancelled(Exception):
     """A cancel (control file or SIGTERM) arrived before training started."""
-
-
-def load_data_free(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training and held-out blocks a data-free run sampled (safetensors, never pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        saved = load(read_regular(path, MAX_DATA_FREE_BYTES))
-        train, heldout = saved["train"], saved["heldout"]
-    except (OSError, SafetensorError, KeyError, ValueError) as exc:
-        raise MindsetError(f"{path} is unreadable ({exc}); delete it to sample the corpus "
-                           "again") from None
-    for blocks in (train, heldout):
-        if blocks.dtype != torch.int64 or blocks.dim() != 2:
-            raise MindsetError(f"{path} does not hold token blocks; delete it to sample the "
-                               "corpus again")
-    return train, heldout
 
 
 class Run:
@@ -171,9 +107,17 @@ class Run:
         self.cpu_before = 0.0
         self.cpu_start = time.process_time()
         self.wall_start = time.time()
+        self.channel_report: dict[str, Any] = {}
 
     def set_state(self, state: str) -> None:
         self.telemetry.set_state(state, self.step)
+
+    def cancel_requested(self) -> bool:
+        """Between steps: wait out a pause; True when the run is asked to stop."""
+        action = self.control.requested(self.step)
+        if action == "pause":
+            action = self.control.wait_while_paused(self.step, self.set_state)
+        return action == "cancel"
 
     def phase(self, name: str, done: int = 0, total: int = 0, unit: str = "",
               eta_s: float | None = None) -> None:
@@ -206,6 +150,8 @@ class Run:
         self.set_state("starting")
         if config.threads:
             torch.set_num_threads(config.threads)
+        if ctx.enabled and config.channels:
+            raise InputError("label channels train in one process; run without torchrun")
         torch.manual_seed(config.seed)
         if self.teacher_loaded is None:
             from engine.model.loading import load_model
@@ -227,6 +173,8 @@ class Run:
             teacher, self.layers, config.memory, hparams, teacher_spec=config.teacher,
             calibration=self.data.train[:CALIBRATION_BLOCKS].to(ctx.device),
         ).to(ctx.device)
+        if config.channels:  # zero and frozen until the channel stage
+            add_frozen_channels(self.student, config.channels)
         self.student.train()
         self.prefixes = layer_prefixes(self.student, self.layers)
         self.heldout = self.data.heldout[: config.heldout_blocks]
@@ -339,10 +287,7 @@ class Run:
         if self.exact:  # no step could improve on the teacher's own entries (Adam would drift)
             return "completed"
         while self.step < total:
-            action = self.control.requested(self.step)
-            if action == "pause":
-                action = self.control.wait_while_paused(self.step, self.set_state)
-            if action == "cancel":
+            if self.cancel_requested():
                 self.checkpoint()
                 self.set_state("cancelled")
                 return "cancelled"
@@ -360,6 +305,24 @@ class Run:
                 self.telemetry.log_eval(self.step, heldout_ppl(self.student, self.heldout))
             if self.step % config.checkpoint_every == 0 or self.step == total:
                 self.checkpoint()
+        return "completed"
+
+    def train_channels(self) -> str:
+        """The label-channel stage; "completed", or "cancelled" (a resume reruns it)."""
+        def progress(name: str, done: int, total: int, unit: str, eta: float | None) -> None:
+            self.telemetry.emit(PhaseEvent(phase=name, done=done, total=total, unit=unit,
+                                           eta_s=eta))
+
+        stage = ChannelStage(self.config, teacher=self.teacher_loaded.model,
+                             student=self.student, tokenizer=self.teacher_loaded.tokenizer,
+                             blocks=self.data.train, device=self.ctx.device, progress=progress,
+                             keep_going=lambda: not self.cancel_requested(),
+                             scalar=self.telemetry.scalar)
+        result = stage.run()
+        if result is None:
+            self.set_state("cancelled")
+            return "cancelled"
+        self.channel_report = result.as_dict()
         return "completed"
 
     def finish(self) -> dict[str, Any]:
@@ -381,6 +344,7 @@ class Run:
                 "world_size": self.ctx.world, "data": self.data.source,
                 "trainable_parameters": sum(p.numel() for p in self.student.parameters()
                                             if p.requires_grad),
+                **self.channel_report,
             })
             atomic_write_text(self.run_dir / ev.REPORT_NAME,
                               json.dumps(ev.clean(report), indent=2) + "\n")
@@ -427,6 +391,8 @@ def run_distillation(config: DistillConfig, run_dir: Path, *, teacher: Any = Non
             run.set_state("cancelled")
             return {}
         outcome = run.train()
+        if outcome == "completed" and run.config.channel_stage_steps:
+            outcome = run.train_channels()
         if outcome == "cancelled":
             return {}
         return run.finish()

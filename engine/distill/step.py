@@ -4,9 +4,11 @@ Three stages. For routed memories, first the router stage (``step < router_steps
 :mod:`engine.distill.router_stage`). Then layer-local (the next ``local_steps``): each
 replaced layer is matched to the teacher's MLP on the teacher's own MLP input (from captured
 pairs when the run captured them, else from a teacher pass over the step's batch). Then end
-to end: KL(teacher ‖ student) at temperature T plus the optional cross-entropy. Under DDP the
-loss and gradient norm are the means over ranks, and a NaN or infinite value stops the run
-(:class:`NonFiniteLossError`).
+to end: KL(teacher ‖ student) at temperature T plus the optional cross-entropy, the student
+optionally under a forgetful causal mask (:mod:`engine.distill.forgetful`; the teacher never
+is, and then the student runs its full forward, since its lower layers must see the mask
+too). Under DDP the loss and gradient norm are the means over ranks, and a NaN or infinite
+value stops the run (:class:`NonFiniteLossError`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from engine.distill.config import DistillConfig
 from engine.distill.data import BlockOrder
 from engine.distill.distributed import DistContext, mean_across_ranks
+from engine.distill.forgetful import forgetful_mask
 from engine.distill.local_pairs import LocalPairs
 from engine.distill.objective import (
     Optimizers,
@@ -101,7 +104,7 @@ class TrainStep:
             forward = self._local_from_batch(batch)
         else:
             assert batch is not None
-            forward = self._end_to_end(batch)
+            forward = self._end_to_end(batch, step)
         value = mean_across_ranks(float(forward.loss.detach()), ctx)
         check_finite(value, step=step + 1, what="loss", last_checkpoint=last_checkpoint)
         forward.loss.backward()
@@ -167,9 +170,16 @@ class TrainStep:
         loss = self.matcher_ddp(captured.inputs, captured.outputs)
         return _Forward(loss, batch.numel(), batch, local=float(loss.detach()))
 
-    def _end_to_end(self, batch: torch.Tensor) -> _Forward:
-        config = self.config
-        if self.start_layer:
+    def _end_to_end(self, batch: torch.Tensor, step: int) -> _Forward:
+        config, ctx = self.config, self.ctx
+        mask = forgetful_mask(batch.shape[0], batch.shape[1], config.forgetful_mask,
+                              seed=config.seed, step=step, rank=ctx.rank, world=ctx.world,
+                              device=batch.device)
+        if mask is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=batch).logits
+            student_logits = self.student_ddp(input_ids=batch, attention_mask=mask).logits
+        elif self.start_layer:
             with torch.no_grad(), capture_layer_input(self.teacher, self.start_layer) as seen:
                 teacher_logits = self.teacher(input_ids=batch).logits
             student_logits = logits_from_layer(self.student, seen["hidden"], self.start_layer)

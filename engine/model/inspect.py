@@ -52,6 +52,12 @@ def describe_model(model: nn.Module, *, title: str) -> ModelNode:
                 node.detail = memory_detail(child) or kind
             layer_node.children.append(node)
         root.children.append(layer_node)
+    for attribute, label in (("mindset_feedback", "layerwise feedback"),
+                             ("mindset_channels", "label channels")):
+        extra = getattr(model, attribute, None)
+        if isinstance(extra, nn.Module):
+            root.children.append(ModelNode(label, count_params(extra), type(extra).__name__,
+                                           kind=attribute.removeprefix("mindset_")))
     return root
 
 

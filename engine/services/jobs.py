@@ -54,6 +54,10 @@ QUICK_START_OPTIONS: dict[str, object] = dict(
     local_batch_tokens=512, block_size=128, batch_size=4, data_free_blocks=16,
     heldout_blocks=2, value_lr=3e-4)
 JOB_POLL_SECONDS = 0.25  # how often a followed job's new events are read
+# Settings the launch form has a field for, by the name a problem with it starts with
+# ("channel_steps" before "steps": the first that matches wins).
+FORM_FIELDS = ("channel_steps", "forgetful_mask", "augment", "channels", "steps", "lr",
+               "memory")
 
 
 class JobService:
@@ -102,7 +106,8 @@ class JobService:
 
     async def check_request(self, request: JobRequest) -> dict[str, str]:
         """What is wrong with ``request``, by form field (teacher, layers, memory, data,
-        steps, lr; "form" for the rest), checked as the job would check it but before any
+        steps, lr, and the options augment, forgetful_mask, channels, channel_steps; "form"
+        for the rest), checked as the job would check it but before any
         model loads: the teacher's config, the layers against its layer count, the data
         path, the settings. Empty: it can start."""
         return await asyncio.to_thread(request_problems, request,
@@ -217,7 +222,7 @@ def request_problems(request: JobRequest, options: dict[str, Any]) -> dict[str, 
                       **options).validate()
     except InputError as exc:
         message = str(exc)
-        field = next((name for name in ("steps", "lr", "memory") if message.startswith(name)
+        field = next((name for name in FORM_FIELDS if message.startswith(name)
                       or f"{name}=" in message.split(" ")[0]), "form")
         problems.setdefault(field, message)
     except TypeError as exc:

@@ -10,8 +10,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engine.distill.config import MEMORY_KINDS, SCHEDULES, DistillConfig
-from mindset.commands.common import non_negative_int, positive_float, positive_int
+from engine.distill.config import CHANNEL_TRAIN, MEMORY_KINDS, SCHEDULES, DistillConfig
+from mindset.commands.common import (
+    finite_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def hparam(text: str) -> tuple[str, Any]:
@@ -24,6 +29,12 @@ def hparam(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         value = raw
     return key.strip(), value
+
+
+def name_list(text: str) -> list[str]:
+    """``content,affect`` -> ``["content", "affect"]`` (the names are checked with the run's
+    settings, so an unknown one is refused in one line like every other setting)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def register(commands: Any) -> None:
@@ -85,6 +96,29 @@ def register(commands: Any) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=defaults.seed)
     parser.add_argument("--threads", type=non_negative_int, default=defaults.threads,
                         help="CPU threads (default: torch's choice)")
+    parser.add_argument("--augment", default=defaults.augment, metavar="SPEC",
+                        help="noise on the training text (never the held-out text), e.g. "
+                        "typo=0.02,homoglyph=0.01 (see `mindset augment --help`)")
+    parser.add_argument("--augment-heldout", action="store_true",
+                        help="noise the held-out text too")
+    parser.add_argument("--forgetful-mask", type=finite_float, default=defaults.forgetful_mask,
+                        metavar="RATE", help="forgetful causal masking: in end-to-end steps "
+                        "the student attends to each earlier token with probability 1 - RATE "
+                        "(RATE in [0, 1); the teacher and evaluation see everything)")
+    parser.add_argument("--channels", type=name_list, default=[], metavar="NAMES",
+                        help="label channels to add to the student and train after the main "
+                        "stages: content, affect or content,affect")
+    parser.add_argument("--channel-steps", type=non_negative_int,
+                        default=defaults.channel_steps,
+                        help="steps of the label-channel stage (with --channels)")
+    parser.add_argument("--channel-pairs", type=positive_int, default=defaults.channel_pairs,
+                        help="training pairs per channel, replies written by the teacher")
+    parser.add_argument("--channel-lr", type=positive_float, default=defaults.channel_lr,
+                        help="learning rate of the label-channel stage (default --lr)")
+    parser.add_argument("--channel-train", choices=CHANNEL_TRAIN,
+                        default=defaults.channel_train,
+                        help="what the channel stage trains: the channels alone (the student "
+                        "is unchanged on unlabelled text) or also the replaced layers")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint")
     parser.add_argument("--background", action="store_true",
@@ -104,6 +138,10 @@ def build_config(args: argparse.Namespace) -> DistillConfig:
         temperature=args.temperature, ce_weight=args.ce_weight, clip_norm=args.clip,
         warmup_steps=args.warmup, schedule=args.schedule, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
+        augment=args.augment, augment_heldout=args.augment_heldout,
+        forgetful_mask=args.forgetful_mask, channels=args.channels,
+        channel_steps=args.channel_steps, channel_pairs=args.channel_pairs,
+        channel_lr=args.channel_lr, channel_train=args.channel_train,
     )
     config.preflight()  # validate(), then the teacher's config: before --out is created
     return config

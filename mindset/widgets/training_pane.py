@@ -38,6 +38,7 @@ from engine.views import JobOutcome, JobRequest, JobView
 from mindset.protocols import JobsAPI
 from mindset.widgets.job_summary import summary_table
 from mindset.widgets.messages import JobsChanged
+from mindset.widgets.training_form import option_fields, read_options, reveal_problems
 
 # The job list is re-read this often: jobs started elsewhere (the CLI, another workbench)
 # and state changes of jobs not being followed show up without a selection.
@@ -98,6 +99,7 @@ class TrainingPane(Horizontal):
             yield Label("learning rate")
             yield Input("0.001", id="form-lr", type="number")
             yield Static("", id="form-lr-error", classes="field-error")
+            yield from option_fields()  # augmentation, forgetful masking, label channels
             yield Static("", id="form-form-error", classes="field-error")
             yield Button("Launch (ctrl+l)", variant="primary", id="form-launch")
         with Vertical(id="jobs-side"):
@@ -324,6 +326,8 @@ class TrainingPane(Horizontal):
             lr = float(value("#form-lr"))
         except ValueError:
             problems["lr"] = "give the learning rate as a number, such as 0.001"
+        options, more = read_options(self)
+        problems.update(more)
         if problems:
             self._show_problems(problems)
             return None
@@ -335,6 +339,7 @@ class TrainingPane(Horizontal):
             data=value("#form-data") or None,
             steps=steps,
             lr=lr,
+            options=options,
         )
 
     @on(Button.Pressed, "#form-launch")
@@ -354,6 +359,7 @@ class TrainingPane(Horizontal):
             message = problems.get(field, "")
             error.update(escape(message))
             error.display = bool(message)  # an empty one takes no line of the form
+        reveal_problems(self, problems)
         if problems:
             self.notify("the job was not started: see the marked fields", severity="error")
 
