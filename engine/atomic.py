@@ -107,3 +107,20 @@ def read_json(path: Path, limit: int = SMALL_FILE_BYTES) -> Any:
         raise ValueError("it is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
         raise ValueError(f"it is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+
+
+def swap_directory(staging: Path, final: Path) -> None:
+    """Put the fully written directory ``staging`` at ``final``: a rename when ``final`` does
+    not exist, else rename the old one aside, rename the new one in, and delete the old. A
+    crash leaves either the old directory or the new one at ``final`` (or the old one aside,
+    beside it), never a half-written one."""
+    import shutil
+    import uuid
+
+    if final.exists():
+        trash = final.parent / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
+        final.rename(trash)
+        staging.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(final)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.atomic import swap_directory
 from engine.errors import InputError, MindsetError, ModelLoadError, flat_text
 from engine.model.anatomy import unwrap
 from engine.model.architecture.record import apply_architecture, record_of_config, stamp_record
@@ -66,13 +67,7 @@ def save_model(model: Any, directory: Path | str, tokenizer: Any = None) -> Path
         write_weights(module, str(staging / WEIGHTS_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        if final.exists():
-            trash = final.parent / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
-            final.rename(trash)
-            staging.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(final)
+        swap_directory(staging, final)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

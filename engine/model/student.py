@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.atomic import swap_directory
 from engine.errors import InputError, MindsetError, ModelLoadError, flat_text
 from engine.model.anatomy import decoder_layers, mlp_size, mlp_size_field
 from engine.model.architecture.record import apply_architecture, record_of_config, stamp_record
@@ -99,12 +100,7 @@ def save_student(model: Any, directory: Path | str, tokenizer: Any = None) -> Pa
             from engine.model.edit_journal import EditJournal
 
             EditJournal(final).copy_to(staging)  # the edit history stays with the student
-            trash = final.parent / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
-            final.rename(trash)
-            staging.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(final)
+        swap_directory(staging, final)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

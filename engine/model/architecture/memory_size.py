@@ -46,6 +46,7 @@ from torch import nn
 
 from engine.errors import InputError
 from engine.model.anatomy import mlp_io, mlp_of, mlp_size, unwrap
+from engine.model.architecture.mlp import check_calibration_ids
 from engine.model.memory_layers.config import FeaturalConfig
 from engine.model.memory_layers.featural import FeaturalMemory
 from engine.model.surgery import memory_config, record_layer_size, student_spec
@@ -92,7 +93,7 @@ def slot_usage(student: Any, layer: int, calibration_ids: torch.Tensor) -> torch
     ``calibration_ids`` [batch, tokens]: [slots] (float32; see the module docstring)."""
     source = unwrap(student)
     memory = _memory(source, layer)
-    ids = _check_ids(source, calibration_ids).to(next(source.parameters()).device)
+    ids = check_calibration_ids(source, calibration_ids).to(next(source.parameters()).device)
     x = mlp_io(source, ids, [layer])[layer][0].float()
     return _usage(memory, x)
 
@@ -115,15 +116,6 @@ def _usage(memory: FeaturalMemory, x: torch.Tensor) -> torch.Tensor:
     return ((weights * read).mean(0) * norms).cpu()
 
 
-def _check_ids(model: nn.Module, ids: Any) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0 \
-            or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise InputError("calibration_ids must be token ids [batch, tokens] (a non-empty "
-                         "integer tensor)")
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-    if vocab and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise InputError(f"calibration_ids hold ids outside the vocabulary (0..{vocab - 1})")
-    return ids
 
 
 # --- the request -----------------------------------------------------------------------------

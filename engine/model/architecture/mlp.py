@@ -188,7 +188,8 @@ def _rebuilt(model: nn.Module, layer: int, pieces: dict[str, torch.Tensor]) -> N
 # --- importance ------------------------------------------------------------------------------
 
 
-def _check_ids(model: nn.Module, ids: Any) -> torch.Tensor:
+def check_calibration_ids(model: nn.Module, ids: Any) -> torch.Tensor:
+    """``ids`` as calibration token ids [batch, tokens] within the model's vocabulary."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0 \
             or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise InputError("calibration_ids must be token ids [batch, tokens] (a non-empty "
@@ -204,7 +205,7 @@ def neuron_importance(model: Any, layer: int, calibration_ids: torch.Tensor) -> 
     [width] (float32), on the token ids ``calibration_ids`` [batch, tokens]."""
     source = unwrap(model)
     mlp: Any = dense_mlp(source, layer)
-    ids = _check_ids(source, calibration_ids)
+    ids = check_calibration_ids(source, calibration_ids)
     total: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, inputs: Any, _output: Any) -> None:
