@@ -74,13 +74,6 @@ def save_model(model: Any, directory: Path | str, tokenizer: Any = None) -> Path
     return final
 
 
-def has_record(directory: Path) -> bool:
-    """Whether ``directory``'s config.json carries an architecture record."""
-    from engine.model.model_files import read_config
-
-    return record_of_config(read_config(directory)) is not None
-
-
 def load_reshaped(directory: Path, *, dtype: Any = None) -> nn.Module:
     """The plain (not student) reshaped model saved in ``directory``, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM

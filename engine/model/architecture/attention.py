@@ -88,11 +88,6 @@ def output_projection(model: Any, layer: int) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else slot
 
 
-def head_dim_of(model: Any, layer: int) -> int:
-    attention: Any = attention_of(model, layer)
-    return int(attention.head_dim)
-
-
 def attention_shape(model: Any, layer: int) -> AttentionShape:
     """Heads, key/value heads and head width of ``layer``, read from its weights."""
     attention: Any = attention_of(model, layer)
