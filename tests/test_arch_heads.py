@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.distill.heal import gate_mean, gate_parameters
 from engine.errors import InputError
 from engine.model.architecture.attention import attention_shape, output_projection
 from engine.model.architecture.gates import (
     HeadGates,
-    gate_penalty,
     gate_states,
     gates_of,
     insert_gates,
@@ -68,7 +68,7 @@ def test_gates_leave_the_function_unchanged_and_fold_back(family: str) -> None:
     gates = gates_of(gated, 1)
     assert isinstance(gates, HeadGates) and gates.heads == 4
     assert gates_of(model, 1) is None  # the original is untouched
-    assert float(gate_penalty(gated).detach()) == pytest.approx(0.5)
+    assert float(gate_mean(gate_parameters(gated)).detach()) == pytest.approx(0.5)
     # A trained-looking gate state: fold back to plain modules, same function.
     with torch.no_grad():
         gates.contribution.copy_(torch.tensor([4.0, -4.0, 0.5, 0.0]))

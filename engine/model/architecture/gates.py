@@ -164,11 +164,3 @@ def saturated_heads(model: Any, threshold: float = SATURATED) -> list[tuple[int,
     """(layer, head) of every gate at or above ``threshold``: heads to grow beside."""
     return [(g.layer, g.head) for g in gate_states(model, saturated=threshold)
             if g.state == "saturated"]
-
-
-def gate_penalty(model: nn.Module) -> torch.Tensor:
-    """Mean gate value over all gated heads: the sparsity penalty's term (0 without gates)."""
-    values = [m.gates() for m in model.modules() if isinstance(m, HeadGates)]
-    if not values:
-        return torch.zeros(())
-    return torch.cat(values).mean()
