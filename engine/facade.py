@@ -53,7 +53,8 @@ class Engine:
         self.runs_root = Path(runs_root) if runs_root else None
         self.runtime = Runtime(model_spec, student_spec=student_spec)
         self.memory = MemoryService(self.runtime, self.database)
-        self.jobs = JobService(self.runs_root, default_teacher=model_spec)
+        self.jobs = JobService(self.runs_root, default_teacher=model_spec,
+                               runtime=self.runtime)
 
     @cached_property
     def chat(self) -> ChatService:

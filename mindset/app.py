@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -27,6 +27,7 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from engine.errors import MindsetError
 from engine.facade import STUDENT, TEACHER, Engine
+from engine.services.jobs import QUICK_START_RESULT
 from engine.views import short_spec
 from mindset.config import (
     WorkbenchConfig,
@@ -41,6 +42,9 @@ from mindset.screens.quick_start import QuickStartScreen
 from mindset.widgets.commands import WorkbenchCommands
 from mindset.widgets.messages import JobsChanged, ModelLoaded, ModelLoadFailed
 from mindset.widgets.status_bar import StatusBar
+
+if TYPE_CHECKING:
+    from engine.services.jobs import WorkEstimate
 
 DEFAULT_THEME = "mindset-dusk"
 
@@ -197,7 +201,7 @@ class MindsetApp(App[None]):
         if directory is not None:
             self.adopt_student(directory)
         elif self.offer_quick_start:
-            self.push_screen(QuickStartScreen(), self._quick_start_answer)
+            self.action_quick_start()
 
     @work(group="student", exit_on_error=False)
     async def adopt_student(self, directory: str) -> None:
@@ -309,7 +313,13 @@ class MindsetApp(App[None]):
         self.push_screen(HelpScreen(self.binding_sections(), self._keymap))
 
     def action_quick_start(self) -> None:
-        self.push_screen(QuickStartScreen(), self._quick_start_answer)
+        jobs = self.engine.jobs
+        estimate = None
+        if self.engine.availability()["jobs"].ok and self.load_models_on_start:
+            def estimate() -> Awaitable[WorkEstimate]:
+                return jobs.estimate_request(jobs.quick_start_request())
+        self.push_screen(QuickStartScreen(estimate, QUICK_START_RESULT),
+                         self._quick_start_answer)
 
     def _quick_start_answer(self, start: bool | None) -> None:
         if start:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
         VisibleTurn,
     )
     from engine.services.chat import ChatMessage
-    from engine.services.jobs import JobEvent
+    from engine.services.jobs import JobEvent, WorkEstimate
     from engine.services.memory_reading import ReadSummary
     from engine.views import (
         Availability,
@@ -184,6 +184,8 @@ class JobsAPI(Protocol):
     async def check_request(self, request: JobRequest) -> dict[str, str]: ...
 
     async def launch_job(self, request: JobRequest) -> JobView: ...
+
+    async def estimate_request(self, request: JobRequest) -> WorkEstimate: ...
 
     def follow_job(self, job_id: str) -> AsyncIterator[JobEvent]: ...
 

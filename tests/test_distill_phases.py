@@ -9,12 +9,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engine.distill import events as ev
 from engine.distill.job_events import PhaseEvent, StateEvent, StepEvent
 from engine.distill.loop import SAMPLING, run_distillation
 from tests.test_distill_support import tiny_config
 
-DATA_FREE = dict(data=[], data_free_blocks=16, heldout_blocks=2, steps=2)
+# Sampled afresh each time: these tests watch the sampling phase (a cached corpus skips it).
+DATA_FREE = dict(data=[], data_free_blocks=16, heldout_blocks=2, steps=2, data_free_cache=False)
 
 
 def run(tmp_path: Path, react: Any = None) -> tuple[dict[str, Any], list[Any]]:
@@ -82,3 +85,53 @@ def test_a_pause_while_sampling_waits_then_goes_on(tmp_path: Path) -> None:
     states = [e.state for e in seen if isinstance(e, StateEvent)]
     assert states[:3] == ["starting", "paused", "starting"]  # resumed: still before training
     assert "running" in states and states[-1] == "completed"
+
+
+def test_a_second_data_free_run_reuses_the_cached_corpus(tmp_path: Path,
+                                                         monkeypatch: Any) -> None:
+    from engine.distill.corpus_cache import CACHE_SUBDIR
+    from engine.distill.run_data import REUSING
+    from engine.distill.run_data import load_data_free as read_blocks
+
+    monkeypatch.setenv("MINDSET_HOME", str(tmp_path / "home"))
+    settings = {**DATA_FREE, "data_free_cache": True, "seed": 5}
+    runs = []
+    for name in ("first", "second"):
+        seen: list[Any] = []
+        report = run_distillation(tiny_config(**settings), tmp_path / name,
+                                  on_event=seen.append)
+        assert report["state"] == "completed"
+        runs.append([e.phase for e in seen if isinstance(e, PhaseEvent)])
+    assert SAMPLING in runs[0] and REUSING not in runs[0]
+    assert REUSING in runs[1] and SAMPLING not in runs[1]  # not sampled again
+    cached = list((tmp_path / "home").joinpath(*CACHE_SUBDIR).glob("*.safetensors"))
+    assert len(cached) == 1
+    first, second = (read_blocks(tmp_path / name / "data_free.safetensors")
+                     for name in ("first", "second"))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_the_corpus_key_follows_the_teacher_and_the_settings() -> None:
+    from engine.distill.corpus_cache import corpus_key
+    from engine.model.loading import load_model
+
+    model = load_model("tiny-llama").model
+    settings = dict(start_token=0, blocks=16, heldout_blocks=2, block_size=32, seed=0, batch=32)
+    key = corpus_key(model, **settings)
+    assert corpus_key(model, **settings) == key
+    assert corpus_key(model, **{**settings, "seed": 1}) != key
+    assert corpus_key(model, **{**settings, "blocks": 17}) != key
+    with torch.no_grad():
+        next(model.parameters()).reshape(-1)[0] += 1.0  # an edited teacher writes other text
+    assert corpus_key(model, **settings) != key
+
+
+def test_an_unreadable_cached_corpus_is_sampled_again(tmp_path: Path, monkeypatch: Any) -> None:
+    from engine.distill.corpus_cache import cache_path, read_cached
+
+    monkeypatch.setenv("MINDSET_HOME", str(tmp_path))
+    path = cache_path("0" * 32)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a safetensors file")
+    assert read_cached("0" * 32) is None
+    assert not path.exists()  # removed, so the next run writes a good one

@@ -150,6 +150,9 @@ class FakeJobs:
     async def launch_job(self, request: JobRequest) -> JobView:
         raise AssertionError("not launched in this test")
 
+    async def estimate_request(self, request: JobRequest) -> Any:
+        raise MindsetError("no estimates in this test")
+
     async def follow_job(self, job_id: str) -> AsyncIterator[JobEvent]:
         self.followed.append(job_id)
         while (event := await self.events.get()) is not None:

@@ -55,6 +55,9 @@ class DistillConfig:
     heldout_fraction: float = 0.1
     heldout_blocks: int = 16  # at most this many held-out blocks are evaluated
     data_free_blocks: int = 256  # blocks sampled from the teacher when no data is given
+    # Reuse a data-free corpus sampled earlier with the same teacher and settings (kept under
+    # <data dir>/cache/data_free); False samples afresh.
+    data_free_cache: bool = True
     lr: float = 1e-3
     value_lr: float | None = None  # memory values; None = 10x lr (Memory Layers at Scale)
     weight_decay: float = 0.0

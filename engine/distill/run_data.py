@@ -18,14 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.atomic import atomic_write, read_regular
+from engine.atomic import atomic_write
 from engine.distill.config import DistillConfig
+from engine.distill.corpus_cache import load_data_free
 from engine.distill.data import TokenData, augment_sampled, data_free, load_text_data
 from engine.distill.distributed import DistContext
-from engine.errors import MindsetError
 
 DATA_FREE_NAME = "data_free.safetensors"
-MAX_DATA_FREE_BYTES = 1 << 34
 
 
 def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistContext,
@@ -43,16 +42,10 @@ def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistCo
     # Data-free: sample once, keep the sample in the run directory so a resume reuses it.
     path = run_dir / DATA_FREE_NAME
     if ctx.is_main and not path.exists():
-        total = config.data_free_blocks + config.heldout_blocks
-        progress = SamplingProgress(total, report)
-        progress.start()
-        sampled = data_free(teacher.model, teacher.tokenizer, blocks=config.data_free_blocks,
-                            heldout_blocks=config.heldout_blocks, block_size=config.block_size,
-                            seed=config.seed, on_blocks=progress.advance)
+        train, heldout = sample_or_reuse(config, teacher, report)
         from safetensors.torch import save
 
-        blocks = {"train": sampled.train.cpu().contiguous(),
-                  "heldout": sampled.heldout.cpu().contiguous()}
+        blocks = {"train": train.cpu().contiguous(), "heldout": heldout.cpu().contiguous()}
         atomic_write(path, lambda f: f.write(save(blocks)))
     if ctx.enabled:
         dist.barrier()
@@ -66,6 +59,40 @@ def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistCo
 
 PhaseReporter = Callable[..., None]  # (phase, done=0, total=0, unit="", eta_s=None)
 SAMPLING = "sampling training text from the teacher"
+REUSING = "reusing the training text this teacher sampled before"
+
+
+def data_free_key(config: DistillConfig, teacher: Any) -> str:
+    """The corpus cache key of ``config``'s data-free text for ``teacher``."""
+    from engine.distill.corpus_cache import corpus_key
+    from engine.distill.data import SAMPLE_BATCH, separator_id
+
+    start = separator_id(teacher.tokenizer)
+    return corpus_key(teacher.model, start_token=0 if start is None else start,
+                      blocks=config.data_free_blocks, heldout_blocks=config.heldout_blocks,
+                      block_size=config.block_size, seed=config.seed, batch=SAMPLE_BATCH)
+
+
+def sample_or_reuse(config: DistillConfig, teacher: Any,
+                    report: PhaseReporter) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data-free corpus: from the cache when this teacher sampled it before with the same
+    settings (:mod:`engine.distill.corpus_cache`), else sampled now, then cached."""
+    from engine.distill.corpus_cache import read_cached, write_cached
+
+    key = data_free_key(config, teacher) if config.data_free_cache else ""
+    cached = read_cached(key) if key else None
+    if cached is not None:
+        report(REUSING)
+        return cached
+    total = config.data_free_blocks + config.heldout_blocks
+    progress = SamplingProgress(total, report)
+    progress.start()
+    sampled = data_free(teacher.model, teacher.tokenizer, blocks=config.data_free_blocks,
+                        heldout_blocks=config.heldout_blocks, block_size=config.block_size,
+                        seed=config.seed, on_blocks=progress.advance)
+    if key:
+        write_cached(key, sampled.train, sampled.heldout)
+    return sampled.train, sampled.heldout
 
 
 class SamplingProgress:
@@ -82,21 +109,3 @@ class SamplingProgress:
         self.done += count
         pace = (time.perf_counter() - self.started) / max(self.done, 1)
         self.report(SAMPLING, self.done, self.total, "blocks", pace * (self.total - self.done))
-
-
-def load_data_free(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training and held-out blocks a data-free run sampled (safetensors, never pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        saved = load(read_regular(path, MAX_DATA_FREE_BYTES))
-        train, heldout = saved["train"], saved["heldout"]
-    except (OSError, SafetensorError, KeyError, ValueError) as exc:
-        raise MindsetError(f"{path} is unreadable ({exc}); delete it to sample the corpus "
-                           "again") from None
-    for blocks in (train, heldout):
-        if blocks.dtype != torch.int64 or blocks.dim() != 2:
-            raise MindsetError(f"{path} does not hold token blocks; delete it to sample the "
-                               "corpus again")
-    return train, heldout

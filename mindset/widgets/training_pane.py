@@ -36,6 +36,7 @@ from engine.services.jobs import (
 )
 from engine.views import JobOutcome, JobRequest, JobView
 from mindset.protocols import JobsAPI
+from mindset.widgets.form_estimate import FormEstimate
 from mindset.widgets.job_summary import summary_table
 from mindset.widgets.messages import JobsChanged
 from mindset.widgets.training_form import option_fields, read_options, reveal_problems
@@ -76,6 +77,8 @@ class TrainingPane(Horizontal):
         self.last_phase = ""  # the phase before training last shown
         self._plot_stale = False
         self._rows: list[tuple[str, ...]] = []
+        self._form_values: dict[str, str] = {}  # each form field's value as last seen
+        self._form_edited = False  # a user changed a setting: estimates follow the form
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="launch-form"):
@@ -101,6 +104,7 @@ class TrainingPane(Horizontal):
             yield Static("", id="form-lr-error", classes="field-error")
             yield from option_fields()  # augmentation, forgetful masking, label channels
             yield Static("", id="form-form-error", classes="field-error")
+            yield FormEstimate(self.service, id="form-estimate")
             yield Button("Launch (ctrl+l)", variant="primary", id="form-launch")
         with Vertical(id="jobs-side"):
             yield Static("", id="jobs-missing")
@@ -312,7 +316,19 @@ class TrainingPane(Horizontal):
 
     # ------------------------------------------------------------------------- actions
 
-    def _request(self) -> JobRequest | None:
+    @on(Input.Changed, "#launch-form Input")
+    @on(Select.Changed, "#launch-form Select")
+    def _form_changed(self, event: Input.Changed | Select.Changed) -> None:
+        """Estimate the form's job again once a user has changed a setting."""
+        value = str(event.value)
+        widget = event.control.id or ""
+        if self._form_values.setdefault(widget, value) == value and not self._form_edited:
+            return  # the form filling itself in: nothing to estimate yet
+        self._form_edited = True
+        self._form_values[widget] = value
+        self.query_one(FormEstimate).request_estimate(self._request(show_problems=False))
+
+    def _request(self, *, show_problems: bool = True) -> JobRequest | None:
         def value(widget_id: str) -> str:
             return self.query_one(widget_id, Input).value.strip()
 
@@ -329,7 +345,8 @@ class TrainingPane(Horizontal):
         options, more = read_options(self)
         problems.update(more)
         if problems:
-            self._show_problems(problems)
+            if show_problems:
+                self._show_problems(problems)
             return None
         memory = self.query_one("#form-memory", Select).value
         return JobRequest(

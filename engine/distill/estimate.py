@@ -1,0 +1,130 @@
+"""How long a distillation run will take on this machine, from a few seconds of timing.
+
+:func:`measure_pace` times the loaded teacher twice: one forward pass over a block of tokens
+(seconds per token of a full forward) and a few decode steps at the sampler's batch size
+(seconds per sampled token). :func:`estimate_run` turns a run's settings into seconds per
+phase with those two figures and fixed ratios, each measured on the default model (2 cores,
+quick-start settings; see ``bench/RESULTS.md``, "Quick start"):
+
+- an end-to-end step costs 2.5 forward-token times per training token (the teacher's
+  forward, the student's forward and its backward);
+- a layer-local step costs 0.14 of a forward-token time per row and replaced layer, a router
+  step 0.05;
+- building a routed student reads 4,096 calibration tokens and clusters their neurons
+  (about one second a layer);
+- every evaluation runs the teacher and the student over the held-out blocks.
+
+The result is an estimate, good to within about a third in our runs; it is meant to tell
+minutes from hours before a job starts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+E2E_FORWARDS_PER_TOKEN = 2.5
+LOCAL_FORWARDS_PER_ROW = 0.14
+ROUTER_FORWARDS_PER_ROW = 0.05
+ROUTED_CALIBRATION_TOKENS = 4096
+CLUSTER_SECONDS_PER_LAYER = 1.0
+SAVE_SECONDS = 3.0
+PACE_BLOCK = 128  # tokens in the timed forward
+PACE_DECODE_STEPS = 6  # decode steps timed for the sampling pace
+
+
+@dataclass(frozen=True)
+class Pace:
+    """This machine's speed on one teacher."""
+
+    forward_s_per_token: float  # a full forward, batched over a block
+    sample_s_per_token: float  # sampling at the sampler's batch size, per token written
+    load_s: float = 0.0  # loading the teacher (0 when it was already loaded)
+
+
+@dataclass(frozen=True)
+class WorkEstimate:
+    """Seconds a run will take, by phase, on the machine its :class:`Pace` was measured on."""
+
+    parts: tuple[tuple[str, float], ...]
+    corpus_cached: bool = False
+
+    @property
+    def total_s(self) -> float:
+        return sum(seconds for _name, seconds in self.parts)
+
+    def part(self, name: str) -> float:
+        return sum(seconds for part, seconds in self.parts if part == name)
+
+
+def measure_pace(model: Any, *, vocab_size: int, load_s: float = 0.0) -> Pace:
+    """Time ``model``: one forward over a block (after a short warm-up) and a few decode steps
+    at the sampler's batch size, with the KV cache as generation uses it."""
+    import torch
+    from transformers import DynamicCache
+
+    from engine.distill.data import SAMPLE_BATCH
+
+    generator = torch.Generator().manual_seed(0)
+    block = torch.randint(0, vocab_size, (1, PACE_BLOCK), generator=generator)
+    with torch.inference_mode():
+        model(block[:, :16])  # warm-up: first calls allocate
+        started = time.perf_counter()
+        model(block)
+        forward = (time.perf_counter() - started) / PACE_BLOCK
+        token = block[:, :1].repeat(SAMPLE_BATCH, 1)
+        cache = DynamicCache()
+        model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        started = time.perf_counter()
+        for _ in range(PACE_DECODE_STEPS):
+            model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        decode = (time.perf_counter() - started) / PACE_DECODE_STEPS
+    return Pace(forward_s_per_token=forward, sample_s_per_token=decode / SAMPLE_BATCH,
+                load_s=load_s)
+
+
+def estimate_run(config: Any, pace: Pace, *, layers: int, corpus_cached: bool = False,
+                 data_tokens: int | None = None) -> WorkEstimate:
+    """Seconds per phase for a run of ``config`` (a DistillConfig) replacing ``layers``
+    layers. ``data_tokens``: tokens in its text files (None: data-free, sampled unless
+    ``corpus_cached``)."""
+    f = pace.forward_s_per_token
+    parts: list[tuple[str, float]] = [("loading the teacher", pace.load_s)]
+    if data_tokens is None:
+        sampled = (config.data_free_blocks + config.heldout_blocks) * config.block_size
+        parts.append(("sampling training text", 0.0 if corpus_cached
+                      else sampled * pace.sample_s_per_token))
+    routed = config.memory == "featural" and config.hparams.get("keys") == "routed"
+    if routed:
+        parts.append(("building the student", ROUTED_CALIBRATION_TOKENS * f
+                      + CLUSTER_SECONDS_PER_LAYER * layers))
+    if config.local_tokens:
+        parts.append(("capturing pairs", config.local_tokens * f))
+    rows = config.local_batch_tokens * layers
+    if config.router_steps:
+        parts.append(("router stage", config.router_steps * rows * ROUTER_FORWARDS_PER_ROW * f))
+    if config.local_steps and config.local_tokens:  # rows drawn from the captured pairs
+        parts.append(("layer-local stage",
+                      config.local_steps * rows * LOCAL_FORWARDS_PER_ROW * f))
+    elif config.local_steps:  # one teacher pass per local step
+        parts.append(("layer-local stage",
+                      config.local_steps * config.batch_size * config.block_size * 2 * f))
+    step_tokens = config.batch_size * config.block_size
+    parts.append(("end-to-end steps", config.steps * step_tokens * E2E_FORWARDS_PER_TOKEN * f))
+    heldout = config.heldout_blocks * config.block_size
+    evaluations = config.steps // max(config.eval_every, 1) + 2  # before, during, after
+    parts.append(("evaluation", evaluations * heldout * 2 * f))
+    parts.append(("saving", SAVE_SECONDS))
+    return WorkEstimate(tuple(parts), corpus_cached=corpus_cached)
+
+
+def format_duration(seconds: float) -> str:
+    """``"about 40 s"``, ``"about 4 min"``, ``"about 2 h 10 min"``."""
+    if seconds < 90:
+        return f"about {max(5, round(seconds / 5) * 5):.0f} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"about {minutes} min"
+    hours, rest = divmod(minutes, 60)
+    return f"about {hours} h {rest} min" if rest else f"about {hours} h"
