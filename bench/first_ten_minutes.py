@@ -48,7 +48,14 @@ async def wait_until(pilot: Any, condition: Any, timeout: float, what: str) -> N
 
 
 def screen_text(widget: Any) -> str:
-    return str(widget.render())
+    """A widget's content as the terminal shows it (Rich renderables included)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(widget.content)
+    return console.export_text()
 
 
 async def flow(model: str, job_overrides: dict[str, Any], timeout: float) -> dict[str, Any]:

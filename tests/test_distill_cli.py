@@ -32,6 +32,26 @@ def test_foreground_run_prints_the_report_and_resumes(
     assert "gap closed" in capsys.readouterr().out
 
 
+def test_a_data_free_run_reuses_its_sampled_text_unless_told_to_resample(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MINDSET_HOME", str(tmp_path / "home"))
+    args = [*BASE, "--teacher", str(teacher_dir()), "--steps", "1", "--data-free-blocks", "3",
+            "--heldout-blocks", "1", "--seed", "11"]
+
+    def events(name: str) -> list[str]:
+        lines = (tmp_path / name / "events.jsonl").read_text().splitlines()
+        return [json.loads(line).get("phase", "") for line in lines if line]
+
+    for name, extra in (("a", []), ("b", []), ("c", ["--resample"])):
+        assert run([*args, "--out", str(tmp_path / name), "--json", *extra]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data"] == \
+            "sampled from the teacher"
+    sampling = "sampling training text from the teacher"
+    assert sampling in events("a") and sampling not in events("b") and sampling in events("c")
+    assert any(phase.startswith("reusing") for phase in events("b"))
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -11,17 +11,18 @@ from textual.widgets import Input
 from engine.distill.config import DistillConfig
 from engine.distill.estimate import Pace, estimate_run, format_duration, measure_pace
 from engine.facade import Engine
-from engine.services.jobs import QUICK_START_OPTIONS, QUICK_START_STEPS
+from engine.services.jobs import QUICK_START_LR, QUICK_START_OPTIONS, QUICK_START_STEPS
 from mindset.widgets.training_pane import TrainingPane
 from tests.test_tui_support import APP_SIZE, make_app, mounted, wait_for
 
 # The default model's pace on 2 cores, as measured_pace gave it (fixed: no timing here).
-DEFAULT_PACE = Pace(forward_s_per_token=1.4e-3, sample_s_per_token=6e-3, load_s=8.0)
+DEFAULT_PACE = Pace(forward_s_per_token=1.4e-3, sample_step_s=0.09,
+                    sample_step_per_sequence_s=3e-3, load_s=8.0)
 
 
 def quick_start_config() -> DistillConfig:
     return DistillConfig(teacher="default", layers="15", memory="featural", data=[],
-                         steps=QUICK_START_STEPS, lr=3e-4, **QUICK_START_OPTIONS)  # type: ignore[arg-type]
+                         steps=QUICK_START_STEPS, lr=QUICK_START_LR, **QUICK_START_OPTIONS)  # type: ignore[arg-type]
 
 
 def test_the_quick_start_is_minutes_and_the_form_default_data_free_job_is_not() -> None:
@@ -29,12 +30,14 @@ def test_the_quick_start_is_minutes_and_the_form_default_data_free_job_is_not() 
     assert 60 < quick.total_s < 300
     names = [name for name, _ in quick.parts]
     assert names[:2] == ["loading the teacher", "sampling training text"]
-    assert {"router stage", "layer-local stage", "end-to-end steps"} <= set(names)
+    assert {"building the student", "end-to-end steps", "evaluation"} <= set(names)
     # The form's defaults, data-free: 256 sampled blocks of 256 tokens and 200 steps of 8.
     form = DistillConfig(teacher="default", layers="15", data=[], steps=200, eval_every=40)
     slow = estimate_run(form, DEFAULT_PACE, layers=1)
     assert slow.total_s > 5 * quick.total_s
-    assert slow.part("sampling training text") == (256 + 16) * 256 * 6e-3
+    # 8 batches of 32 training blocks, then one of 16 held-out ones, 255 steps each.
+    assert math.isclose(slow.part("sampling training text"),
+                        255 * (8 * (0.09 + 32 * 3e-3) + (0.09 + 16 * 3e-3)))
 
 
 def test_a_cached_corpus_costs_no_sampling_and_a_data_file_none_at_all() -> None:
@@ -49,6 +52,7 @@ def test_a_cached_corpus_costs_no_sampling_and_a_data_file_none_at_all() -> None
 
 def test_steps_and_layers_scale_their_stages() -> None:
     config = quick_start_config()
+    config.local_steps, config.local_tokens, config.router_steps = 120, 2048, 40
     one = estimate_run(config, DEFAULT_PACE, layers=1)
     three = estimate_run(config, DEFAULT_PACE, layers=3)
     assert math.isclose(three.part("layer-local stage"), 3 * one.part("layer-local stage"))
@@ -70,7 +74,10 @@ def test_the_pace_of_a_real_tiny_teacher_is_measured() -> None:
     loaded = load_model("tiny-llama")
     vocab = int(loaded.model.get_input_embeddings().weight.shape[0])
     pace = measure_pace(loaded.model, vocab_size=vocab)
-    assert 0 < pace.forward_s_per_token < 1 and 0 < pace.sample_s_per_token < 1
+    assert 0 < pace.forward_s_per_token < 1 and 0 < pace.sample_step_s < 1
+    assert pace.sample_step_per_sequence_s >= 0
+    # Sampling more sequences at once costs more per step, but less per sequence.
+    assert pace.sampling_s(32, 64, 32) < pace.sampling_s(32, 64, 8)
 
 
 async def test_the_estimate_sees_the_cached_corpus_of_the_engines_teacher(

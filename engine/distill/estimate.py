@@ -1,8 +1,9 @@
 """How long a distillation run will take on this machine, from a few seconds of timing.
 
-:func:`measure_pace` times the loaded teacher twice: one forward pass over a block of tokens
-(seconds per token of a full forward) and a few decode steps at the sampler's batch size
-(seconds per sampled token). :func:`estimate_run` turns a run's settings into seconds per
+:func:`measure_pace` times the loaded teacher: one forward pass over a block of tokens
+(seconds per token of a full forward) and a few sampling steps of ``generate`` at two batch
+sizes (a step's fixed cost and its cost per sequence: on CPU the fixed part dominates, so the
+sampler's batch size matters). :func:`estimate_run` turns a run's settings into seconds per
 phase with those two figures and fixed ratios, each measured on the default model (2 cores,
 quick-start settings; see ``bench/RESULTS.md``, "Quick start"):
 
@@ -31,7 +32,7 @@ ROUTED_CALIBRATION_TOKENS = 4096
 CLUSTER_SECONDS_PER_LAYER = 1.0
 SAVE_SECONDS = 3.0
 PACE_BLOCK = 128  # tokens in the timed forward
-PACE_DECODE_STEPS = 6  # decode steps timed for the sampling pace
+PACE_DECODE_STEPS = 8  # sampling steps timed at each of two batch sizes
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,22 @@ class Pace:
     """This machine's speed on one teacher."""
 
     forward_s_per_token: float  # a full forward, batched over a block
-    sample_s_per_token: float  # sampling at the sampler's batch size, per token written
+    # One sampling step (``generate``, one token for each of ``size`` sequences) takes
+    # ``sample_step_s + sample_step_per_sequence_s * size``: per-step overhead dominates on CPU.
+    sample_step_s: float
+    sample_step_per_sequence_s: float = 0.0
     load_s: float = 0.0  # loading the teacher (0 when it was already loaded)
+
+    def sampling_s(self, blocks: int, block_size: int, batch: int) -> float:
+        """Seconds to sample ``blocks`` sequences of ``block_size`` tokens, ``batch`` at a
+        time, as :func:`engine.distill.data.sample_corpus` does."""
+        seconds, remaining = 0.0, blocks
+        while remaining > 0:
+            size = min(batch, remaining)
+            seconds += (block_size - 1) * (self.sample_step_s
+                                           + self.sample_step_per_sequence_s * size)
+            remaining -= size
+        return seconds
 
 
 @dataclass(frozen=True)
@@ -59,29 +74,32 @@ class WorkEstimate:
 
 
 def measure_pace(model: Any, *, vocab_size: int, load_s: float = 0.0) -> Pace:
-    """Time ``model``: one forward over a block (after a short warm-up) and a few decode steps
-    at the sampler's batch size, with the KV cache as generation uses it."""
+    """Time ``model``: one forward over a block (after a short warm-up), and sampling steps
+    with ``generate`` at two batch sizes (the step time's fixed and per-sequence parts)."""
     import torch
-    from transformers import DynamicCache
 
     from engine.distill.data import SAMPLE_BATCH
 
     generator = torch.Generator().manual_seed(0)
     block = torch.randint(0, vocab_size, (1, PACE_BLOCK), generator=generator)
-    with torch.inference_mode():
+    step_s = {}
+    with torch.inference_mode(), torch.random.fork_rng():  # the caller's RNG stays as it was
         model(block[:, :16])  # warm-up: first calls allocate
         started = time.perf_counter()
         model(block)
         forward = (time.perf_counter() - started) / PACE_BLOCK
-        token = block[:, :1].repeat(SAMPLE_BATCH, 1)
-        cache = DynamicCache()
-        model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
-        started = time.perf_counter()
-        for _ in range(PACE_DECODE_STEPS):
-            model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
-        decode = (time.perf_counter() - started) / PACE_DECODE_STEPS
-    return Pace(forward_s_per_token=forward, sample_s_per_token=decode / SAMPLE_BATCH,
-                load_s=load_s)
+        for size in (SAMPLE_BATCH // 4, SAMPLE_BATCH):
+            prompt = block[:, :1].repeat(size, 1)
+            started = time.perf_counter()
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                           max_new_tokens=PACE_DECODE_STEPS, min_new_tokens=PACE_DECODE_STEPS,
+                           top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
+            step_s[size] = (time.perf_counter() - started) / PACE_DECODE_STEPS
+    small, large = SAMPLE_BATCH // 4, SAMPLE_BATCH
+    per_sequence = max(0.0, (step_s[large] - step_s[small]) / (large - small))
+    fixed = max(1e-6, step_s[small] - per_sequence * small)
+    return Pace(forward_s_per_token=forward, sample_step_s=fixed,
+                sample_step_per_sequence_s=per_sequence, load_s=load_s)
 
 
 def estimate_run(config: Any, pace: Pace, *, layers: int, corpus_cached: bool = False,
@@ -92,9 +110,11 @@ def estimate_run(config: Any, pace: Pace, *, layers: int, corpus_cached: bool = 
     f = pace.forward_s_per_token
     parts: list[tuple[str, float]] = [("loading the teacher", pace.load_s)]
     if data_tokens is None:
-        sampled = (config.data_free_blocks + config.heldout_blocks) * config.block_size
-        parts.append(("sampling training text", 0.0 if corpus_cached
-                      else sampled * pace.sample_s_per_token))
+        from engine.distill.data import SAMPLE_BATCH
+
+        sampling = sum(pace.sampling_s(blocks, config.block_size, SAMPLE_BATCH)
+                       for blocks in (config.data_free_blocks, config.heldout_blocks))
+        parts.append(("sampling training text", 0.0 if corpus_cached else sampling))
     routed = config.memory == "featural" and config.hparams.get("keys") == "routed"
     if routed:
         parts.append(("building the student", ROUTED_CALIBRATION_TOKENS * f

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from engine.views import JobRequest
@@ -61,15 +62,14 @@ class JobEstimator:
             pace = await run(lambda: measure_pace(loaded.model, vocab_size=vocab,
                                                   load_s=load_s))
             if load_s == 0.0:  # loaded before this session's timing: count a typical load
-                pace = type(pace)(pace.forward_s_per_token, pace.sample_s_per_token,
-                                  load_s=_typical_load_s(loaded))
+                pace = replace(pace, load_s=_typical_load_s(loaded))
             keep = loaded if self.runtime is not None and spec == self.runtime.model_spec else None
             self._paces[spec] = (pace, keep)
             return pace, keep
 
     async def estimate(self, request: JobRequest, config: Any) -> WorkEstimate:
         """Seconds by phase for ``config`` (the DistillConfig ``request`` would run)."""
-        from engine.distill.estimate import Pace, estimate_run
+        from engine.distill.estimate import estimate_run
         from engine.model.anatomy import resolve_layers
         from engine.model.loading import model_config
 
@@ -82,8 +82,7 @@ class JobEstimator:
             data_tokens = await asyncio.to_thread(_text_bytes, config.data) // BYTES_PER_TOKEN
         elif loaded is not None and config.data_free_cache:
             cached = await self._corpus_cached(config, loaded)
-        pace = Pace(pace.forward_s_per_token, pace.sample_s_per_token,
-                    load_s=pace.load_s + JOB_START_SECONDS)
+        pace = replace(pace, load_s=pace.load_s + JOB_START_SECONDS)
         return estimate_run(config, pace, layers=layers, corpus_cached=cached,
                             data_tokens=data_tokens)
 

@@ -57,6 +57,15 @@ def register(commands: Any) -> None:
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="a UTF-8 text file or folder (repeatable); none = sample a corpus "
                         "from the teacher (data-free)")
+    parser.add_argument("--data-free-blocks", type=positive_int,
+                        default=defaults.data_free_blocks,
+                        help="without --data: blocks of --block-size tokens the teacher writes "
+                        "for training (kept in the data directory's cache for the next run)")
+    parser.add_argument("--heldout-blocks", type=positive_int, default=defaults.heldout_blocks,
+                        help="held-out blocks evaluated (without --data: also sampled)")
+    parser.add_argument("--resample", action="store_true",
+                        help="without --data: sample the training text again instead of "
+                        "reusing the one this teacher wrote before with the same settings")
     parser.add_argument("--steps", type=positive_int, default=defaults.steps,
                         help="end-to-end distillation steps")
     parser.add_argument("--router-steps", type=non_negative_int, default=defaults.router_steps,
@@ -142,6 +151,8 @@ def build_config(args: argparse.Namespace) -> DistillConfig:
         forgetful_mask=args.forgetful_mask, channels=args.channels,
         channel_steps=args.channel_steps, channel_pairs=args.channel_pairs,
         channel_lr=args.channel_lr, channel_train=args.channel_train,
+        data_free_blocks=args.data_free_blocks, heldout_blocks=args.heldout_blocks,
+        data_free_cache=not args.resample,
     )
     config.preflight()  # validate(), then the teacher's config: before --out is created
     return config
