@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--quick", action="store_true", help="tiny-llama: checks, not figures")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="another seed samples another corpus and held-out text")
+    parser.add_argument("--read", action="append", default=[], choices=sorted(SHARES),
+                        help="only these read shares (repeatable; default all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     from engine.model.loading import load_model
@@ -89,13 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mindset-recipes-") as scratch:
         for index, (share, training, settings) in enumerate(
                 variants(QUICK_START_LR, QUICK_START_STEPS)):
-            result = run_variant(teacher, model, SHARES[share], dict(settings),
+            if args.read and share not in args.read:
+                continue
+            result = run_variant(teacher, model, SHARES[share], {**settings, "seed": args.seed},
                                  Path(scratch) / f"run{index}", 8 if args.quick else None)
             rows.append({"read": share, "training": training, **result})
             print(f"{share:>6} {training:<18} ratio {result['ppl_ratio']:.4f}  "
                   f"KL {result['kl_per_token']:.4f}  top-1 {result['top1_agreement']:.3f}  "
                   f"{result['wall_s']:.0f} s", flush=True)
-    result_doc = {"model": model, "layer": "middle", "quick_start_lr": QUICK_START_LR,
+    result_doc = {"model": model, "layer": "middle", "seed": args.seed,
+                  "quick_start_lr": QUICK_START_LR,
                   "quick_start_steps": QUICK_START_STEPS, "rows": rows}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result_doc, indent=2) + "\n")
