@@ -107,7 +107,10 @@ async def accept_quick_start(pilot: Any, app: Any) -> TrainingPane:
 
 async def test_quick_start_offer_launches_and_cancel_stops(tmp_path: Path) -> None:
     """A first run offers the quick start; one key starts it, `c` cancels the job."""
-    _, app = first_run(tmp_path)
+    engine, app = first_run(tmp_path)
+    # Tiny-llama finishes the quick start's 20 steps in a second: a long layer-local stage
+    # keeps the job running until the cancel arrives.
+    engine.jobs.job_overrides.update(local_steps=100_000, local_tokens=64, local_batch_tokens=8)
     async with app.run_test(size=APP_SIZE) as pilot:
         pane = await accept_quick_start(pilot, app)
         assert app.query_one("#tabs").active == "training"
