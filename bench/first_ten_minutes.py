@@ -74,8 +74,11 @@ async def flow(model: str, job_overrides: dict[str, Any], timeout: float) -> dic
     engine = Engine(model)
     engine.job_overrides = job_overrides
     app = MindsetApp(engine, config=WorkbenchConfig())
+    from mindset.commands.progress import progress
+
     steps: dict[str, float] = {}
     out: dict[str, Any] = {}
+    bar = progress(4, "first ten minutes", "step")  # on a terminal only
     started = mark = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -83,7 +86,8 @@ async def flow(model: str, job_overrides: dict[str, Any], timeout: float) -> dic
         now = time.perf_counter()
         steps[name] = round(now - mark, 1)
         mark = now
-        print(f"{name}: {steps[name]:.1f} s", file=sys.stderr, flush=True)
+        bar.write(f"{name}: {steps[name]:.1f} s")
+        bar.update()
 
     async with app.run_test(size=APP_SIZE) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout,
@@ -141,6 +145,7 @@ async def flow(model: str, job_overrides: dict[str, Any], timeout: float) -> dic
                          "the student's reply")
         out["reply"] = chat.turns[-1].node.content
         lap("chat_reply")
+    bar.close()
     await engine.close()
     out["steps_s"] = steps
     out["total_s"] = round(time.perf_counter() - started, 1)

@@ -55,15 +55,15 @@ def run_variant(teacher: Any, model: str, share: float, training: dict[str, Any]
     from engine.distill.loop import run_distillation
     from engine.services.jobs import QUICK_START_OPTIONS
 
-    options = dict(QUICK_START_OPTIONS)
-    hparams = {**options.pop("hparams"), "read_share": share}  # type: ignore[dict-item]
+    options: dict[str, Any] = dict(QUICK_START_OPTIONS)
+    hparams = {**options.pop("hparams"), "read_share": share}
     if group_size:
         hparams["group_size"] = group_size
     options.update(training)
     steps, lr = options.pop("steps"), options.pop("lr")
     config = DistillConfig(teacher=model, layers="middle", memory="featural", hparams=hparams,
                            steps=steps, lr=lr, eval_every=1000, checkpoint_every=1000,
-                           **options)  # type: ignore[arg-type]
+                           **options)
     started = time.perf_counter()
     report = run_distillation(config, run_dir, teacher=teacher, resume=False)
     return {"wall_s": round(time.perf_counter() - started, 1),
@@ -88,19 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     model = "tiny-llama" if args.quick else args.model
     out_path = args.out or (Path(tempfile.mkdtemp()) / "quick_start_recipes.json"
                             if args.quick else RESULTS)
+    from mindset.commands.progress import progress
+
     teacher = load_model(model)
     rows = []
+    chosen = [(index, variant) for index, variant in
+              enumerate(variants(QUICK_START_LR, QUICK_START_STEPS))
+              if not args.read or variant[0] in args.read]
+    bar = progress(len(chosen), "recipes", "variant")  # on a terminal only
     with tempfile.TemporaryDirectory(prefix="mindset-recipes-") as scratch:
-        for index, (share, training, settings) in enumerate(
-                variants(QUICK_START_LR, QUICK_START_STEPS)):
-            if args.read and share not in args.read:
-                continue
+        for index, (share, training, settings) in chosen:
             result = run_variant(teacher, model, SHARES[share], {**settings, "seed": args.seed},
                                  Path(scratch) / f"run{index}", 8 if args.quick else None)
             rows.append({"read": share, "training": training, **result})
-            print(f"{share:>6} {training:<18} ratio {result['ppl_ratio']:.4f}  "
-                  f"KL {result['kl_per_token']:.4f}  top-1 {result['top1_agreement']:.3f}  "
-                  f"{result['wall_s']:.0f} s", flush=True)
+            bar.write(f"{share:>6} {training:<18} ratio {result['ppl_ratio']:.4f}  "
+                      f"KL {result['kl_per_token']:.4f}  top-1 "
+                      f"{result['top1_agreement']:.3f}  {result['wall_s']:.0f} s")
+            bar.update()
+    bar.close()
     result_doc = {"model": model, "layer": "middle", "seed": args.seed,
                   "quick_start_lr": QUICK_START_LR,
                   "quick_start_steps": QUICK_START_STEPS, "rows": rows}
