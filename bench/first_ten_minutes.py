@@ -96,6 +96,7 @@ async def flow(model: str, job_overrides: dict[str, Any], timeout: float) -> dic
         await wait_until(pilot, lambda: "on this machine" in screen_text(line)
                          or "No time estimate" in screen_text(line), timeout, "the estimate")
         out["welcome_estimate"] = screen_text(line)
+        out["welcome_result"] = screen_text(app.screen.query_one("#quick-start-result", Static))
         lap("start_to_offer_with_estimate")
 
         await pilot.press("enter")

@@ -27,7 +27,6 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from engine.errors import MindsetError
 from engine.facade import STUDENT, TEACHER, Engine
-from engine.services.jobs import QUICK_START_RESULT
 from engine.views import short_spec
 from mindset.config import (
     WorkbenchConfig,
@@ -318,7 +317,7 @@ class MindsetApp(App[None]):
         if self.engine.availability()["jobs"].ok and self.load_models_on_start:
             def estimate() -> Awaitable[WorkEstimate]:
                 return jobs.estimate_request(jobs.quick_start_request())
-        self.push_screen(QuickStartScreen(estimate, QUICK_START_RESULT),
+        self.push_screen(QuickStartScreen(estimate, jobs.quick_start_result),
                          self._quick_start_answer)
 
     def _quick_start_answer(self, start: bool | None) -> None:

@@ -105,6 +105,26 @@ async def accept_quick_start(pilot: Any, app: Any) -> TrainingPane:
     return pane
 
 
+async def test_the_offer_says_what_it_makes_and_how_long_it_takes_here(tmp_path: Path) -> None:
+    """The welcome screen describes the student from the teacher's config and shows a time
+    estimate from timing this machine; escape leaves without starting anything."""
+    from mindset.screens.quick_start import QuickStartScreen
+
+    engine, app = first_run(tmp_path)
+    async with app.run_test(size=APP_SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout=30)
+        result = app.screen.query_one("#quick-start-result", Static)
+        estimate = app.screen.query_one("#quick-start-time", Static)
+        await wait_for(pilot, lambda: "on this machine" in rendered(app, estimate), timeout=60)
+        assert "writes its own training text" in rendered(app, estimate)
+        text = " ".join(rendered(app, result).split())
+        assert "layer 2 MLP" in text and "128 neurons" in text  # tiny-llama's, not a constant
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, QuickStartScreen)
+        assert not engine.jobs._job_runner().jobs()
+
+
 async def test_quick_start_offer_launches_and_cancel_stops(tmp_path: Path) -> None:
     """A first run offers the quick start; one key starts it, `c` cancels the job."""
     engine, app = first_run(tmp_path)

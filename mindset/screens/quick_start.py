@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from engine.services.jobs import WorkEstimate
 
 Estimator = Callable[[], Awaitable["WorkEstimate"]]
+Describer = Callable[[], Awaitable[str]]
 
 
 class QuickStartScreen(ModalScreen[bool]):
@@ -33,43 +34,53 @@ class QuickStartScreen(ModalScreen[bool]):
         Binding("escape,n", "later", "Not now", id="quick_start.later"),
     ]
 
-    def __init__(self, estimate: Estimator | None = None, result: str = "") -> None:
+    def __init__(self, estimate: Estimator | None = None,
+                 describe: Describer | None = None) -> None:
         super().__init__()
         self._estimate = estimate
-        self._result = result
+        self._describe = describe
 
     def compose(self) -> ComposeResult:
         with Vertical(id="quick-start-box"):
             yield Static("[b]Welcome to Mindset[/b]", id="quick-start-title")
             yield Static(
                 "You have no student model yet. Press [b]enter[/b] to distil one layer of "
-                "the default model into a memory layer, with the loss and progress shown "
+                "the workbench's model into a memory layer, with the loss and progress shown "
                 "live in the Training pane. Afterwards the Memory pane shows a memory table "
                 "of your own, and Chat talks to the student."
             )
-            yield Static("", id="quick-start-time")
-            if self._result:
-                yield Static(self._result, id="quick-start-result")
-            yield Static("[b]escape[/b]: not now (F9 offers it again).")
+            yield Static("", id="quick-start-result", classes="quick-start-part")
+            yield Static("", id="quick-start-time", classes="quick-start-part")
+            yield Static("[b]escape[/b]: not now (F9 offers it again).",
+                         classes="quick-start-part")
 
     def on_mount(self) -> None:
+        for part, wanted in (("#quick-start-result", self._describe),
+                             ("#quick-start-time", self._estimate)):
+            self.query_one(part, Static).display = wanted is not None
         if self._estimate is not None:
             self.query_one("#quick-start-time", Static).update(
                 "[dim]Timing this machine to estimate how long it takes...[/dim]")
+        if self._describe is not None or self._estimate is not None:
             self.measure()
-        else:
-            self.query_one("#quick-start-time", Static).display = False
 
     @work(exclusive=True, exit_on_error=False)
     async def measure(self) -> None:
-        assert self._estimate is not None
-        line = self.query_one("#quick-start-time", Static)
-        try:
-            estimate = await self._estimate()
-        except MindsetError as exc:
-            line.update(f"[dim]No time estimate: {exc}[/dim]")
-            return
-        line.update(time_text(estimate))
+        """The result first (from the teacher's config, at once), then the timed estimate."""
+        if self._describe is not None:
+            result = self.query_one("#quick-start-result", Static)
+            try:
+                result.update(f"[b]The result[/b]: {await self._describe()}")
+            except MindsetError:
+                result.display = False
+        if self._estimate is not None:
+            line = self.query_one("#quick-start-time", Static)
+            try:
+                estimate = await self._estimate()
+            except MindsetError as exc:
+                line.update(f"[dim]No time estimate: {exc}[/dim]")
+                return
+            line.update(time_text(estimate))
 
     def action_start(self) -> None:
         self.dismiss(True)
