@@ -58,6 +58,22 @@ def screen_text(widget: Any) -> str:
     return console.export_text()
 
 
+def job_phases(events_file: Path) -> dict[str, float]:
+    """Seconds the job spent in each phase before training, in training and after it, from
+    the times of its own events."""
+    events = [json.loads(line) for line in events_file.read_text().splitlines() if line]
+    marks: list[tuple[str, float]] = []
+    for event in events:
+        if event["type"] == "phase" and (not marks or marks[-1][0] != event["phase"]):
+            marks.append((event["phase"], event["time"]))
+        elif event["type"] == "state" and event["state"] == "running":
+            marks.append(("training and evaluation", event["time"]))
+        elif event["type"] == "done":
+            marks.append(("saving and the summary", event["time"]))
+    ends = [time for _, time in marks[1:]] + [events[-1]["time"]]
+    return {name: round(end - start, 1) for (name, start), end in zip(marks, ends, strict=True)}
+
+
 async def flow(model: str, job_overrides: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Drive the four steps (see the module docstring) and return their times and results."""
     from textual.widgets import Input, Select, Static
@@ -112,7 +128,9 @@ async def flow(model: str, job_overrides: dict[str, Any], timeout: float) -> dic
         await wait_until(pilot, lambda: "gap closed" in screen_text(summary), timeout,
                          "the summary")
         out["summary"] = screen_text(summary)
-        report = json.loads((Path(pane.jobs[0].run_dir) / "report.json").read_text())
+        run_dir = Path(pane.jobs[0].run_dir)
+        report = json.loads((run_dir / "report.json").read_text())
+        out["job_phases_s"] = job_phases(run_dir / "events.jsonl")
         out["report"] = {key: report.get(key) for key in (
             "ppl_teacher", "ppl_student", "ppl_ratio", "gap_closed", "kl", "top1_agreement")}
         lap("quick_start")

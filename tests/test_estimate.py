@@ -64,6 +64,8 @@ def test_steps_and_layers_scale_their_stages() -> None:
 def test_durations_read_as_people_say_them() -> None:
     assert format_duration(42) == "about 40 s"
     assert format_duration(230) == "about 4 min"
+    assert format_duration(150) == "about 2 min 30 s"
+    assert format_duration(1500) == "about 25 min"
     assert format_duration(7800) == "about 2 h 10 min"
     assert format_duration(7200) == "about 2 h"
 

@@ -32,6 +32,9 @@ def test_the_first_ten_minutes_flow_runs_from_an_empty_data_directory(tmp_path: 
     assert set(report["steps_s"]) == {"start_to_offer_with_estimate", "quick_start",
                                       "memory_pane", "chat_reply"}
     assert "on this machine" in report["welcome_estimate"]
+    assert "neurons become slots" in report["welcome_result"]
+    phases = report["job_phases_s"]
+    assert next(iter(phases)) == "loading the teacher" and "training and evaluation" in phases
     assert "gap closed" in report["summary"] and report["report"]["ppl_ratio"] > 0
     assert report["memory_table"].endswith("_featural") and report["reply"]
     assert committed() == before

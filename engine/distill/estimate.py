@@ -140,9 +140,13 @@ def estimate_run(config: Any, pace: Pace, *, layers: int, corpus_cached: bool = 
 
 
 def format_duration(seconds: float) -> str:
-    """``"about 40 s"``, ``"about 4 min"``, ``"about 2 h 10 min"``."""
+    """``"about 40 s"``, ``"about 2 min 30 s"``, ``"about 25 min"``, ``"about 2 h 10 min"``."""
     if seconds < 90:
         return f"about {max(5, round(seconds / 5) * 5):.0f} s"
+    if seconds < 600:  # a few minutes: to the half minute
+        halves = round(seconds / 30)
+        minutes, half = divmod(halves, 2)
+        return f"about {minutes} min 30 s" if half else f"about {minutes} min"
     minutes = round(seconds / 60)
     if minutes < 90:
         return f"about {minutes} min"
