@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 from textual.widgets import Input
 
 from engine.distill.config import DistillConfig
@@ -83,9 +84,11 @@ def test_the_pace_of_a_real_tiny_teacher_is_measured() -> None:
 
 
 async def test_the_estimate_sees_the_cached_corpus_of_the_engines_teacher(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.distill.corpus_cache import cache_path, write_cached
     from engine.distill.run_data import data_free_key
+
+    monkeypatch.setenv("MINDSET_HOME", str(tmp_path / "home"))  # no corpus cached yet
 
     engine = Engine("tiny-llama", database=tmp_path / "m.db", runs_root=tmp_path / "runs")
     try:

@@ -105,10 +105,13 @@ async def accept_quick_start(pilot: Any, app: Any) -> TrainingPane:
     return pane
 
 
-async def test_the_offer_says_what_it_makes_and_how_long_it_takes_here(tmp_path: Path) -> None:
+async def test_the_offer_says_what_it_makes_and_how_long_it_takes_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The welcome screen describes the student from the teacher's config and shows a time
     estimate from timing this machine; escape leaves without starting anything."""
     from mindset.screens.quick_start import QuickStartScreen
+
+    monkeypatch.setenv("MINDSET_HOME", str(tmp_path / "home"))  # no cached corpus yet
 
     engine, app = first_run(tmp_path)
     async with app.run_test(size=APP_SIZE) as pilot:

@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Static
+from textual.widgets import Footer, Static
 
 from engine.errors import MindsetError
 
@@ -53,6 +53,7 @@ class QuickStartScreen(ModalScreen[bool]):
             yield Static("", id="quick-start-time", classes="quick-start-part")
             yield Static("[b]escape[/b]: not now (F9 offers it again).",
                          classes="quick-start-part")
+        yield Footer()  # this offer's keys, not those of the pane behind it
 
     def on_mount(self) -> None:
         for part, wanted in (("#quick-start-result", self._describe),
