@@ -1,4 +1,4 @@
-"""How long a job would take on this machine, before it starts (``engine.jobs.estimate``).
+"""How long a job would take on this machine, before it starts (``engine.jobs.estimate_request``).
 
 The teacher is timed once per workbench session (:func:`engine.distill.estimate.measure_pace`,
 a few seconds) on the engine's loaded teacher when the job names it, otherwise on a copy
