@@ -106,7 +106,8 @@ async def flow(model: str, job_overrides: dict[str, Any], timeout: float) -> dic
         bar.update()
 
     async with app.run_test(size=APP_SIZE) as pilot:
-        await wait_until(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout,
+        await wait_until(pilot, lambda: isinstance(app.screen, QuickStartScreen)
+                         and bool(app.screen.query("#quick-start-time")), timeout,
                          "the quick-start offer")
         line = app.screen.query_one("#quick-start-time", Static)
         await wait_until(pilot, lambda: "on this machine" in screen_text(line)
@@ -189,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mindset-first-run-") as home:
         os.environ["MINDSET_HOME"] = home  # an empty data directory, as on a fresh machine
         result = asyncio.run(flow(model, overrides, args.timeout))
-    result = {"model": model, "question": QUESTION, "cpu_count": os.cpu_count(), **result}
+    from engine.services.jobs import QUICK_START_LR, QUICK_START_OPTIONS, QUICK_START_STEPS
+
+    settings = {"steps": QUICK_START_STEPS, "lr": QUICK_START_LR, **QUICK_START_OPTIONS}
+    result = {"model": model, "question": QUESTION, "cpu_count": os.cpu_count(),
+              "quick_start_settings": settings, **result}
     if args.setup_seconds is not None:
         result["setup_s"] = args.setup_seconds
         result["total_with_setup_s"] = round(result["total_s"] + args.setup_seconds, 1)

@@ -117,6 +117,12 @@ async def test_the_form_warns_when_its_settings_take_hours(tmp_path: Path) -> No
         await mounted(pilot, app, TrainingPane)
         line = app.query_one("#form-estimate")
         assert not line.display  # nothing until a setting changes
+        # The first change is to a field composed empty: it counts as an edit too.
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        app.query_one("#form-data", Input).value = str(readme)
+        await wait_for(pilot, lambda: "estimated time on this machine" in str(line.render()),
+                       timeout=60)
+        app.query_one("#form-data", Input).value = ""
         app.query_one("#form-steps", Input).value = "20"
         await wait_for(pilot, lambda: "estimated time on this machine" in str(line.render()),
                        timeout=60)

@@ -52,3 +52,21 @@ def test_the_recipe_sweep_compares_every_variant_on_one_corpus(tmp_path: Path) -
     cached = list((tmp_path / "home" / "cache" / "data_free").glob("*.safetensors"))
     assert len(cached) == 1  # sampled once, reused by every later variant
     assert committed() == before
+
+
+def test_the_welcome_screens_figure_is_the_committed_measurement_of_these_settings() -> None:
+    """QUICK_START_RATIO, which the welcome screen shows, is what the committed
+    first-ten-minutes run measured, and that run used the quick start's current settings: a
+    change to either without measuring again fails here."""
+    from engine.services.jobs import (
+        QUICK_START_LR,
+        QUICK_START_OPTIONS,
+        QUICK_START_RATIO,
+        QUICK_START_STEPS,
+    )
+
+    measured = json.loads((RESULTS / "first_ten_minutes.json").read_text(encoding="utf-8"))
+    assert measured["model"] == "default"
+    settings = {"steps": QUICK_START_STEPS, "lr": QUICK_START_LR, **QUICK_START_OPTIONS}
+    assert measured["quick_start_settings"] == json.loads(json.dumps(settings))
+    assert round(measured["report"]["ppl_ratio"], 4) == QUICK_START_RATIO

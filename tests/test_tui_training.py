@@ -115,7 +115,8 @@ async def test_the_offer_says_what_it_makes_and_how_long_it_takes_here(
 
     engine, app = first_run(tmp_path)
     async with app.run_test(size=APP_SIZE) as pilot:
-        await wait_for(pilot, lambda: isinstance(app.screen, QuickStartScreen), timeout=30)
+        await wait_for(pilot, lambda: isinstance(app.screen, QuickStartScreen)
+                       and bool(app.screen.query("#quick-start-time")), timeout=30)
         result = app.screen.query_one("#quick-start-result", Static)
         estimate = app.screen.query_one("#quick-start-time", Static)
         await wait_for(pilot, lambda: "on this machine" in rendered(app, estimate), timeout=60)

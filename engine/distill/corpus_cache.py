@@ -70,14 +70,20 @@ def read_cached(key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
 
-def write_cached(key: str, train: torch.Tensor, heldout: torch.Tensor) -> None:
-    """Keep a sampled corpus under ``key`` (atomically: a crash leaves no half file)."""
+def save_blocks(path: Path, train: torch.Tensor, heldout: torch.Tensor) -> None:
+    """Write training and held-out token blocks as safetensors, atomically (a crash leaves no
+    half file); :func:`load_data_free` reads them back."""
     from safetensors.torch import save
 
     blocks = {"train": train.cpu().contiguous(), "heldout": heldout.cpu().contiguous()}
+    atomic_write(path, lambda f: f.write(save(blocks)))
+
+
+def write_cached(key: str, train: torch.Tensor, heldout: torch.Tensor) -> None:
+    """Keep a sampled corpus under ``key``."""
     # A read-only or full data directory costs the next run a re-sample, nothing more.
     with contextlib.suppress(OSError):
-        atomic_write(cache_path(key), lambda f: f.write(save(blocks)))
+        save_blocks(cache_path(key), train, heldout)
 
 
 def cached_corpus_exists(key: str) -> bool:

@@ -4,8 +4,8 @@
 (seconds per token of a full forward) and a few sampling steps of ``generate`` at two batch
 sizes (a step's fixed cost and its cost per sequence: on CPU the fixed part dominates, so the
 sampler's batch size matters). :func:`estimate_run` turns a run's settings into seconds per
-phase with those two figures and fixed ratios, each measured on the default model (2 cores,
-quick-start settings; see ``bench/RESULTS.md``, "Quick start"):
+phase with those two figures and fixed ratios, read off the default model's quick-start job
+events on 2 cores (seconds per step and per phase against the timed forward pass):
 
 - an end-to-end step costs 2.5 forward-token times per training token (the teacher's
   forward, the student's forward and its backward);

@@ -18,9 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.atomic import atomic_write
 from engine.distill.config import DistillConfig
-from engine.distill.corpus_cache import load_data_free
+from engine.distill.corpus_cache import load_data_free, save_blocks
 from engine.distill.data import TokenData, augment_sampled, data_free, load_text_data
 from engine.distill.distributed import DistContext
 
@@ -42,11 +41,7 @@ def prepare_data(config: DistillConfig, teacher: Any, run_dir: Path, ctx: DistCo
     # Data-free: sample once, keep the sample in the run directory so a resume reuses it.
     path = run_dir / DATA_FREE_NAME
     if ctx.is_main and not path.exists():
-        train, heldout = sample_or_reuse(config, teacher, report)
-        from safetensors.torch import save
-
-        blocks = {"train": train.cpu().contiguous(), "heldout": heldout.cpu().contiguous()}
-        atomic_write(path, lambda f: f.write(save(blocks)))
+        save_blocks(path, *sample_or_reuse(config, teacher, report))
     if ctx.enabled:
         dist.barrier()
     train, heldout = load_data_free(path)

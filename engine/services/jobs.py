@@ -51,7 +51,7 @@ __all__ = [
 
 # The routed recipe at the share of groups that keeps one layer within 1% of the teacher in
 # a few minutes on 2 cores: each token reads 20 of the 24 groups (0.85 of the MLP's
-# multiply-adds). The closed-form router and slots are that faithful already (1.007 on the
+# multiply-adds). The closed-form router and slots are that faithful already (1.006 on the
 # quick start's held-out text); the default share (8 of 24) starts 4% off, and neither the
 # router stage, the layer-local stage nor more steps moved a routed student closer at this
 # budget (bench/RESULTS.md, "Quick start"), so the quick start runs gentle end-to-end steps
@@ -61,8 +61,8 @@ QUICK_START_LR = 5e-5
 QUICK_START_OPTIONS: dict[str, object] = dict(
     hparams={"keys": "routed", "read_share": 20 / 24}, block_size=128, batch_size=4,
     data_free_blocks=16, heldout_blocks=8, value_lr=QUICK_START_LR)
-# The quick start's result on the default model, measured with exactly these settings
-# (bench/RESULTS.md, "Quick start": bench/first_ten_minutes.py, 2 cores).
+# The quick start's result on the default model, as bench/first_ten_minutes.py measured it with
+# exactly these settings (bench/results/first_ten_minutes.json; a test keeps the two equal).
 QUICK_START_RATIO = 1.0055
 JOB_POLL_SECONDS = 0.25  # how often a followed job's new events are read
 # Settings the launch form has a field for, by the name a problem with it starts with

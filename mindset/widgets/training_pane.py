@@ -77,7 +77,7 @@ class TrainingPane(Horizontal):
         self.last_phase = ""  # the phase before training last shown
         self._plot_stale = False
         self._rows: list[tuple[str, ...]] = []
-        self._form_values: dict[str, str] = {}  # each form field's value as last seen
+        self._form_defaults: dict[str, str] = {}  # each form field's value as composed
         self._form_edited = False  # a user changed a setting: estimates follow the form
 
     def compose(self) -> ComposeResult:
@@ -119,6 +119,9 @@ class TrainingPane(Horizontal):
             yield Log(id="job-log", max_lines=500)
 
     def on_mount(self) -> None:
+        self._form_defaults = {str(field.id): str(field.value) for field in
+                               self.query("#launch-form Input, #launch-form Select")
+                               if isinstance(field, Input | Select)}
         self.query_one("#jobs-table", DataTable).add_columns(
             "job", "state", "step", "loss", "teacher", "layers", "memory"
         )
@@ -320,12 +323,10 @@ class TrainingPane(Horizontal):
     @on(Select.Changed, "#launch-form Select")
     def _form_changed(self, event: Input.Changed | Select.Changed) -> None:
         """Estimate the form's job again once a user has changed a setting."""
-        value = str(event.value)
-        widget = event.control.id or ""
-        if self._form_values.setdefault(widget, value) == value and not self._form_edited:
-            return  # the form filling itself in: nothing to estimate yet
+        if not self._form_edited and self._form_defaults.get(
+                str(event.control.id)) == str(event.value):
+            return  # a field announcing its composed value: nothing to estimate yet
         self._form_edited = True
-        self._form_values[widget] = value
         self.query_one(FormEstimate).request_estimate(self._request(show_problems=False))
 
     def _request(self, *, show_problems: bool = True) -> JobRequest | None:
